@@ -1,0 +1,1 @@
+"""Generated protobuf modules for ttrpc, containerd and the husk/Kata guest agent."""

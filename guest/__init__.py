@@ -1,0 +1,1 @@
+"""What runs inside the sandbox VM: the guest agent and the image recipe."""

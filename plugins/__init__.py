@@ -1,0 +1,1 @@
+"""Hypervisor plugins shipped with husk."""

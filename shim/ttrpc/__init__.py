@@ -1,0 +1,1 @@
+"""ttrpc (containerd's lightweight RPC) on trio streams."""
