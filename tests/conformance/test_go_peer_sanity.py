@@ -100,3 +100,21 @@ def test_client_fails_against_a_dead_socket(go_peer: Path, sock_dir: Path) -> No
     r = gopeer.run_client(go_peer, sock_dir / "nobody.sock", "echo")
     assert r.returncode == 1
     assert r.line["ok"] is False
+
+
+def test_server_enforces_the_deadline_it_was_sent(
+    go_peer: Path, go_server: gopeer.GoServer
+) -> None:
+    r = gopeer.run_client(
+        go_peer,
+        go_server.socket,
+        "deadline",
+        "-server-only",
+        "-timeout-ms",
+        "300",
+        "-sleep-ms",
+        "5000",
+    )
+    assert r.returncode == 0, r.describe()
+    assert r.line["error"]["code"] == 4
+    assert "local" not in r.line["error"]  # the status came from the server

@@ -185,12 +185,25 @@ func runServer(name string, args []string) int {
 
 // ---------------------------------------------------------------- client
 
-func dial(socket string) (*ttrpc.Client, error) {
+func dial(socket string, opts ...ttrpc.ClientOpts) (*ttrpc.Client, error) {
 	conn, err := net.Dial("unix", socket)
 	if err != nil {
 		return nil, err
 	}
-	return ttrpc.NewClient(conn), nil
+	return ttrpc.NewClient(conn, opts...), nil
+}
+
+// remoteTimeout sends timeout_nano = d on every call but leaves the local
+// context without a deadline, so only the server can end the call: this is how
+// a test sees that a server enforces the deadline it was sent.
+func remoteTimeout(d time.Duration) ttrpc.ClientOpts {
+	return ttrpc.WithUnaryClientInterceptor(func(ctx context.Context, req *ttrpc.Request, resp *ttrpc.Response,
+		info *ttrpc.UnaryClientInfo, invoker ttrpc.Invoker) error {
+		if info.FullMethod == "/"+serviceName+"/Sleep" {
+			req.TimeoutNano = d.Nanoseconds()
+		}
+		return invoker(ctx, req, resp)
+	})
 }
 
 // statusFields describes an RPC error the way the Python side compares it.
@@ -232,12 +245,18 @@ func runClient(args []string) int {
 	size := fs.Int("size", 4<<20-1024, "large: payload bytes")
 	callers := fs.Int("callers", 16, "concurrent: goroutines sharing one connection")
 	calls := fs.Int("calls", 64, "concurrent: calls per goroutine")
+	serverOnly := fs.Bool("server-only", false,
+		"deadline: send the timeout but set no local deadline, so only the server can enforce it")
 	fs.Parse(args)
 	if *socket == "" {
 		fmt.Fprintln(os.Stderr, "client: -socket is required")
 		return 2
 	}
-	c, err := dial(*socket)
+	var opts []ttrpc.ClientOpts
+	if *serverOnly {
+		opts = append(opts, remoteTimeout(time.Duration(*timeoutMs)*time.Millisecond))
+	}
+	c, err := dial(*socket, opts...)
 	if err != nil {
 		emit(map[string]interface{}{"mode": *mode, "ok": false, "error": err.Error()})
 		return 1
@@ -283,6 +302,9 @@ func runClient(args []string) int {
 		out["ok"] = ok
 	case "deadline":
 		cctx, cancel := context.WithTimeout(ctx, time.Duration(*timeoutMs)*time.Millisecond)
+		if *serverOnly {
+			cctx, cancel = context.WithCancel(ctx)
+		}
 		start := time.Now()
 		var resp types.Int64Value
 		err = c.Call(cctx, serviceName, "Sleep", &types.Int64Value{Value: int64(*sleepMs)}, &resp)
@@ -290,7 +312,9 @@ func runClient(args []string) int {
 		out["elapsed_ms"] = time.Since(start).Milliseconds()
 		if err != nil {
 			out["error"] = statusFields(err)
-			out["ok"] = status.Code(err) == codes.DeadlineExceeded || errors.Is(err, context.DeadlineExceeded)
+			_, isStatus := status.FromError(err)
+			out["ok"] = status.Code(err) == codes.DeadlineExceeded ||
+				(!*serverOnly && !isStatus && errors.Is(err, context.DeadlineExceeded))
 		} else {
 			out["deadline_seen_ms"] = resp.Value
 			// finishing is right only when the sleep was shorter than the timeout
