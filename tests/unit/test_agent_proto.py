@@ -105,7 +105,7 @@ def _ttrpc_paths() -> set[str]:
 
 def _stale_files(fresh_dir: Path, checked_in_dir: Path) -> list[str]:
     stale = []
-    for name in gen.generated_names(checked_in_dir):
+    for name in gen.generated_names():
         checked_in = checked_in_dir / name
         fresh = fresh_dir / name
         if not checked_in.is_file() or checked_in.read_bytes() != fresh.read_bytes():
