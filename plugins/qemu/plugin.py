@@ -1,0 +1,62 @@
+"""The ``[hypervisor.qemu]`` section and the factory the registry calls."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from shim.errors import NotSupportedError
+from shim.host import HostFacts
+from shim.hypervisor import Hypervisor, HypervisorPlugin
+from shim.hypervisor_keys import common_keys
+from shim.schema import Key
+
+KEYS: tuple[Key, ...] = (
+    *common_keys("/usr/bin/qemu-system-x86_64"),
+    Key("machine_type", str, "q35", "QEMU machine", choices=("q35", "microvm")),
+    Key(
+        "accel",
+        str,
+        "auto",
+        "auto: KVM where hardware virtualisation is usable, else TCG",
+        choices=("auto", "kvm", "tcg"),
+    ),
+    Key("pcie_root_ports", int, 4, "root ports reserved for hot-plug (q35)", minimum=0, maximum=32),
+    Key("cpu_model", str, "auto", "-cpu model; auto: host under KVM, max under TCG"),
+)
+
+
+class QemuPlugin(HypervisorPlugin):
+    """QEMU: q35 or microvm, KVM or TCG, vsock or virtio-serial for the agent."""
+
+    name = "qemu"
+
+    @property
+    def keys(self) -> Sequence[Key]:
+        return KEYS
+
+    def adjust(self, values: dict[str, Any], host: HostFacts) -> dict[str, Any]:
+        if values["accel"] == "auto":
+            values["accel"] = "kvm" if host.kvm_usable else "tcg"
+        if values["cpu_model"] == "auto":
+            values["cpu_model"] = "host" if values["accel"] == "kvm" else "max"
+        return values
+
+    def validate(self, values: Mapping[str, Any], host: HostFacts) -> list[tuple[str, str]]:
+        problems = []
+        if values["accel"] == "kvm" and not host.kvm_usable:
+            problems.append(("accel", host.kvm_reason + '; use "auto" or "tcg"'))
+        if values["machine_type"] == "microvm" and values["pcie_root_ports"]:
+            problems.append(
+                ("pcie_root_ports", "microvm has no PCIe root ports; set it to 0 or use q35")
+            )
+        return problems
+
+    def agent_transports(self, host: HostFacts) -> Sequence[str]:
+        return ("vsock", "virtio-serial") if host.vhost_vsock else ("virtio-serial",)
+
+    def create(self, config: Mapping[str, Any]) -> Hypervisor:
+        raise NotSupportedError(self.name, "starting a sandbox", "the QEMU driver is not built yet")
+
+
+PLUGIN = QemuPlugin()

@@ -1,0 +1,175 @@
+"""``husk check``: what this host offers a husk sandbox, and whether one can start.
+
+Each probe yields a ``Finding``; a finding that is ``blocking`` means no sandbox
+can start with the effective config, and ``husk check`` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shim import registry
+from shim.config import Config
+from shim.host import HostFacts
+
+Runner = Callable[[Sequence[str]], str | None]
+
+VIRTIOFSD_PLACES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report."""
+
+    name: str
+    ok: bool
+    detail: str
+    blocking: bool = False
+
+
+def run_version(argv: Sequence[str]) -> str | None:
+    """Run a binary and return its output, or None when it cannot run."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout + proc.stderr
+
+
+def _first_version(text: str) -> str:
+    m = re.search(r"\d+\.\d+(\.\d+)?", text)
+    return m.group(0) if m else text.strip().splitlines()[0]
+
+
+def probe(config: Config, host: HostFacts, run: Runner = run_version) -> list[Finding]:
+    """All findings for this host and config."""
+    findings = [
+        Finding("kvm", host.kvm_usable, host.kvm_reason),
+        Finding(
+            "vhost-vsock",
+            host.vhost_vsock,
+            "present: the agent can use vsock"
+            if host.vhost_vsock
+            else "missing (/dev/vhost-vsock): the agent will use virtio-serial",
+        ),
+    ]
+    findings += _qemu_findings(config, run)
+    findings.append(_virtiofsd_finding(config))
+    findings.append(_binary_finding("cloud-hypervisor", config, run))
+    findings.append(_containerd_finding(run))
+    findings.append(_image_finding(config))
+    findings.append(_sandbox_finding(config, host))
+    return findings
+
+
+def _qemu_findings(config: Config, run: Runner) -> list[Finding]:
+    section = config.hypervisors.get("qemu")
+    binary = str(section["path"]) if section else "qemu-system-x86_64"
+    out = run([binary, "--version"])
+    if out is None:
+        return [Finding("qemu", False, f"{binary} not found or does not run")]
+    found = [Finding("qemu", True, f"{binary}, version {_first_version(out)}")]
+    devices = run([binary, "-nodefaults", "-machine", "none", "-device", "help"]) or ""
+    has_9p = "virtio-9p-pci" in devices
+    has_fs = "vhost-user-fs-pci" in devices
+    found.append(
+        Finding("9p", has_9p, "QEMU has virtio-9p-pci" if has_9p else "QEMU lacks virtio-9p-pci")
+    )
+    found.append(
+        Finding(
+            "virtio-fs",
+            has_fs,
+            "QEMU has vhost-user-fs-pci" if has_fs else "QEMU lacks vhost-user-fs-pci",
+        )
+    )
+    return found
+
+
+def _virtiofsd_finding(config: Config) -> Finding:
+    places = [str(config.hypervisor.get("virtio_fs_daemon", "")), *VIRTIOFSD_PLACES]
+    which = shutil.which("virtiofsd")
+    if which:
+        places.append(which)
+    for place in places:
+        if place and Path(place).is_file():
+            return Finding("virtiofsd", True, place)
+    return Finding("virtiofsd", False, 'not found: shared_fs = "virtio-fs" is unavailable')
+
+
+def _binary_finding(name: str, config: Config, run: Runner) -> Finding:
+    section = config.hypervisors.get(name)
+    binary = str(section["path"]) if section else name
+    out = run([binary, "--version"])
+    if out is None:
+        return Finding(name, False, f"{binary} not found")
+    return Finding(name, True, f"{binary}, version {_first_version(out)}")
+
+
+def _containerd_finding(run: Runner) -> Finding:
+    out = run(["containerd", "--version"])
+    if out is None:
+        return Finding("containerd", False, "containerd not found")
+    parts = out.split()
+    version = parts[2] if len(parts) > 2 else _first_version(out)
+    return Finding("containerd", True, f"version {version.lstrip('v')}")
+
+
+def _image_finding(config: Config) -> Finding:
+    manifest = config.runtime.image_dir / "manifest.json"
+    kernel, initrd = config.hypervisor.get("kernel", ""), config.hypervisor.get("initrd", "")
+    missing = [p for p in (kernel, initrd) if p and not Path(p).is_file()]
+    if missing:
+        return Finding(
+            "guest image", False, f"missing {', '.join(missing)}: run `husk image build`"
+        )
+    built = ""
+    if manifest.is_file():
+        try:
+            built = ", built " + str(json.loads(manifest.read_text()).get("built_at", "?"))
+        except (OSError, ValueError):
+            built = ", manifest unreadable"
+    return Finding("guest image", True, f"kernel {kernel}, initrd {initrd}{built}")
+
+
+def _sandbox_finding(config: Config, host: HostFacts) -> Finding:
+    name = config.runtime.hypervisor
+    plugin = registry.lookup(name)
+    problems = plugin.unmet_requirements(config.hypervisor, host)
+    if problems:
+        return Finding("sandbox", False, "cannot start: " + "; ".join(problems), blocking=True)
+    accel = config.hypervisor.get("accel", "kvm")
+    return Finding(
+        "sandbox",
+        True,
+        f"can start with hypervisor '{name}' ({accel}), agent over {config.agent.transport}",
+    )
+
+
+def render_text(findings: Sequence[Finding]) -> str:
+    """The report in words, one line a finding."""
+    width = max(len(f.name) for f in findings)
+    lines = []
+    for f in findings:
+        mark = "ok " if f.ok else ("FAIL" if f.blocking else "no ")
+        lines.append(f"{mark:4} {f.name:<{width}}  {f.detail}")
+    return "\n".join(lines)
+
+
+def render_json(findings: Sequence[Finding]) -> str:
+    """The report as JSON: overall ``ok`` and each finding."""
+    return json.dumps(
+        {"ok": can_start(findings), "checks": [asdict(f) for f in findings]}, indent=2
+    )
+
+
+def can_start(findings: Sequence[Finding]) -> bool:
+    """True when no finding blocks a sandbox."""
+    return not any(f.blocking for f in findings)

@@ -1,0 +1,266 @@
+"""The seam between the sandbox and a VMM: the ``Hypervisor`` interface.
+
+A plugin (``plugins/qemu``, ``plugins/cloud_hypervisor``, ``plugins/builtin`` or a
+third-party distribution) implements ``Hypervisor`` for one VMM and describes
+itself to the registry with a ``HypervisorPlugin``: its name, the keys of its
+config section, how to adjust them for this host, and how to make a
+``Hypervisor`` for one sandbox.
+
+Callers check ``capabilities()`` before asking for optional operations; a plugin
+that is asked anyway raises ``NotSupportedError`` naming itself and the operation.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shim.errors import NotSupportedError
+
+if TYPE_CHECKING:
+    from shim.host import HostFacts
+    from shim.schema import Key
+
+
+class VmState(enum.Enum):
+    """Where a sandbox VM is in its life."""
+
+    NOT_STARTED = "not-started"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a plugin can do on this host; callers check before calling."""
+
+    block_hotplug: bool = False
+    net_hotplug: bool = False
+    vsock: bool = False
+    hybrid_vsock: bool = False
+    virtio_serial: bool = False
+    shared_fs: frozenset[str] = frozenset()
+    pause: bool = False
+    save_restore: bool = False
+
+
+# --- devices -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A disk image or block device to attach; ``serial`` lets the guest find it."""
+
+    id: str
+    path: Path
+    format: str = "raw"
+    readonly: bool = False
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class NetDevice:
+    """A virtio-net NIC backed by a host tap, opened by name or passed as fds."""
+
+    id: str
+    mac: str
+    tap_name: str = ""
+    tap_fds: tuple[int, ...] = ()
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
+class VsockDevice:
+    """A vhost-vsock device with a unique guest CID."""
+
+    id: str
+    guest_cid: int
+
+
+@dataclass(frozen=True)
+class SharedFsDevice:
+    """A host directory shared into the guest under ``tag`` (9p or virtio-fs)."""
+
+    id: str
+    tag: str
+    path: Path
+    kind: str = "9p"
+
+
+Device = BlockDevice | NetDevice | VsockDevice | SharedFsDevice
+
+
+# --- agent endpoints -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VsockEndpoint:
+    """AF_VSOCK: the guest's CID and the agent's port."""
+
+    cid: int
+    port: int
+
+
+@dataclass(frozen=True)
+class HybridVsockEndpoint:
+    """A unix socket on which ``CONNECT <port>\\n`` reaches the guest's vsock port."""
+
+    path: Path
+    port: int
+
+
+@dataclass(frozen=True)
+class SerialEndpoint:
+    """A unix socket bound to the guest's virtio-serial port ``agent.channel.0``."""
+
+    path: Path
+
+
+AgentEndpoint = VsockEndpoint | HybridVsockEndpoint | SerialEndpoint
+
+
+# --- the sandbox VM's description --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What a sandbox asks of its VM; the plugin's config fills in the rest."""
+
+    sandbox_id: str
+    state_dir: Path
+    vcpus: int
+    memory_mib: int
+    kernel: Path
+    initrd: Path | None
+    kernel_params: str = ""
+    shared_dir: Path | None = None
+    devices: Sequence[Device] = field(default_factory=tuple)
+
+
+class Hypervisor(abc.ABC):
+    """One sandbox VM driven through one VMM.
+
+    The life is ``prepare`` → ``start`` → (``pause``/``resume``, device changes) →
+    ``stop`` → ``destroy``. ``prepare`` records every host resource it will create
+    in the sandbox's state dir before creating it, so a crash leaves nothing that
+    ``husk cleanup`` cannot find.
+    """
+
+    #: the registry name of the plugin, used in every error message
+    name: str = "hypervisor"
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this plugin supports on this host."""
+
+    @abc.abstractmethod
+    async def prepare(self, spec: VmSpec) -> None:
+        """Create the sandbox dir, sockets and command line; start nothing yet."""
+
+    @abc.abstractmethod
+    async def start(self, timeout: float) -> None:
+        """Boot the VM; return once the VMM answers its control channel."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Shut the guest down, escalating to killing the VMM."""
+
+    @abc.abstractmethod
+    async def destroy(self) -> None:
+        """Stop if needed and remove every host resource the VM had."""
+
+    @abc.abstractmethod
+    async def state(self) -> VmState:
+        """The VM's state, from the VMM and the liveness of its process."""
+
+    @abc.abstractmethod
+    def agent_endpoint(self) -> AgentEndpoint:
+        """Where the shim reaches the guest agent."""
+
+    async def pause(self) -> None:
+        """Freeze the guest's vCPUs."""
+        raise NotSupportedError(self.name, "pause")
+
+    async def resume(self) -> None:
+        """Thaw the guest's vCPUs."""
+        raise NotSupportedError(self.name, "resume")
+
+    async def add_device(self, device: Device) -> None:
+        """Hot-add a device to the running VM."""
+        raise NotSupportedError(self.name, f"hot-add of {type(device).__name__}")
+
+    async def remove_device(self, device: Device) -> None:
+        """Hot-remove a device, returning once the guest has released it."""
+        raise NotSupportedError(self.name, f"hot-remove of {type(device).__name__}")
+
+    async def save(self, path: Path) -> None:
+        """Write the paused VM's state to ``path``."""
+        raise NotSupportedError(self.name, "save")
+
+    async def restore(self, path: Path, timeout: float) -> None:
+        """Start the VM from a state file written by ``save``."""
+        raise NotSupportedError(self.name, "restore")
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+class HypervisorPlugin(abc.ABC):
+    """How the registry knows a VMM: its name, config section and factory.
+
+    A plugin owns its config section ``[hypervisor.<name>]``: ``keys`` declares
+    every key with its default and what is allowed, ``adjust`` resolves values
+    that depend on the host (``accel = "auto"``), and ``validate`` checks what a
+    single key cannot (the kernel file exists, the binary runs).
+    """
+
+    #: registry name and config section name (``[hypervisor.<name>]``)
+    name: str
+
+    @property
+    @abc.abstractmethod
+    def keys(self) -> Sequence[Key]:
+        """The keys of this plugin's config section, with defaults."""
+
+    def adjust(self, values: dict[str, Any], host: HostFacts) -> dict[str, Any]:
+        """Resolve host-dependent values (e.g. ``auto``); default: unchanged."""
+        return values
+
+    def validate(self, values: Mapping[str, Any], host: HostFacts) -> list[tuple[str, str]]:
+        """Cross-key and host checks; returns ``(key, problem)`` pairs."""
+        return []
+
+    def agent_transports(self, host: HostFacts) -> Sequence[str]:
+        """Agent transports this VMM offers on this host, preferred first."""
+        return ("virtio-serial",)
+
+    def unmet_requirements(self, values: Mapping[str, Any], host: HostFacts) -> list[str]:
+        """What this host lacks to start a sandbox with this section, in words.
+
+        Unlike ``validate`` this is not a config error (the default config has a
+        section for every built-in plugin, used or not); ``husk check`` reports it
+        and a sandbox start refuses on it. The default checks the files the
+        section names: the VMM binary (if the plugin has one), kernel and initrd.
+        """
+        problems = []
+        binary = values.get("path")
+        if binary is not None and not _is_executable(Path(binary)):
+            problems.append(f"{self.name} binary {binary} not found or not executable (key 'path')")
+        for key in ("kernel", "initrd", "image"):
+            value = values.get(key)
+            if value and not Path(value).is_file():
+                problems.append(
+                    f"guest {key} {value} not found (run `husk image build` or set '{key}')"
+                )
+        return problems
+
+    @abc.abstractmethod
+    def create(self, config: Mapping[str, Any]) -> Hypervisor:
+        """Make the driver for one sandbox from the adjusted section."""

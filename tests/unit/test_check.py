@@ -1,0 +1,89 @@
+"""`husk check`: findings in words and JSON, and the exit decision."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from shim import check, config
+from shim.host import HostFacts
+
+
+def fake_runner(outputs: dict[str, str]) -> check.Runner:
+    def run(argv: Sequence[str]) -> str | None:
+        key = Path(argv[0]).name + " " + " ".join(argv[1:])
+        for prefix, out in outputs.items():
+            if key.startswith(prefix):
+                return out
+        return None
+
+    return run
+
+
+QEMU_OK = {
+    "qemu-system-x86_64 --version": "QEMU emulator version 7.2.9 (Debian 1:7.2+dfsg-7)\n",
+    "qemu-system-x86_64 -nodefaults": 'name "virtio-9p-pci"\nname "vhost-user-fs-pci"\n',
+    "containerd --version": "containerd github.com/containerd/containerd 1.6.20~ds1 \n",
+}
+
+
+def image_config(tmp_path: Path, host: HostFacts, *, with_image: bool) -> config.Config:
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    binary = tmp_path / "qemu-system-x86_64"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    if with_image:
+        kernel.write_bytes(b"k")
+        initrd.write_bytes(b"i")
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[runtime]\nimage_dir = "{tmp_path}"\n'
+        f'[hypervisor.qemu]\npath = "{binary}"\nkernel = "{kernel}"\ninitrd = "{initrd}"\n'
+    )
+    return config.load(path, host=host)
+
+
+def test_paravirtual_kvm_is_reported_as_unusable_with_tcg(tcg_host: HostFacts) -> None:
+    assert tcg_host.kvm_reason.startswith("KVM present but unusable, TCG will be used")
+
+
+def test_missing_vhost_vsock_is_named(tmp_path: Path, tcg_host: HostFacts) -> None:
+    cfg = image_config(tmp_path, tcg_host, with_image=True)
+    text = check.render_text(check.probe(cfg, tcg_host, fake_runner(QEMU_OK)))
+    assert "missing (/dev/vhost-vsock): the agent will use virtio-serial" in text
+
+
+def test_sandbox_can_start_under_tcg_when_qemu_and_image_are_present(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    cfg = image_config(tmp_path, tcg_host, with_image=True)
+    findings = check.probe(cfg, tcg_host, fake_runner(QEMU_OK))
+    assert check.can_start(findings)
+    sandbox = next(f for f in findings if f.name == "sandbox")
+    assert "(tcg), agent over virtio-serial" in sandbox.detail
+
+
+def test_missing_guest_image_blocks_a_sandbox_and_says_how_to_fix(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    cfg = image_config(tmp_path, tcg_host, with_image=False)
+    findings = check.probe(cfg, tcg_host, fake_runner(QEMU_OK))
+    assert not check.can_start(findings)
+    assert "run `husk image build`" in next(f for f in findings if f.name == "sandbox").detail
+
+
+def test_qemu_version_and_device_support_are_reported(tmp_path: Path, tcg_host: HostFacts) -> None:
+    cfg = image_config(tmp_path, tcg_host, with_image=True)
+    by_name = {f.name: f for f in check.probe(cfg, tcg_host, fake_runner(QEMU_OK))}
+    assert "version 7.2.9" in by_name["qemu"].detail
+    assert by_name["9p"].ok and by_name["virtio-fs"].ok
+    assert by_name["containerd"].detail == "version 1.6.20~ds1"
+    assert not by_name["cloud-hypervisor"].ok
+
+
+def test_json_report_carries_overall_verdict(tmp_path: Path, tcg_host: HostFacts) -> None:
+    cfg = image_config(tmp_path, tcg_host, with_image=False)
+    report = json.loads(check.render_json(check.probe(cfg, tcg_host, fake_runner(QEMU_OK))))
+    assert report["ok"] is False
+    assert {c["name"] for c in report["checks"]} >= {"kvm", "vhost-vsock", "qemu", "guest image"}

@@ -1,0 +1,193 @@
+"""configuration.toml: lookup order, defaults, host adjustments, one-line errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shim import config, registry
+from shim.errors import ConfigError
+from shim.host import HostFacts
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "configuration.toml"
+    path.write_text(text)
+    return path
+
+
+def test_packaged_default_is_the_repository_configuration() -> None:
+    assert config.packaged_default().read_bytes() == (ROOT / "configuration.toml").read_bytes()
+
+
+def test_default_config_selects_qemu_with_tcg_on_a_host_without_usable_kvm(
+    tcg_host: HostFacts,
+) -> None:
+    cfg = config.load(config.packaged_default(), host=tcg_host)
+    assert cfg.runtime.hypervisor == "qemu"
+    assert cfg.hypervisor["accel"] == "tcg"
+    assert cfg.hypervisor["cpu_model"] == "max"
+
+
+def test_accel_auto_resolves_to_kvm_where_hardware_virtualisation_is_usable(
+    kvm_host: HostFacts,
+) -> None:
+    cfg = config.load(config.packaged_default(), host=kvm_host)
+    assert cfg.hypervisor["accel"] == "kvm"
+    assert cfg.hypervisor["cpu_model"] == "host"
+
+
+def test_agent_transport_auto_is_virtio_serial_without_vhost_vsock(tcg_host: HostFacts) -> None:
+    assert config.load(config.packaged_default(), host=tcg_host).agent.transport == "virtio-serial"
+
+
+def test_agent_transport_auto_is_vsock_with_vhost_vsock(kvm_host: HostFacts) -> None:
+    assert config.load(config.packaged_default(), host=kvm_host).agent.transport == "vsock"
+
+
+def test_vsock_transport_on_a_host_without_vhost_vsock_is_an_error(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    path = write(tmp_path, '[agent.husk]\ntransport = "vsock"\n')
+    with pytest.raises(ConfigError, match=r"\[agent\.husk\] transport = \"vsock\".*vhost-vsock"):
+        config.load(path, host=tcg_host)
+
+
+def test_missing_sections_take_defaults(tmp_path: Path, tcg_host: HostFacts) -> None:
+    cfg = config.load(write(tmp_path, ""), host=tcg_host)
+    assert cfg.hypervisor["default_memory"] == 512
+    assert cfg.agent.port == 1024
+    assert cfg.runtime.state_dir == Path("/run/husk")
+
+
+def test_bad_value_names_file_key_value_and_what_is_allowed(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    path = write(tmp_path, '[hypervisor.qemu]\ndefault_memory = "lots"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path, host=tcg_host)
+    message = str(err.value)
+    assert message == (
+        f'{path}: [hypervisor.qemu] default_memory = "lots": expected an integer of at least 64'
+    )
+    assert "\n" not in message
+
+
+def test_value_out_of_choices_lists_the_choices(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, '[hypervisor.qemu]\nshared_fs = "nfs"\n')
+    with pytest.raises(ConfigError, match=r'shared_fs = "nfs": expected one of "9p", "virtio-fs"'):
+        config.load(path, host=tcg_host)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, "[hypervisor.qemu]\ndefualt_vcpus = 2\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'defualt_vcpus' \(did you mean 'default_vcpus'\?\)"
+    ):
+        config.load(path, host=tcg_host)
+
+
+def test_unknown_key_without_a_close_one_has_no_suggestion(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    path = write(tmp_path, "[runtime]\nzzz = 1\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, host=tcg_host)
+    assert str(err.value).endswith("[runtime] unknown key 'zzz'")
+
+
+def test_unknown_hypervisor_lists_the_registered_ones(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, '[runtime]\nhypervisor = "firecracker"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(path, host=tcg_host)
+    assert "unknown hypervisor 'firecracker'; registered: " in str(err.value)
+    for name in ("qemu", "cloud-hypervisor", "builtin"):
+        assert name in str(err.value)
+
+
+def test_unknown_hypervisor_section_is_an_error(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, "[hypervisor.xen]\npath = '/usr/bin/xl'\n")
+    with pytest.raises(ConfigError, match=r"\[hypervisor\.xen\]: unknown hypervisor 'xen'"):
+        config.load(path, host=tcg_host)
+
+
+def test_forcing_kvm_where_it_is_unusable_is_an_error(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, '[hypervisor.qemu]\naccel = "kvm"\n')
+    with pytest.raises(ConfigError, match=r'accel = "kvm": KVM present but unusable'):
+        config.load(path, host=tcg_host)
+
+
+def test_cloud_hypervisor_rejects_9p(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, '[hypervisor.cloud-hypervisor]\nshared_fs = "9p"\n')
+    with pytest.raises(ConfigError, match=r"\[hypervisor\.cloud-hypervisor\] shared_fs = \"9p\""):
+        config.load(path, host=tcg_host)
+
+
+def test_invalid_toml_is_one_line(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, "[runtime\n")
+    with pytest.raises(ConfigError, match=r"not valid TOML"):
+        config.load(path, host=tcg_host)
+
+
+def test_missing_file_names_it(tmp_path: Path, tcg_host: HostFacts) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: configuration file not found"):
+        config.load(tmp_path / "nope.toml", host=tcg_host)
+
+
+def test_lookup_prefers_explicit_path_over_environment(tmp_path: Path) -> None:
+    explicit = tmp_path / "a.toml"
+    assert config.locate(explicit, {"HUSK_CONFIG": str(tmp_path / "b.toml")}) == explicit
+
+
+def test_lookup_uses_husk_config_before_etc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = write(tmp_path, "")
+    monkeypatch.setattr(config, "ETC_CONFIG", etc)
+    assert config.locate(None, {"HUSK_CONFIG": "/x/y.toml"}) == Path("/x/y.toml")
+
+
+def test_lookup_uses_etc_before_packaged_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = write(tmp_path, "")
+    monkeypatch.setattr(config, "ETC_CONFIG", etc)
+    assert config.locate(None, {}) == etc
+
+
+def test_lookup_falls_back_to_packaged_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "ETC_CONFIG", tmp_path / "absent.toml")
+    assert config.locate(None, {}) == config.packaged_default()
+
+
+def test_default_file_lists_every_declared_key() -> None:
+    raw = tomllib.loads((ROOT / "configuration.toml").read_text())
+    assert set(raw["runtime"]) == {k.name for k in config.RUNTIME_KEYS}
+    assert set(raw["agent"]["husk"]) == {k.name for k in config.AGENT_KEYS}
+    for name in registry.names():
+        declared = {k.name for k in registry.lookup(name).keys}
+        assert set(raw["hypervisor"][name]) == declared, name
+
+
+def test_default_file_states_every_default() -> None:
+    raw = tomllib.loads((ROOT / "configuration.toml").read_text())
+    for key in config.RUNTIME_KEYS:
+        assert raw["runtime"][key.name] == key.default, key.name
+    for key in config.AGENT_KEYS:
+        assert raw["agent"]["husk"][key.name] == key.default, key.name
+    for key in registry.lookup("qemu").keys:
+        assert raw["hypervisor"]["qemu"][key.name] == key.default, key.name
+
+
+def test_effective_config_renders_as_toml_that_loads_again(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    cfg = config.load(config.packaged_default(), host=tcg_host)
+    again = config.load(write(tmp_path, config.to_toml(cfg)), host=tcg_host)
+    assert again.as_dict() == cfg.as_dict()
