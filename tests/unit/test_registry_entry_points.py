@@ -1,12 +1,13 @@
 """A third-party plugin added with `pip install` registers through `husk.hypervisors`.
 
 The test builds a tiny plugin distribution, installs it into a fresh venv that
-sees husk through the system site-packages, and asks husk in that venv about it.
+sees husk through the parent's site dirs, and asks husk in that venv about it.
 It needs no network: the build uses the already-installed setuptools.
 """
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
 import textwrap
