@@ -12,7 +12,6 @@ import trio
 from shim import transport
 from shim.hypervisor import HybridVsockEndpoint, SerialEndpoint, VsockEndpoint
 
-
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 
