@@ -1,0 +1,243 @@
+"""``husk image build``: Debian packages -> ``vmlinuz`` + ``initrd.img`` + ``manifest.json``.
+
+The build works in a temporary directory inside the output directory and moves the
+finished artefacts into place at the end (manifest last), so a reader never sees a
+manifest that does not match its files; any failure removes the temporary directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from guest.image import initrd, packages, recipe, rootfs
+from guest.image.cpio import Entry
+from guest.image.errors import DiskSpaceError, ImageBuildError, RecipeError, ToolMissingError
+from guest.image.manifest import (
+    INITRD_NAME,
+    KERNEL_NAME,
+    MANIFEST_NAME,
+    Artefact,
+    ImageManifest,
+    inputs_digest,
+    is_current,
+)
+from guest.image.modules import ModuleIndex
+from guest.image.packages import Runner
+
+DEFAULT_IMAGE_DIR = Path("/var/lib/husk/images")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INIT_SCRIPT = REPO_ROOT / "guest" / "init" / "init.sh"
+STEPS = 8
+MiB = 1024 * 1024
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+class _Steps:
+    def __init__(self, progress: Callable[[str], None]) -> None:
+        self.progress = progress
+        self.n = 0
+        self.t = time.monotonic()
+
+    def done(self, name: str, detail: str = "") -> None:
+        self.n += 1
+        now = time.monotonic()
+        sep = ": " if detail else ""
+        self.progress(f"[{self.n}/{STEPS}] {name}{sep}{detail}, {now - self.t:.1f} s")
+        self.t = now
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _preflight(output_dir: Path, min_free_bytes: int) -> None:
+    for tool in ("apt-get", "apt-cache", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise ToolMissingError(tool, packages.TOOL_PACKAGES[tool])
+    where = _existing_ancestor(output_dir)
+    free = shutil.disk_usage(where).free
+    if free < min_free_bytes:
+        raise DiskSpaceError(
+            f"not enough disk space for the image build in {where}: {_mib(free)} free, "
+            f"{_mib(min_free_bytes)} needed; free space or pass another image directory"
+        )
+
+
+def _recipe_files(husk_files: list[tuple[Path, str]]) -> list[tuple[str, bytes]]:
+    files = {rel: src for src, rel in husk_files}
+    for src in sorted((REPO_ROOT / "guest" / "image").glob("*.py")):
+        files.setdefault(src.relative_to(REPO_ROOT).as_posix(), src)
+    for src in sorted((REPO_ROOT / "guest" / "init").iterdir()):
+        if src.is_file():
+            files.setdefault(src.relative_to(REPO_ROOT).as_posix(), src)
+    return [(rel, src.read_bytes()) for rel, src in sorted(files.items())]
+
+
+def _dist_versions() -> dict[str, str]:
+    import importlib.metadata
+
+    out = {}
+    for name in recipe.PYTHON_DISTRIBUTIONS:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise RecipeError(
+                f"Python package '{name}' is not installed on this host: pip install {name}"
+            ) from None
+    return out
+
+
+def build_image(
+    output_dir: Path = DEFAULT_IMAGE_DIR,
+    *,
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+    runner: Runner | None = None,
+    min_free_bytes: int = recipe.MIN_FREE_BYTES,
+) -> ImageManifest:
+    """Build (or reuse) the guest image in ``output_dir`` and return its manifest.
+
+    Raises an ``ImageBuildError`` (a ``shim.errors.HostError``) with a one-line
+    message on any failure; partial output is removed.
+    """
+    run = runner or packages.subprocess_runner()
+    output_dir = output_dir.absolute()
+    started = time.monotonic()
+    steps = _Steps(progress)
+    _preflight(output_dir, min_free_bytes)
+    steps.done("check host", f"apt-get, dpkg-deb present, {output_dir}")
+
+    created = not output_dir.exists()
+    tmp: Path | None = None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=output_dir))
+        return _build(output_dir, tmp, run, steps, force, started, progress)
+    except ImageBuildError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskSpaceError(
+                f"disk full while building the image in {output_dir}: free space and retry"
+            ) from e
+        raise ImageBuildError(f"image build failed in {output_dir}: {e}") from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+
+
+def _build(
+    output_dir: Path,
+    tmp: Path,
+    run: Runner,
+    steps: _Steps,
+    force: bool,
+    started: float,
+    progress: Callable[[str], None],
+) -> ImageManifest:
+    debdir = tmp / "debs"
+    debdir.mkdir()
+    kernel_pkg = packages.resolve_kernel_package(run, debdir, recipe.KERNEL_META_PACKAGE)
+    debs = packages.resolve(run, debdir, [kernel_pkg, *recipe.PACKAGES])
+    versions = {d.name: d.version for d in debs}
+    dists = _dist_versions()
+    husk_files = rootfs.husk_source_files(REPO_ROOT)
+    digest = inputs_digest(
+        versions,
+        dists,
+        _recipe_files(husk_files),
+        {"python": sys.version.split()[0], "zstd": str(shutil.which("zstd") is not None)},
+    )
+    steps.done("resolve packages", f"{len(debs)} packages, kernel {kernel_pkg}")
+
+    current = is_current(output_dir, digest)
+    if current is not None and not force:
+        progress(f"image in {output_dir} is up to date (inputs unchanged); skipping the build")
+        return current
+
+    deb_paths = packages.fetch(run, debdir, debs)
+    total = sum(p.stat().st_size for p in deb_paths)
+    steps.done("fetch packages", f"{len(deb_paths)} debs, {_mib(total)}")
+
+    staging = tmp / "root"
+    packages.extract(run, deb_paths, staging)
+    for p in deb_paths:
+        p.unlink()
+    steps.done("extract packages", f"{len(deb_paths)} debs")
+
+    kernel_version = kernel_pkg.removeprefix("linux-image-")
+    moddir = staging / "lib" / "modules" / kernel_version
+    vmlinuz = staging / "boot" / f"vmlinuz-{kernel_version}"
+    config = staging / "boot" / f"config-{kernel_version}"
+    if not moddir.is_dir() or not vmlinuz.is_file():
+        raise RecipeError(f"{kernel_pkg} holds no vmlinuz or modules for {kernel_version}")
+    index = ModuleIndex.scan(moddir)
+    selected = index.resolve(recipe.KERNEL_MODULES, recipe.MODULE_ALIASES)
+    steps.done("select kernel modules", f"{len(selected)} modules for {kernel_version}")
+
+    tree = rootfs.Tree()
+    rootfs.add_base(tree, INIT_SCRIPT.read_bytes())
+    applets = run([str(staging / "bin" / "busybox"), "--list-full"], staging).split()
+    rootfs.add_busybox(tree, staging, applets)
+    rootfs.add_libraries(tree, staging)
+    py = f"usr/bin/python{recipe.PYTHON_VERSION}"
+    rootfs.add_binaries(tree, staging, [py, "usr/sbin/runc"])
+    tree.add(Entry.symlink("usr/bin/python3", f"python{recipe.PYTHON_VERSION}"))
+    rootfs.add_stdlib(tree, staging)
+    rootfs.add_distributions(tree, recipe.PYTHON_DISTRIBUTIONS)
+    rootfs.add_husk(tree, husk_files)
+    rootfs.add_modules(tree, moddir, kernel_version, selected, index.modules_dep(selected))
+    rootfs.link_libraries(tree, lambda msg: progress(f"      {msg}"))
+    pyc = "precompiled .pyc" if rootfs.CAN_COMPILE else "sources only (host is not 3.11)"
+    steps.done("assemble rootfs", f"{len(tree)} entries, {_mib(tree.size())}, {pyc}")
+
+    out = tmp / "out"
+    out.mkdir()
+    compression = initrd.choose_compression(config.read_text() if config.exists() else "")
+    raw_size = initrd.write_initrd(run, tree, out / INITRD_NAME, compression)
+    shutil.copyfile(vmlinuz, out / KERNEL_NAME)
+    size = (out / INITRD_NAME).stat().st_size
+    steps.done("write initrd", f"{compression}, {_mib(raw_size)} -> {_mib(size)}")
+
+    artefacts = {
+        name: Artefact(packages.sha256_file(out / name), (out / name).stat().st_size)
+        for name in (KERNEL_NAME, INITRD_NAME)
+    }
+    manifest = ImageManifest(
+        kernel_version=kernel_version,
+        kernel_cmdline=recipe.KERNEL_CMDLINE,
+        compression=compression,
+        inputs_digest=digest,
+        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        build_seconds=round(time.monotonic() - started, 1),
+        packages=versions,
+        python_distributions=dists,
+        modules=[m.rsplit("/", 1)[-1] for m in selected],
+        artefacts=artefacts,
+        initrd_uncompressed_size=raw_size,
+    )
+    (out / MANIFEST_NAME).write_text(manifest.to_json())
+    (output_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in (KERNEL_NAME, INITRD_NAME, MANIFEST_NAME):
+        (out / name).replace(output_dir / name)
+    steps.done(
+        "install",
+        f"{output_dir}: {KERNEL_NAME} {_mib(artefacts[KERNEL_NAME].size)}, "
+        f"{INITRD_NAME} {_mib(size)}, total {time.monotonic() - started:.1f} s",
+    )
+    return manifest

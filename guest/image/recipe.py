@@ -1,0 +1,111 @@
+"""What goes into the guest image: Debian packages, kernel modules, Python pieces.
+
+Everything a reader may want to tune lives here; the other modules only carry it out.
+A change to this file (or any file of the recipe) changes the input digest and so
+forces a rebuild.
+"""
+
+from __future__ import annotations
+
+# The meta package is resolved to the concrete linux-image-<abi>-amd64 package.
+KERNEL_META_PACKAGE = "linux-image-amd64"
+
+# Fetched with `apt-get download` and unpacked with `dpkg-deb -x`. Libraries are
+# listed by hand (not via apt's dependency closure) because the guest needs only a
+# few of what the Debian packages depend on; `rootfs.check_libraries` proves every
+# ELF file in the initrd finds the libraries it needs.
+PACKAGES: tuple[str, ...] = (
+    "busybox-static",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "runc",
+    "libc6",
+    "libseccomp2",
+    "zlib1g",
+    "libexpat1",
+    "libffi8",  # _ctypes (imported by trio via ctypes.util on some paths)
+    "libssl3",  # _ssl: trio imports ssl at import time
+    "libstdc++6",  # protobuf's upb extension (_message.abi3.so)
+    "libgcc-s1",
+)
+
+# Modules the guest loads at boot, in this order (each after its dependencies).
+KERNEL_MODULES: tuple[str, ...] = (
+    "virtio_pci",
+    "virtio_console",  # virtio-serial: the agent channel on hosts without vsock
+    "virtio_blk",
+    "virtio_net",
+    "virtio_rng",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+    "9p",
+    "9pnet_virtio",
+    "fuse",
+    "virtiofs",
+    "overlay",
+    "crc32c_generic",  # soft pre-dependency of ext4/jbd2 (alias crypto-crc32c)
+    "ext4",
+)
+
+# softdep targets named by alias rather than module name.
+MODULE_ALIASES: dict[str, str] = {"crypto_crc32c": "crc32c_generic"}
+
+# Python: Debian's python3.11 with its stdlib minus what a headless agent never imports.
+PYTHON_VERSION = "3.11"
+STDLIB_EXCLUDE_DIRS: frozenset[str] = frozenset(
+    {
+        "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "ensurepip",
+        "lib2to3", "pydoc_data", "distutils", "unittest", "sqlite3", "dbm", "curses",
+        "venv", "config-3.11-x86_64-linux-gnu", "__pycache__", "msilib",
+    }
+)  # fmt: skip
+STDLIB_EXCLUDE_FILES: frozenset[str] = frozenset(
+    {"turtle.py", "pydoc.py", "doctest.py", "tabnanny.py", "this.py", "antigravity.py"}
+)
+# Extension modules left out: tests, and ones whose libraries the guest lacks on purpose.
+DYNLOAD_EXCLUDE_PREFIXES: tuple[str, ...] = (
+    "_test", "_ctypes_test", "xxlimited", "_xxtestfuzz", "_xxsubinterpreters", "_curses",
+    "_dbm", "_sqlite3", "readline", "nis", "ossaudiodev", "audioop", "_crypt",
+    "_codecs_", "_lsprof", "_bz2", "_lzma", "_uuid",
+)  # fmt: skip
+
+# Shared libraries kept although no ELF file names them (they are dlopen()ed).
+# ld.so itself is kept because every program names it as its interpreter.
+KEEP_LIBRARIES: tuple[str, ...] = ("ld-linux-x86-64.so.2",)
+
+# Pure-Python (or abi3) distributions copied from the host's installed versions.
+PYTHON_DISTRIBUTIONS: tuple[str, ...] = (
+    "trio",
+    "sniffio",
+    "attrs",
+    "outcome",
+    "sortedcontainers",
+    "idna",
+    "protobuf",
+)
+# Top-level directories of a distribution that are never needed in the guest.
+DIST_EXCLUDE_DIRS: frozenset[str] = frozenset({"_tests", "tests", "testing", "__pycache__"})
+
+# husk's own code the agent imports, relative to the repository / site-packages root.
+HUSK_SOURCES: tuple[str, ...] = (
+    "guest",
+    "agent_proto",
+    "shim/__init__.py",
+    "shim/errors.py",
+    "shim/ttrpc",
+)
+
+# Where things live inside the initrd.
+GUEST_HUSK_DIR = "usr/lib/husk"
+GUEST_DIST_DIR = "usr/lib/python3/dist-packages"
+GUEST_MODULE_LIST = "etc/husk/modules"
+
+# Kernel command line the image is tested with; the qemu plugin may add to it.
+KERNEL_CMDLINE = (
+    "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp "
+    "i8042.dumbkbd tsc=reliable no_timer_check noreplace-smp"
+)
+
+# Free space the build needs next to the output (the kernel package unpacks to ~450 MiB).
+MIN_FREE_BYTES = 800 * 1024 * 1024
