@@ -22,7 +22,9 @@ from shim.ttrpc.writer import FrameWriter
 
 
 def test_header_encodes_big_endian_fields_in_wire_order() -> None:
-    header = encode_header(0x01020304, 0x0A0B0C0D, MessageType.DATA, Flags.REMOTE_CLOSED | Flags.NO_DATA)
+    header = encode_header(
+        0x01020304, 0x0A0B0C0D, MessageType.DATA, Flags.REMOTE_CLOSED | Flags.NO_DATA
+    )
     assert header == bytes([1, 2, 3, 4, 0x0A, 0x0B, 0x0C, 0x0D, 3, 5])
     assert len(header) == HEADER_SIZE
 
@@ -54,7 +56,9 @@ async def _reader_over(data: bytes, chunk: int | None = None) -> FrameReader:
 
 
 async def test_reader_cuts_several_frames_out_of_one_chunk() -> None:
-    reader = await _reader_over(_frame_bytes(1, b"one") + _frame_bytes(3, b"") + _frame_bytes(5, b"three"))
+    reader = await _reader_over(
+        _frame_bytes(1, b"one") + _frame_bytes(3, b"") + _frame_bytes(5, b"three")
+    )
     assert await reader.receive() == Frame(1, 1, 0, b"one")
     assert await reader.receive() == Frame(3, 1, 0, b"")
     assert await reader.receive() == Frame(5, 1, 0, b"three")

@@ -27,7 +27,10 @@ def test_register_records_streaming_shape_from_the_descriptor() -> None:
     registry = ServiceRegistry()
     registry.register(PROBE, ProbeService())
     shapes = {
-        name: (registry.lookup(SERVICE, name).client_streaming, registry.lookup(SERVICE, name).server_streaming)
+        name: (
+            registry.lookup(SERVICE, name).client_streaming,
+            registry.lookup(SERVICE, name).server_streaming,
+        )
         for name in ("Split", "Join", "Chat")
     }
     assert shapes == {"Split": (False, True), "Join": (True, False), "Chat": (True, True)}
@@ -40,7 +43,9 @@ def test_partial_implementation_registers_only_defined_methods() -> None:
 
     registry = ServiceRegistry()
     assert registry.register(TASK, StateOnly()) == ["State"]
-    with pytest.raises(UnknownMethod, match="unknown method Create of service containerd.task.v2.Task"):
+    with pytest.raises(
+        UnknownMethod, match=r"unknown method Create of service containerd\.task\.v2\.Task"
+    ):
         registry.lookup("containerd.task.v2.Task", "Create")
 
 
@@ -61,5 +66,5 @@ def test_registering_a_service_twice_is_refused() -> None:
 
 
 def test_unknown_service_lookup_names_the_service() -> None:
-    with pytest.raises(UnknownMethod, match="unknown service no.Such"):
+    with pytest.raises(UnknownMethod, match=r"unknown service no\.Such"):
         ServiceRegistry().lookup("no.Such", "Thing")

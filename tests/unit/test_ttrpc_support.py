@@ -81,14 +81,18 @@ class ProbeService:
         self.finished = 0
         self.contexts: list[CallContext] = []
 
-    async def Echo(self, request: wrappers_pb2.StringValue, ctx: CallContext) -> wrappers_pb2.StringValue:
+    async def Echo(
+        self, request: wrappers_pb2.StringValue, ctx: CallContext
+    ) -> wrappers_pb2.StringValue:
         return wrappers_pb2.StringValue(value=request.value)
 
     async def Meta(self, request: empty_pb2.Empty, ctx: CallContext) -> wrappers_pb2.StringValue:
         self.contexts.append(ctx)
         return wrappers_pb2.StringValue(value=json.dumps(ctx.metadata, sort_keys=True))
 
-    async def Sleep(self, request: wrappers_pb2.DoubleValue, ctx: CallContext) -> wrappers_pb2.DoubleValue:
+    async def Sleep(
+        self, request: wrappers_pb2.DoubleValue, ctx: CallContext
+    ) -> wrappers_pb2.DoubleValue:
         self.started += 1
         seen = -1.0 if ctx.deadline == math.inf else ctx.deadline - trio.current_time()
         await trio.sleep(request.value)
@@ -102,7 +106,9 @@ class ProbeService:
             return None  # type: ignore[return-value]
         raise ValueError("secret internals")
 
-    async def Big(self, request: wrappers_pb2.Int64Value, ctx: CallContext) -> wrappers_pb2.BytesValue:
+    async def Big(
+        self, request: wrappers_pb2.Int64Value, ctx: CallContext
+    ) -> wrappers_pb2.BytesValue:
         return wrappers_pb2.BytesValue(value=b"x" * request.value)
 
     async def Split(self, request: wrappers_pb2.StringValue, stream: ServerStream) -> None:
@@ -145,10 +151,16 @@ class RawPeer:
         self.stream = stream
         self.reader = FrameReader(stream)
 
-    async def send_frame(self, stream_id: int, message_type: int, flags: int, payload: bytes) -> None:
-        await self.stream.send_all(encode_header(len(payload), stream_id, message_type, flags) + payload)
+    async def send_frame(
+        self, stream_id: int, message_type: int, flags: int, payload: bytes
+    ) -> None:
+        await self.stream.send_all(
+            encode_header(len(payload), stream_id, message_type, flags) + payload
+        )
 
-    async def send_request(self, stream_id: int, method: str, payload: bytes = b"", **fields: object) -> None:
+    async def send_request(
+        self, stream_id: int, method: str, payload: bytes = b"", **fields: object
+    ) -> None:
         request = ttrpc_pb2.Request(service=SERVICE, method=method, payload=payload, **fields)  # type: ignore[arg-type]
         await self.send_frame(stream_id, MessageType.REQUEST, 0, request.SerializeToString())
 

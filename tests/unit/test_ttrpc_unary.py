@@ -30,7 +30,9 @@ TASK = task_pb2.DESCRIPTOR.services_by_name["Task"]
 
 
 class _TaskState:
-    async def State(self, request: task_pb2.StateRequest, ctx: CallContext) -> task_pb2.StateResponse:
+    async def State(
+        self, request: task_pb2.StateRequest, ctx: CallContext
+    ) -> task_pb2.StateResponse:
         return task_pb2.StateResponse(id=request.id, pid=4242, bundle="/run/" + request.id)
 
 
@@ -39,7 +41,10 @@ async def test_unary_round_trip_with_generated_task_service() -> None:
     server.register(TASK, _TaskState())
     async with connected(server) as client:
         response = await client.call(
-            "containerd.task.v2.Task", "State", task_pb2.StateRequest(id="c1"), task_pb2.StateResponse
+            "containerd.task.v2.Task",
+            "State",
+            task_pb2.StateRequest(id="c1"),
+            task_pb2.StateResponse,
         )
     assert (response.id, response.pid, response.bundle) == ("c1", 4242, "/run/c1")
 
@@ -88,7 +93,11 @@ async def test_call_past_its_timeout_raises_deadline_exceeded(
     async with connected(server) as client:
         with pytest.raises(DeadlineExceeded) as raised:
             await client.call(
-                SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=60), wrappers_pb2.DoubleValue, timeout=1
+                SERVICE,
+                "Sleep",
+                wrappers_pb2.DoubleValue(value=60),
+                wrappers_pb2.DoubleValue,
+                timeout=1,
             )
         assert raised.value.code is Code.DEADLINE_EXCEEDED
         assert trio.current_time() == pytest.approx(1)
@@ -101,7 +110,9 @@ async def test_husk_error_reaches_the_client_with_its_code() -> None:
     server, _ = probe_server()
     async with connected(server) as client:
         with pytest.raises(RpcError) as raised:
-            await client.call(SERVICE, "Fail", wrappers_pb2.StringValue(value="notfound"), empty_pb2.Empty)
+            await client.call(
+                SERVICE, "Fail", wrappers_pb2.StringValue(value="notfound"), empty_pb2.Empty
+            )
     assert (raised.value.code, raised.value.message) == (Code.NOT_FOUND, "container c1 not found")
 
 
@@ -123,11 +134,15 @@ async def test_unknown_service_is_unimplemented_naming_it() -> None:
     assert "no.Such" in raised.value.message
 
 
-async def test_unexpected_exception_is_internal_without_traceback(caplog: pytest.LogCaptureFixture) -> None:
+async def test_unexpected_exception_is_internal_without_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     server, _ = probe_server()
     async with connected(server) as client:
         with pytest.raises(RpcError) as raised:
-            await client.call(SERVICE, "Fail", wrappers_pb2.StringValue(value="boom"), empty_pb2.Empty)
+            await client.call(
+                SERVICE, "Fail", wrappers_pb2.StringValue(value="boom"), empty_pb2.Empty
+            )
     assert raised.value.code is Code.INTERNAL
     assert raised.value.message == "ValueError: secret internals"
     assert "Traceback" not in raised.value.message
@@ -138,17 +153,23 @@ async def test_handler_returning_wrong_type_is_internal() -> None:
     server, _ = probe_server()
     async with connected(server) as client:
         with pytest.raises(RpcError) as raised:
-            await client.call(SERVICE, "Fail", wrappers_pb2.StringValue(value="none"), empty_pb2.Empty)
+            await client.call(
+                SERVICE, "Fail", wrappers_pb2.StringValue(value="none"), empty_pb2.Empty
+            )
     assert raised.value.code is Code.INTERNAL
     assert "returned NoneType" in raised.value.message
 
 
-async def test_concurrent_calls_complete_out_of_order(autojump_clock: trio.testing.MockClock) -> None:
+async def test_concurrent_calls_complete_out_of_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     server, _ = probe_server()
     finished: list[float] = []
 
     async def sleep(client: Client, seconds: float) -> None:
-        await client.call(SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=seconds), wrappers_pb2.DoubleValue)
+        await client.call(
+            SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=seconds), wrappers_pb2.DoubleValue
+        )
         finished.append(seconds)
 
     async with connected(server) as client, trio.open_nursery() as nursery:
@@ -165,7 +186,9 @@ async def test_broken_connection_fails_pending_and_later_calls() -> None:
 
     async def pending_call(client: Client) -> None:
         try:
-            await client.call(SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=60), wrappers_pb2.DoubleValue)
+            await client.call(
+                SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=60), wrappers_pb2.DoubleValue
+            )
         except ConnectionClosed as exc:
             errors.append(exc)
 
@@ -184,14 +207,20 @@ async def test_broken_connection_fails_pending_and_later_calls() -> None:
             await client.call(SERVICE, "Echo", wrappers_pb2.StringValue(), wrappers_pb2.StringValue)
 
 
-async def test_cancelled_call_removes_its_pending_entry() -> None:
-    server, service = probe_server()
+async def test_cancelled_call_removes_its_pending_entry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server, _ = probe_server()
     async with connected(server) as client:
         with trio.move_on_after(0.05):
-            await client.call(SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=60), wrappers_pb2.DoubleValue)
+            await client.call(
+                SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=60), wrappers_pb2.DoubleValue
+            )
         assert client._pending == {}
         # the connection still works after the abandoned call
-        reply = await client.call(SERVICE, "Echo", wrappers_pb2.StringValue(value="hi"), wrappers_pb2.StringValue)
+        reply = await client.call(
+            SERVICE, "Echo", wrappers_pb2.StringValue(value="hi"), wrappers_pb2.StringValue
+        )
     assert reply.value == "hi"
 
 
@@ -200,10 +229,15 @@ async def test_oversize_request_fails_that_call_with_resource_exhausted() -> Non
     async with connected(server) as client:
         with pytest.raises(MessageTooLarge) as raised:
             await client.call(
-                SERVICE, "Echo", wrappers_pb2.StringValue(value="x" * MAX_MESSAGE_SIZE), wrappers_pb2.StringValue
+                SERVICE,
+                "Echo",
+                wrappers_pb2.StringValue(value="x" * MAX_MESSAGE_SIZE),
+                wrappers_pb2.StringValue,
             )
         assert raised.value.code is Code.RESOURCE_EXHAUSTED
-        reply = await client.call(SERVICE, "Echo", wrappers_pb2.StringValue(value="ok"), wrappers_pb2.StringValue)
+        reply = await client.call(
+            SERVICE, "Echo", wrappers_pb2.StringValue(value="ok"), wrappers_pb2.StringValue
+        )
     assert reply.value == "ok"
 
 
@@ -211,18 +245,29 @@ async def test_oversize_response_fails_that_call_with_resource_exhausted() -> No
     server, _ = probe_server()
     async with connected(server) as client:
         with pytest.raises(RpcError) as raised:
-            await client.call(SERVICE, "Big", wrappers_pb2.Int64Value(value=MAX_MESSAGE_SIZE), wrappers_pb2.BytesValue)
+            await client.call(
+                SERVICE,
+                "Big",
+                wrappers_pb2.Int64Value(value=MAX_MESSAGE_SIZE),
+                wrappers_pb2.BytesValue,
+            )
         assert raised.value.code is Code.RESOURCE_EXHAUSTED
-        reply = await client.call(SERVICE, "Big", wrappers_pb2.Int64Value(value=1000), wrappers_pb2.BytesValue)
+        reply = await client.call(
+            SERVICE, "Big", wrappers_pb2.Int64Value(value=1000), wrappers_pb2.BytesValue
+        )
     assert len(reply.value) == 1000
 
 
-async def test_graceful_shutdown_finishes_in_flight_calls(autojump_clock: trio.testing.MockClock) -> None:
+async def test_graceful_shutdown_finishes_in_flight_calls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     server, service = probe_server()
     replies: list[float] = []
 
     async def slow_call(client: Client) -> None:
-        reply = await client.call(SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=2), wrappers_pb2.DoubleValue)
+        reply = await client.call(
+            SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=2), wrappers_pb2.DoubleValue
+        )
         replies.append(reply.value)
 
     async with connected(server) as client, trio.open_nursery() as nursery:
@@ -243,7 +288,9 @@ async def test_shutdown_cancels_calls_still_running_after_its_timeout(
 
         async def stuck_call() -> None:
             with pytest.raises(ConnectionClosed):
-                await client.call(SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=600), wrappers_pb2.DoubleValue)
+                await client.call(
+                    SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=600), wrappers_pb2.DoubleValue
+                )
 
         nursery.start_soon(stuck_call)
         await trio.testing.wait_all_tasks_blocked()
@@ -258,7 +305,11 @@ async def test_calls_after_shutdown_began_are_refused_unavailable(
     server, _ = probe_server()
     async with connected(server) as client, trio.open_nursery() as nursery:
         nursery.start_soon(
-            client.call, SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=2), wrappers_pb2.DoubleValue
+            client.call,
+            SERVICE,
+            "Sleep",
+            wrappers_pb2.DoubleValue(value=2),
+            wrappers_pb2.DoubleValue,
         )
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(server.shutdown)
@@ -268,7 +319,9 @@ async def test_calls_after_shutdown_began_are_refused_unavailable(
         assert raised.value.code is Code.UNAVAILABLE
 
 
-async def test_serve_unix_over_a_real_socket(tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture) -> None:
+async def test_serve_unix_over_a_real_socket(
+    tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, "husk.ttrpc")
     server, _ = probe_server()
     path = os.path.join(tmp_path, "ttrpc.sock")
@@ -277,7 +330,8 @@ async def test_serve_unix_over_a_real_socket(tmp_path: os.PathLike[str], caplog:
         stream = await trio.open_unix_socket(path)
         async with Client.open(stream) as client:
             replies = [
-                await client.stub(PROBE).Echo(wrappers_pb2.StringValue(value=str(n))) for n in range(3)
+                await client.stub(PROBE).Echo(wrappers_pb2.StringValue(value=str(n)))
+                for n in range(3)
             ]
         await server.shutdown()
     assert [reply.value for reply in replies] == ["0", "1", "2"]
