@@ -13,16 +13,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from guest.image import initrd, packages, recipe, rootfs
+from guest.image import initrd, kernel, packages, recipe, rootfs
 from guest.image.cpio import Entry
 from guest.image.errors import DiskSpaceError, ImageBuildError, RecipeError, ToolMissingError
 from guest.image.manifest import (
     INITRD_NAME,
     KERNEL_NAME,
     MANIFEST_NAME,
+    VMLINUX_NAME,
     Artefact,
     ImageManifest,
     inputs_digest,
@@ -34,7 +36,7 @@ from guest.image.packages import Runner
 DEFAULT_IMAGE_DIR = Path("/var/lib/husk/images")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INIT_SCRIPT = REPO_ROOT / "guest" / "init" / "init.sh"
-STEPS = 8
+STEPS = 9
 MiB = 1024 * 1024
 
 
@@ -100,6 +102,39 @@ def _dist_versions() -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class BuildPlan:
+    """The resolved inputs of a build and their digest (decides whether to rebuild)."""
+
+    kernel_package: str
+    debs: list[packages.Deb]
+    python_distributions: dict[str, str]
+    husk_files: list[tuple[Path, str]]
+    digest: str
+
+
+def make_plan(run: Runner, workdir: Path, compression: str) -> BuildPlan:
+    """Resolve package versions (apt, no download) and hash every input of the build.
+
+    ``workdir`` must be empty (apt-get leaves out packages already downloaded there).
+    """
+    kernel_pkg = packages.resolve_kernel_package(run, workdir, recipe.KERNEL_META_PACKAGE)
+    debs = packages.resolve(run, workdir, [kernel_pkg, *recipe.PACKAGES])
+    dists = _dist_versions()
+    husk_files = rootfs.husk_source_files(REPO_ROOT)
+    digest = inputs_digest(
+        {d.name: d.version for d in debs},
+        dists,
+        _recipe_files(husk_files),
+        {
+            "python": sys.version.split()[0],
+            "compression": compression,
+            "zstd": str(shutil.which("zstd") is not None),
+        },
+    )
+    return BuildPlan(kernel_pkg, debs, dists, husk_files, digest)
+
+
 def build_image(
     output_dir: Path = DEFAULT_IMAGE_DIR,
     *,
@@ -107,16 +142,22 @@ def build_image(
     progress: Callable[[str], None] = print,
     runner: Runner | None = None,
     min_free_bytes: int = recipe.MIN_FREE_BYTES,
+    compression: str = recipe.INITRD_COMPRESSION,
 ) -> ImageManifest:
     """Build (or reuse) the guest image in ``output_dir`` and return its manifest.
 
-    Raises an ``ImageBuildError`` (a ``shim.errors.HostError``) with a one-line
-    message on any failure; partial output is removed.
+    ``compression`` is "none" (fastest boot under TCG), "zstd" or "gzip"; it falls
+    back to what the kernel and host support. Raises an ``ImageBuildError`` (a
+    ``shim.errors.HostError``) with a one-line message on any failure; partial output
+    is removed.
     """
     run = runner or packages.subprocess_runner()
     output_dir = output_dir.absolute()
     started = time.monotonic()
     steps = _Steps(progress)
+    if compression not in initrd.COMPRESSIONS:
+        choices = ", ".join(initrd.COMPRESSIONS)
+        raise ImageBuildError(f"unknown initrd compression '{compression}': use one of {choices}")
     _preflight(output_dir, min_free_bytes)
     steps.done("check host", f"apt-get, dpkg-deb present, {output_dir}")
 
@@ -125,7 +166,7 @@ def build_image(
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=output_dir))
-        return _build(output_dir, tmp, run, steps, force, started, progress)
+        return _build(output_dir, tmp, run, steps, force, started, progress, compression)
     except ImageBuildError:
         raise
     except OSError as e:
@@ -149,20 +190,14 @@ def _build(
     force: bool,
     started: float,
     progress: Callable[[str], None],
+    compression: str,
 ) -> ImageManifest:
     debdir = tmp / "debs"
     debdir.mkdir()
-    kernel_pkg = packages.resolve_kernel_package(run, debdir, recipe.KERNEL_META_PACKAGE)
-    debs = packages.resolve(run, debdir, [kernel_pkg, *recipe.PACKAGES])
+    plan = make_plan(run, debdir, compression)
+    kernel_pkg, debs, digest = plan.kernel_package, plan.debs, plan.digest
     versions = {d.name: d.version for d in debs}
-    dists = _dist_versions()
-    husk_files = rootfs.husk_source_files(REPO_ROOT)
-    digest = inputs_digest(
-        versions,
-        dists,
-        _recipe_files(husk_files),
-        {"python": sys.version.split()[0], "zstd": str(shutil.which("zstd") is not None)},
-    )
+    dists, husk_files = plan.python_distributions, plan.husk_files
     steps.done("resolve packages", f"{len(debs)} packages, kernel {kernel_pkg}")
 
     current = is_current(output_dir, digest)
@@ -208,15 +243,24 @@ def _build(
 
     out = tmp / "out"
     out.mkdir()
-    compression = initrd.choose_compression(config.read_text() if config.exists() else "")
+    config_text = config.read_text() if config.exists() else ""
+    compression = initrd.choose_compression(config_text, compression)
     raw_size = initrd.write_initrd(run, tree, out / INITRD_NAME, compression)
-    shutil.copyfile(vmlinuz, out / KERNEL_NAME)
     size = (out / INITRD_NAME).stat().st_size
     steps.done("write initrd", f"{compression}, {_mib(raw_size)} -> {_mib(size)}")
 
+    bzimage = vmlinuz.read_bytes()
+    (out / KERNEL_NAME).write_bytes(bzimage)
+    names = [KERNEL_NAME, INITRD_NAME]
+    elf = kernel.extract_vmlinux(bzimage)
+    if elf is not None:
+        (out / VMLINUX_NAME).write_bytes(elf)
+        names.append(VMLINUX_NAME)
+    pvh = "vmlinux (PVH ELF) extracted" if elf is not None else "no PVH entry: vmlinuz only"
+    steps.done("kernel", f"{pvh}, {_mib(len(elf or bzimage))}")
     artefacts = {
         name: Artefact(packages.sha256_file(out / name), (out / name).stat().st_size)
-        for name in (KERNEL_NAME, INITRD_NAME)
+        for name in names
     }
     manifest = ImageManifest(
         kernel_version=kernel_version,
@@ -233,11 +277,9 @@ def _build(
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json())
     (output_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    for name in (KERNEL_NAME, INITRD_NAME, MANIFEST_NAME):
+    (output_dir / VMLINUX_NAME).unlink(missing_ok=True)
+    for name in [*names, MANIFEST_NAME]:
         (out / name).replace(output_dir / name)
-    steps.done(
-        "install",
-        f"{output_dir}: {KERNEL_NAME} {_mib(artefacts[KERNEL_NAME].size)}, "
-        f"{INITRD_NAME} {_mib(size)}, total {time.monotonic() - started:.1f} s",
-    )
+    listing = ", ".join(f"{n} {_mib(a.size)}" for n, a in artefacts.items())
+    steps.done("install", f"{output_dir}: {listing}; total {time.monotonic() - started:.1f} s")
     return manifest

@@ -69,7 +69,8 @@ class ModuleIndex:
         dep = parse_modules_dep(text)
         paths = {module_name(p): p for p in dep}
         depends = {module_name(p): [module_name(d) for d in ds] for p, ds in dep.items()}
-        return cls(paths=paths, builtin=frozenset(builtin), depends=depends)
+        names = frozenset(module_name(b) for b in builtin)
+        return cls(paths=paths, builtin=names, depends=depends)
 
     @classmethod
     def scan(cls, moddir: Path) -> ModuleIndex:

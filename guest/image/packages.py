@@ -54,8 +54,14 @@ def subprocess_runner(env: Mapping[str, str] | None = None) -> Runner:
             raise ToolMissingError(tool, TOOL_PACKAGES.get(tool, tool)) from None
         if proc.returncode != 0:
             detail = _last_error_line(proc.stderr.decode(errors="replace"))
-            cls = AptError if tool.startswith("apt") else CommandError
-            raise cls(f"'{' '.join(argv[:2])}' failed (exit {proc.returncode}): {detail}")
+            words = [a for a in argv[1:] if not a.startswith("-") and "::" not in a][:1]
+            what = " ".join([Path(tool).name, *words])
+            if tool.startswith("apt"):
+                raise AptError(
+                    f"'{what}' failed (exit {proc.returncode}): {detail}; check access to the "
+                    "Debian mirror and run 'apt-get update'"
+                )
+            raise CommandError(f"'{what}' failed (exit {proc.returncode}): {detail}")
         return proc.stdout.decode(errors="replace")
 
     return run

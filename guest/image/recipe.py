@@ -58,6 +58,8 @@ STDLIB_EXCLUDE_DIRS: frozenset[str] = frozenset(
         "test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "ensurepip",
         "lib2to3", "pydoc_data", "distutils", "unittest", "sqlite3", "dbm", "curses",
         "venv", "config-3.11-x86_64-linux-gnu", "__pycache__", "msilib",
+        # Not used by a trio agent: keeps the initrd (and its unpacking at boot) small.
+        "asyncio", "email", "http", "xmlrpc", "wsgiref", "html", "xml", "multiprocessing",
     }
 )  # fmt: skip
 STDLIB_EXCLUDE_FILES: frozenset[str] = frozenset(
@@ -104,8 +106,12 @@ GUEST_MODULE_LIST = "etc/husk/modules"
 # Kernel command line the image is tested with; the qemu plugin may add to it.
 KERNEL_CMDLINE = (
     "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp "
-    "i8042.dumbkbd tsc=reliable no_timer_check noreplace-smp"
+    "i8042.dumbkbd tsc=reliable no_timer_check noreplace-smp cryptomgr.notests"
 )
+
+# initrd compression: "none" boots fastest under TCG (measured: 0.4 s faster than
+# zstd -19 for a 46 MiB initrd), "zstd" is 3.5x smaller on disk and in guest memory.
+INITRD_COMPRESSION = "none"
 
 # Free space the build needs next to the output (the kernel package unpacks to ~450 MiB).
 MIN_FREE_BYTES = 800 * 1024 * 1024
