@@ -41,9 +41,9 @@ def device_id(index: int) -> str:
 def normalize_mac(mac: str) -> str:
     """``aa:bb:cc:dd:ee:ff`` in lower case; rejects anything that is not 6 octets."""
     octets = mac.strip().lower().replace("-", ":").split(":")
-    if len(octets) != 6 or not all(len(o) == 2 for o in octets):
+    hexdigits = set("0123456789abcdef")
+    if len(octets) != 6 or not all(len(o) == 2 and set(o) <= hexdigits for o in octets):
         raise ValueError(f"not a MAC address: {mac!r}")
-    int("".join(octets), 16)  # raises ValueError on a non-hex octet
     return ":".join(octets)
 
 
