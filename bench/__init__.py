@@ -1,0 +1,1 @@
+"""Reproducible benchmarks that print ratios against a baseline run in the same process."""

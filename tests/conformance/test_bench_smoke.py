@@ -1,0 +1,29 @@
+"""The ttrpc benchmark runs end to end (short), so it cannot rot between runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.conformance
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bench_ttrpc_roundtrip_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ttrpc_roundtrip", "--seconds", "0.3", "--callers", "1,4",
+         "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    pairs = {(r["client"], r["server"], r["callers"]) for r in report["rows"]}
+    assert pairs == {(c, s, n) for c in ("go", "husk") for s in ("go", "husk") for n in (1, 4)}
+    assert all(r["calls"] > 0 and r["rate"] > 0 for r in report["rows"]), report
+    assert set(report["ratio_husk_over_go"]) == {"1", "4"}
+    assert all(v > 0 for v in report["ratio_husk_over_go"].values())
