@@ -38,7 +38,15 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
 from agent_proto import events_pb2, events_ttrpc_pb2, task_pb2, task_types_pb2
-from shim.ttrpc import CallContext, Client, Code, DeadlineExceeded, RpcError, Server
+from shim.ttrpc import (
+    CallContext,
+    Client,
+    Code,
+    ConnectionClosed,
+    DeadlineExceeded,
+    RpcError,
+    Server,
+)
 
 pytestmark = [
     pytest.mark.conformance,
@@ -434,3 +442,43 @@ async def test_errors_from_the_shim_carry_grpc_codes(runc_shim: StartShim) -> No
     with trio.fail_after(10):
         while shim.shim_pids():
             await trio.sleep(0.05)
+
+
+async def test_a_dying_shim_fails_pending_calls(runc_shim: StartShim) -> None:
+    """SIGKILL the shim daemon under a pending Wait: the call ends UNAVAILABLE, at once."""
+    shim, client = await runc_shim(["sleep", "300"])
+    task = client.stub(TASK)
+    cid = shim.id
+    await task.Create(
+        task_pb2.CreateTaskRequest(
+            id=cid,
+            bundle=str(shim.bundle),
+            stdout=str(shim.bundle / "stdout"),
+            stderr=str(shim.bundle / "stderr"),
+        ),
+        timeout=30,
+    )
+    await task.Start(task_pb2.StartRequest(id=cid), timeout=30)
+    (daemon,) = shim.shim_pids()
+
+    outcome: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await task.Wait(task_pb2.WaitRequest(id=cid), timeout=30)
+        except RpcError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.sleep(0.2)
+        start = trio.current_time()
+        os.kill(daemon, signal.SIGKILL)
+    assert trio.current_time() - start < 5
+    (error,) = outcome
+    assert isinstance(error, ConnectionClosed), repr(error)
+    assert error.code is Code.UNAVAILABLE
+    with pytest.raises(ConnectionClosed):
+        await task.State(task_pb2.StateRequest(id=cid), timeout=5)
+    # the container outlives its shim; the fixture's `shim delete` must reclaim it
+    assert (RUNC_STATE_ROOT / shim.namespace / cid).exists()
