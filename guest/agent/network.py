@@ -1,0 +1,185 @@
+"""Guest networking with the ``ip`` command (busybox's in the guest): links, addresses, routes.
+
+The guest has no netlink library; ``ip -o`` output is stable enough to parse,
+and the parsers are pure functions with their own tests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+
+from agent_proto import agent_pb2, types_pb2
+from guest.agent import command
+from guest.agent.reaper import Reaper
+from shim.errors import InvalidArgumentError, NotFoundError
+
+IP = "ip"
+
+_LINK = re.compile(r"^\d+:\s+(?P<name>[^:@\s]+)(?:@\S+)?:\s+<(?P<flags>[^>]*)>(?P<rest>.*)$")
+_FLAG_BITS = {
+    "UP": 0x1,
+    "BROADCAST": 0x2,
+    "LOOPBACK": 0x8,
+    "POINTOPOINT": 0x10,
+    "NOARP": 0x80,
+    "PROMISC": 0x100,
+    "MULTICAST": 0x1000,
+    "LOWER_UP": 0x10000,
+}
+
+
+def parse_links(text: str) -> dict[str, types_pb2.Interface]:
+    """Parse ``ip -o link show`` into interfaces keyed by name (no addresses yet)."""
+    links: dict[str, types_pb2.Interface] = {}
+    for line in text.splitlines():
+        match = _LINK.match(line.replace("\\", " "))
+        if match is None:
+            continue
+        name = match["name"]
+        words = match["rest"].split()
+        iface = types_pb2.Interface(name=name, device=name)
+        for i, word in enumerate(words[:-1]):
+            if word == "mtu":
+                iface.mtu = int(words[i + 1])
+            elif word.startswith("link/"):
+                iface.type = word.removeprefix("link/")
+                iface.hwAddr = words[i + 1] if words[i + 1] != "brd" else ""
+        for flag in match["flags"].split(","):
+            iface.raw_flags |= _FLAG_BITS.get(flag, 0)
+        links[name] = iface
+    return links
+
+
+def parse_addresses(text: str, links: dict[str, types_pb2.Interface]) -> None:
+    """Add the addresses of ``ip -o addr show`` to the interfaces in ``links``."""
+    for line in text.splitlines():
+        words = line.replace("\\", " ").split()
+        if len(words) < 4 or words[2] not in ("inet", "inet6"):
+            continue
+        name = words[1].split("@")[0]
+        iface = links.get(name)
+        if iface is None:
+            continue
+        address, _, mask = words[3].partition("/")
+        family = types_pb2.IPFamily.v6 if words[2] == "inet6" else types_pb2.IPFamily.v4
+        iface.IPAddresses.append(types_pb2.IPAddress(family=family, address=address, mask=mask))
+
+
+def parse_routes(text: str, family: int) -> list[types_pb2.Route]:
+    """Parse ``ip route show`` (one route a line)."""
+    routes = []
+    scopes = {"universe": 0, "global": 0, "site": 200, "link": 253, "host": 254}
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        route = types_pb2.Route(family=family)  # type: ignore[arg-type]
+        route.dest = "" if words[0] == "default" else words[0]
+        for key, value in itertools.pairwise(words):
+            if key == "via":
+                route.gateway = value
+            elif key == "dev":
+                route.device = value
+            elif key == "src":
+                route.source = value
+            elif key == "scope":
+                route.scope = scopes.get(value, int(value) if value.isdigit() else 0)
+        routes.append(route)
+    return routes
+
+
+def _prefix(address: types_pb2.IPAddress) -> str:
+    try:
+        ip = ipaddress.ip_address(address.address)
+    except ValueError:
+        raise InvalidArgumentError(f"invalid IP address {address.address!r}") from None
+    mask = address.mask or ("128" if ip.version == 6 else "32")
+    return f"{ip}/{mask}"
+
+
+class Network:
+    """Reads and changes the guest's links, addresses, routes and neighbours."""
+
+    def __init__(self, reaper: Reaper, ip: str = IP) -> None:
+        self.reaper = reaper
+        self.ip = ip
+
+    async def _ip(self, *args: str) -> str:
+        done = await command.run(self.reaper, [self.ip, *args])
+        return done.stdout.decode(errors="replace")
+
+    async def list_interfaces(self) -> agent_pb2.Interfaces:
+        """Every link with its addresses."""
+        links = parse_links(await self._ip("-o", "link", "show"))
+        parse_addresses(await self._ip("-o", "addr", "show"), links)
+        return agent_pb2.Interfaces(Interfaces=list(links.values()))
+
+    async def list_routes(self) -> agent_pb2.Routes:
+        """IPv4 and IPv6 routes of the main table."""
+        routes = parse_routes(await self._ip("-4", "route", "show"), types_pb2.IPFamily.v4)
+        routes += parse_routes(await self._ip("-6", "route", "show"), types_pb2.IPFamily.v6)
+        return agent_pb2.Routes(Routes=routes)
+
+    async def _find_link(self, wanted: types_pb2.Interface) -> str:
+        links = parse_links(await self._ip("-o", "link", "show"))
+        if wanted.hwAddr:
+            for name, link in links.items():
+                if link.hwAddr.lower() == wanted.hwAddr.lower():
+                    return name
+            raise NotFoundError(f"no guest interface has MAC address {wanted.hwAddr}")
+        if wanted.name in links:
+            return wanted.name
+        raise NotFoundError(f"guest interface '{wanted.name}' not found")
+
+    async def update_interface(self, wanted: types_pb2.Interface) -> types_pb2.Interface:
+        """Name the link (found by MAC, else name), set MTU and addresses, bring it up."""
+        name = await self._find_link(wanted)
+        await self._ip("link", "set", "dev", name, "down")
+        if wanted.name and wanted.name != name:
+            await self._ip("link", "set", "dev", name, "name", wanted.name)
+            name = wanted.name
+        if wanted.mtu:
+            await self._ip("link", "set", "dev", name, "mtu", str(wanted.mtu))
+        await self._ip("addr", "flush", "dev", name)
+        for address in wanted.IPAddresses:
+            await self._ip("addr", "add", _prefix(address), "dev", name)
+        await self._ip("link", "set", "dev", name, "up")
+        interfaces = await self.list_interfaces()
+        for iface in interfaces.Interfaces:
+            if iface.name == name:
+                return iface
+        raise NotFoundError(f"guest interface '{name}' vanished while it was configured")
+
+    async def update_routes(self, routes: list[types_pb2.Route]) -> agent_pb2.Routes:
+        """Replace the routes of the links named in ``routes`` with ``routes``.
+
+        Link-scope routes go first so that gateways are reachable.
+        """
+        for device in sorted({r.device for r in routes if r.device}):
+            await self._ip("route", "flush", "dev", device)
+        ordered = sorted(routes, key=lambda r: 0 if not r.gateway else 1)
+        for route in ordered:
+            args = ["-6"] if route.family == types_pb2.IPFamily.v6 else []
+            args += ["route", "replace", route.dest or "default"]
+            if route.gateway:
+                args += ["via", route.gateway]
+            if route.device:
+                args += ["dev", route.device]
+            if route.source:
+                args += ["src", route.source]
+            if route.scope:
+                args += ["scope", str(route.scope)]
+            await self._ip(*args)
+        return await self.list_routes()
+
+    async def add_arp_neighbors(self, neighbors: list[types_pb2.ARPNeighbor]) -> None:
+        """``ip neigh replace`` each neighbour (permanent)."""
+        for n in neighbors:
+            if not n.toIPAddress.address or not n.device:
+                raise InvalidArgumentError("an ARP neighbour needs an IP address and a device")
+            args = ["neigh", "replace", n.toIPAddress.address, "dev", n.device]
+            if n.lladdr:
+                args += ["lladdr", n.lladdr]
+            await self._ip(*args, "nud", "permanent")

@@ -1,0 +1,133 @@
+"""The sandbox: the one pod this agent serves, and the containers in it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import trio
+
+from agent_proto import agent_pb2
+from guest.agent import cgroups, storage
+from guest.agent.config import AgentConfig, check_id
+from guest.agent.container import Container, Runtime
+from guest.agent.process import Process
+from guest.agent.reaper import Reaper
+from shim.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+
+log = logging.getLogger("husk.agent.sandbox")
+
+
+class Sandbox:
+    """Sandbox-wide state: id, storages, and the containers by id."""
+
+    def __init__(self, config: AgentConfig, reaper: Reaper) -> None:
+        self.config = config
+        self.rt = Runtime(config, reaper)
+        self.id = ""
+        self.hostname = ""
+        self.created = False
+        self.storages: list[str] = []
+        self.containers: dict[str, Container] = {}
+        self._creating: set[str] = set()
+        self._lock = trio.Lock()
+
+    async def create(self, request: agent_pb2.CreateSandboxRequest) -> None:
+        """Set hostname and DNS, mount the sandbox's shared storages."""
+        async with self._lock:
+            if self.created:
+                raise AlreadyExistsError(f"sandbox '{self.id}' already exists in this VM")
+            if request.hostname:
+                self._set_hostname(request.hostname)
+            if request.dns:
+                self._write_resolv_conf(list(request.dns))
+            self.storages = await storage.mount_storages(request.storages, self.config.sysfs)
+            for path in (self.config.runc_root, self.config.state_dir / "bundles"):
+                path.mkdir(parents=True, exist_ok=True)
+            self.id = request.sandbox_id
+            self.hostname = request.hostname
+            self.created = True
+            log.info("sandbox %s created (%d storages)", self.id or "(no id)", len(self.storages))
+
+    def _set_hostname(self, hostname: str) -> None:
+        if self.config.host_mode:
+            log.info("host mode: not setting the hostname to %s", hostname)
+            return
+        socket.sethostname(hostname)
+
+    def _write_resolv_conf(self, lines: list[str]) -> None:
+        path = self.config.resolv_conf
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".husk-tmp")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        os.replace(tmp, path)
+
+    def require_sandbox(self) -> None:
+        """Refuse container calls before CreateSandbox."""
+        if not self.created:
+            raise FailedPreconditionError("no sandbox in this VM: call CreateSandbox first")
+
+    def container(self, container_id: str) -> Container:
+        """Look a container up by id."""
+        found = self.containers.get(container_id)
+        if found is None:
+            raise NotFoundError(f"container '{container_id}' not found")
+        return found
+
+    def process(self, container_id: str, exec_id: str) -> Process:
+        """Look a process up; ``exec_id`` ``""`` is the init process."""
+        return self.container(container_id).find(exec_id)
+
+    async def create_container(self, request: agent_pb2.CreateContainerRequest) -> Container:
+        """Mount the container's storages and ``runc create`` it."""
+        self.require_sandbox()
+        cid = check_id("container", request.container_id)
+        if cid in self.containers or cid in self._creating:
+            raise AlreadyExistsError(f"container '{cid}' already exists")
+        self._creating.add(cid)
+        try:
+            mounts = await storage.mount_storages(request.storages, self.config.sysfs)
+            try:
+                container = await Container.create(self.rt, request, mounts)
+            except BaseException:
+                storage.unmount_all(mounts)
+                raise
+            self.containers[cid] = container
+            return container
+        finally:
+            self._creating.discard(cid)
+
+    async def remove_container(self, container_id: str, timeout: float = 0) -> None:
+        """Destroy a container (``timeout`` seconds, 0 for no limit) and forget it."""
+        container = self.container(container_id)
+        with trio.fail_after(timeout) if timeout > 0 else trio.CancelScope():
+            failures = await container.destroy()
+        self.containers.pop(container_id, None)
+        if failures:
+            log.warning("container %s: %s", container_id, "; ".join(failures))
+
+    def stats(self, container_id: str) -> agent_pb2.StatsContainerResponse:
+        """cgroup figures of a container."""
+        container = self.container(container_id)
+        response = agent_pb2.StatsContainerResponse()
+        response.cgroup_stats.CopyFrom(
+            cgroups.container_stats(self.config.cgroup_root, container.cgroups_path)
+        )
+        return response
+
+    async def destroy(self) -> None:
+        """Remove every container, unmount the sandbox's storages, flush disks."""
+        for cid in list(self.containers):
+            try:
+                await self.remove_container(cid)
+            except Exception:
+                log.exception("removing container %s during DestroySandbox failed", cid)
+                self.containers.pop(cid, None)
+        for failure in storage.unmount_all(self.storages):
+            log.warning("%s", failure)
+        self.storages = []
+        cgroups.remove_empty(self.config.cgroup_root, self.config.cgroup_parent)
+        os.sync()
+        self.created = False
+        log.info("sandbox %s destroyed", self.id or "(no id)")
