@@ -1,0 +1,184 @@
+"""AgentService's error paths, called directly and over husk's ttrpc on an in-memory stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from agent_proto import agent_pb2, health_pb2
+from guest.agent import AgentConfig, AgentService, build_server
+from guest.agent.container import Container
+from guest.agent.network import Network
+from guest.agent.process import Process, ProcessIO
+from guest.agent.reaper import ExitWatch, Reaper
+from guest.agent.sandbox import Sandbox
+from guest.agent.storage import SysfsLayout
+from shim.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from shim.ttrpc.client import Client
+from shim.ttrpc.codes import Code
+from shim.ttrpc.errors import RpcError
+
+
+def make_service(tmp_path: Path, *, host_mode: bool = True) -> AgentService:
+    config = AgentConfig(
+        state_dir=tmp_path / "state",
+        shared_dir=tmp_path / "shared",
+        runc_root=tmp_path / "state" / "runc",
+        copy_file_root=tmp_path / "run",
+        resolv_conf=tmp_path / "resolv.conf",
+        host_mode=host_mode,
+        sysfs=SysfsLayout(sys=tmp_path / "sys", dev=tmp_path / "dev"),
+    )
+    reaper = Reaper()
+    return AgentService(Sandbox(config, reaper), Network(reaper))
+
+
+def fake_container(service: AgentService, cid: str) -> Container:
+    """A container record with no runc behind it, for lookup paths."""
+    sandbox = service.sandbox
+    init = Process(cid, cid, 999999, ProcessIO(f"init of {cid}", False), ExitWatch(999999), True)
+    container = Container(sandbox.rt, cid, sandbox.config.bundle_dir(cid), init, [])
+    sandbox.containers[cid] = container
+    return container
+
+
+async def test_container_calls_need_a_sandbox(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    request = agent_pb2.CreateContainerRequest(container_id="c1")
+    with pytest.raises(FailedPreconditionError, match="CreateSandbox"):
+        await service.CreateContainer(request, None)
+
+
+async def test_sandbox_is_created_once(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    request = agent_pb2.CreateSandboxRequest(sandbox_id="sb", dns=["nameserver 10.0.0.1"])
+    await service.CreateSandbox(request, None)
+    assert (tmp_path / "resolv.conf").read_text() == "nameserver 10.0.0.1\n"
+    with pytest.raises(AlreadyExistsError, match="'sb'"):
+        await service.CreateSandbox(request, None)
+
+
+async def test_unknown_container_is_not_found_by_name(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    calls: list[tuple[Any, Any]] = [
+        (service.StartContainer, agent_pb2.StartContainerRequest(container_id="ghost")),
+        (service.WaitProcess, agent_pb2.WaitProcessRequest(container_id="ghost")),
+        (service.ReadStdout, agent_pb2.ReadStreamRequest(container_id="ghost")),
+        (service.SignalProcess, agent_pb2.SignalProcessRequest(container_id="ghost", signal=9)),
+        (service.StatsContainer, agent_pb2.StatsContainerRequest(container_id="ghost")),
+        (service.RemoveContainer, agent_pb2.RemoveContainerRequest(container_id="ghost")),
+        (service.PauseContainer, agent_pb2.PauseContainerRequest(container_id="ghost")),
+        (service.ExecProcess, agent_pb2.ExecProcessRequest(container_id="ghost", exec_id="e")),
+    ]
+    for handler, request in calls:
+        with pytest.raises(NotFoundError, match="container 'ghost' not found"):
+            await handler(request, None)
+
+
+async def test_duplicate_container_and_bad_ids(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    await service.CreateSandbox(agent_pb2.CreateSandboxRequest(), None)
+    fake_container(service, "c1")
+    with pytest.raises(AlreadyExistsError, match="container 'c1' already exists"):
+        await service.CreateContainer(agent_pb2.CreateContainerRequest(container_id="c1"), None)
+    for bad in ("", "..", "a/b", "-x"):
+        with pytest.raises(Exception, match="invalid") as err:
+            await service.CreateContainer(agent_pb2.CreateContainerRequest(container_id=bad), None)
+        assert getattr(err.value, "code", None) == Code.INVALID_ARGUMENT
+
+
+async def test_unknown_exec_names_process_and_container(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    fake_container(service, "c1")
+    request = agent_pb2.WaitProcessRequest(container_id="c1", exec_id="nope")
+    with pytest.raises(NotFoundError, match="process 'nope' not found in container 'c1'"):
+        await service.WaitProcess(request, None)
+
+
+async def test_lifecycle_state_is_checked(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    fake_container(service, "c1")
+    with pytest.raises(FailedPreconditionError, match="'c1' is created, not running"):
+        await service.PauseContainer(agent_pb2.PauseContainerRequest(container_id="c1"), None)
+    with pytest.raises(FailedPreconditionError, match="cannot exec 'e1'"):
+        await service.ExecProcess(
+            agent_pb2.ExecProcessRequest(
+                container_id="c1", exec_id="e1", process={"Args": ["true"]}
+            ),
+            None,
+        )
+
+
+@asynccontextmanager
+async def served(service: AgentService) -> AsyncIterator[tuple[Any, Any]]:
+    server = build_server(service)
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_side)
+        async with Client.open(client_side) as client:
+            yield (
+                client.stub(agent_pb2.DESCRIPTOR.services_by_name["AgentService"]),
+                client.stub(health_pb2.DESCRIPTOR.services_by_name["Health"]),
+            )
+        nursery.cancel_scope.cancel()
+
+
+async def test_over_ttrpc_errors_become_statuses(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    async with served(service) as (agent, health):
+        check = await health.Check(health_pb2.CheckRequest())
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        version = await health.Version(health_pb2.CheckRequest())
+        assert version.agent_version.startswith("husk-agent ")
+        with pytest.raises(RpcError) as err:
+            await agent.StartContainer(agent_pb2.StartContainerRequest(container_id="ghost"))
+        assert err.value.code == Code.NOT_FOUND
+        assert "container 'ghost' not found" in str(err.value)
+        with pytest.raises(RpcError) as err:
+            await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
+        assert err.value.code == Code.UNIMPLEMENTED
+        assert "GetOOMEvent" in str(err.value)
+        with pytest.raises(RpcError) as err:
+            await agent.UpdateInterface(agent_pb2.UpdateInterfaceRequest())
+        assert err.value.code == Code.FAILED_PRECONDITION
+        # The connection survives every error above.
+        await agent.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb"))
+        with pytest.raises(RpcError) as err:
+            await agent.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="sb"))
+        assert err.value.code == Code.ALREADY_EXISTS
+
+
+async def test_over_ttrpc_copy_file_and_guest_details(tmp_path: Path) -> None:
+    memory = tmp_path / "sys" / "devices" / "system" / "memory"
+    memory.mkdir(parents=True)
+    (memory / "block_size_bytes").write_text("8000000\n")
+    service = make_service(tmp_path)
+    async with served(service) as (agent, _):
+        target = tmp_path / "run" / "sub" / "f.txt"
+
+        def chunk(offset: int, data: bytes) -> agent_pb2.CopyFileRequest:
+            return agent_pb2.CopyFileRequest(
+                path=str(target), file_size=6, file_mode=0o640, uid=-1, gid=-1,
+                offset=offset, data=data,
+            )  # fmt: skip
+
+        await agent.CopyFile(chunk(0, b"abc"))
+        assert not target.exists()  # incomplete: still in its temp file
+        await agent.CopyFile(chunk(3, b"def"))
+        assert target.read_bytes() == b"abcdef"
+        assert target.stat().st_mode & 0o777 == 0o640
+        with pytest.raises(RpcError) as err:
+            await agent.CopyFile(agent_pb2.CopyFileRequest(path="/etc/passwd", data=b"x"))
+        assert err.value.code == Code.INVALID_ARGUMENT
+        details = await agent.GetGuestDetails(
+            agent_pb2.GuestDetailsRequest(mem_block_size=True, mem_hotplug_probe=True)
+        )
+        assert details.mem_block_size_bytes == 0x8000000
+        assert details.support_mem_hotplug_probe is False
+        assert "9p" in details.agent_details.storage_handlers
