@@ -362,3 +362,30 @@ async def test_request_errors_name_their_object() -> None:
         await a.create("c10", ["echo", "still here"])
         await a.agent.StartContainer(agent_pb2.StartContainerRequest(container_id="c10"))
         assert await a.read_all("c10") == b"still here\n"
+
+
+async def test_rootfs_from_a_storage_is_mounted_and_unmounted() -> None:
+    async with running_agent() as a:
+        await create_sandbox(a)
+        source = a.base / "image"
+        make_rootfs(source)
+        (source / "etc" / "marker").write_text("from-storage\n")
+        mount_point = a.base / "mnt" / "c11"
+        spec = make_spec(["cat", "/etc/marker"])
+        spec.Root.Path = str(mount_point)
+        storage = agent_pb2.Storage(driver="bind", source=str(source), mount_point=str(mount_point))
+        await a.agent.CreateContainer(
+            agent_pb2.CreateContainerRequest(container_id="c11", OCI=spec, storages=[storage]),
+            timeout=30,
+        )
+        assert is_mounted(mount_point)
+        await a.agent.StartContainer(agent_pb2.StartContainerRequest(container_id="c11"))
+        assert await a.read_all("c11") == b"from-storage\n"
+        assert await a.wait("c11") == 0
+        await a.agent.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="c11"))
+        assert not is_mounted(mount_point)
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
