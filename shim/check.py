@@ -123,19 +123,20 @@ def _containerd_finding(run: Runner) -> Finding:
 
 
 def _image_finding(config: Config) -> Finding:
-    manifest = config.runtime.image_dir / "manifest.json"
+    from guest.image import find_image  # the recipe's own reading of its manifest
+
     kernel, initrd = config.hypervisor.get("kernel", ""), config.hypervisor.get("initrd", "")
     missing = [p for p in (kernel, initrd) if p and not Path(p).is_file()]
     if missing:
         return Finding(
             "guest image", False, f"missing {', '.join(missing)}: run `husk image build`"
         )
-    built = ""
-    if manifest.is_file():
-        try:
-            built = ", built " + str(json.loads(manifest.read_text()).get("built_at", "?"))
-        except (OSError, ValueError):
-            built = ", manifest unreadable"
+    manifest = find_image(config.runtime.image_dir)
+    built = (
+        f", built {manifest.built_at}, kernel {manifest.kernel_version}"
+        if manifest
+        else f", no valid manifest in {config.runtime.image_dir}"
+    )
     return Finding("guest image", True, f"kernel {kernel}, initrd {initrd}{built}")
 
 

@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     p_build = image_sub.add_parser("build", help="build the guest image from Debian packages")
     p_build.add_argument("--output", type=Path, help="image dir (default: [runtime] image_dir)")
     p_build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p_build.add_argument(
+        "--compression",
+        choices=("none", "zstd", "gzip"),
+        default="none",
+        help="initrd compression (none boots fastest under TCG; zstd is ~3x smaller)",
+    )
     return parser
 
 
@@ -63,7 +69,7 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
     out = args.output
     if out is None:
         out = config.load(args.config).runtime.image_dir
-    image.build_image(out, force=args.force)
+    image.build_image(out, force=args.force, compression=args.compression)
     return 0
 
 

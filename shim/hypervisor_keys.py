@@ -15,7 +15,12 @@ def common_keys(binary: str) -> tuple[Key, ...]:
     """The shared keys, with ``path`` defaulting to the plugin's VMM binary."""
     return (
         Key("path", str, binary, "the VMM binary"),
-        Key("kernel", str, f"{DEFAULT_IMAGE_DIR}/vmlinuz", "guest kernel"),
+        Key(
+            "kernel",
+            str,
+            f"{DEFAULT_IMAGE_DIR}/vmlinux",
+            "guest kernel (uncompressed: QEMU boots it directly)",
+        ),
         Key("initrd", str, f"{DEFAULT_IMAGE_DIR}/initrd.img", "guest initrd ('' to use image)"),
         Key("image", str, "", "guest root disk image instead of an initrd ('' for none)"),
         Key("kernel_params", str, "", "extra guest kernel command line"),
