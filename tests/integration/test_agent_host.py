@@ -389,3 +389,36 @@ async def test_rootfs_from_a_storage_is_mounted_and_unmounted() -> None:
 def is_mounted(path: Path) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == str(path) for line in f)
+
+
+@pytest.mark.skipif(not shutil.which("losetup"), reason="needs losetup")
+async def test_rootfs_on_a_block_device() -> None:
+    async with running_agent() as a:
+        await create_sandbox(a)
+        tree = a.base / "tree"
+        make_rootfs(tree)
+        (tree / "etc" / "marker").write_text("from-disk\n")
+        image = a.base / "disk.img"
+        subprocess.run(["truncate", "-s", "32M", str(image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image)], check=True)
+        loop = subprocess.run(
+            ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        try:
+            mount_point = a.base / "c12-rootfs"
+            spec = make_spec(["cat", "/etc/marker"])
+            spec.Root.Path = str(mount_point)
+            storage = agent_pb2.Storage(
+                driver="blk", source=loop, fstype="ext4", mount_point=str(mount_point)
+            )
+            await a.agent.CreateContainer(
+                agent_pb2.CreateContainerRequest(container_id="c12", OCI=spec, storages=[storage]),
+                timeout=30,
+            )
+            await a.agent.StartContainer(agent_pb2.StartContainerRequest(container_id="c12"))
+            assert await a.read_all("c12") == b"from-disk\n"
+            assert await a.wait("c12") == 0
+            await a.agent.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="c12"))
+            assert not is_mounted(mount_point)
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
