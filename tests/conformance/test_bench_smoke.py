@@ -15,11 +15,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_ttrpc_roundtrip_runs() -> None:
+    argv = ["--seconds", "0.3", "--callers", "1,4", "--rounds", "1", "--json"]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.ttrpc_roundtrip", "--seconds", "0.3", "--callers", "1,4",
-         "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "bench.ttrpc_roundtrip", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     pairs = {(r["client"], r["server"], r["callers"]) for r in report["rows"]}
