@@ -231,6 +231,9 @@ def sandbox_dir() -> Iterator[Path]:
 async def start_shim(
     nursery: trio.Nursery, sandbox: Path, args: list[str], events: EventsService
 ) -> tuple[RuncShim, dict[str, str]]:
+    for tool, package in ((SHIM, "containerd"), ("runc", "runc")):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not on PATH: apt-get install -y {package}")
     ident = f"c-{uuid.uuid4().hex[:8]}"
     namespace = f"husk-conf-{uuid.uuid4().hex[:6]}"
     bundle = sandbox / ident
