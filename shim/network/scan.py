@@ -4,9 +4,15 @@ Runs inside the namespace (``run_in_netns``) with a pyroute2 ``IPRoute``.
 An interface is carried into the VM when it is not loopback, is up and has at
 least one address that is not IPv6 link-local (Kata skips unconfigured links
 such as ``sit0``/``tunl0`` the same way; the guest makes its own ``fe80::``
-address from the same MAC, so copying it would only collide). Of its routes,
-those the kernel made (``proto kernel``: the subnet routes of its addresses)
-are left to the guest kernel; of its neighbours only permanent ones are kept.
+address from the same MAC, so copying it would only collide). Of its neighbours
+only permanent ones are kept.
+
+Routes differ from Kata in one point: Kata leaves the routes the kernel made
+(``proto kernel``, the subnet route of each address) to the guest kernel, but
+husk's agent replaces every IPv4 route of a device it is given (``ip route
+flush dev``), subnet routes included, so those are sent too (``route
+replace`` of an existing route is harmless). IPv6 kernel routes (``fe80::/64``,
+prefix routes) are still left to the guest kernel.
 """
 
 from __future__ import annotations
@@ -51,7 +57,9 @@ def _routes(ipr: Any, index: int) -> tuple[Route, ...]:
     found = []
     for family in (socket.AF_INET, socket.AF_INET6):
         for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
-            if msg.get("RTA_OIF") != index or msg["proto"] == RTPROT_KERNEL:
+            if msg.get("RTA_OIF") != index:
+                continue
+            if msg["proto"] == RTPROT_KERNEL and family == socket.AF_INET6:
                 continue
             dst = msg.get("RTA_DST")
             found.append(

@@ -149,7 +149,11 @@ def test_setup_builds_tap_and_redirects_and_teardown_restores(pod: Pod) -> None:
         iface = ep.guest_interface()
         assert (iface.name, iface.hwAddr, iface.mtu) == ("eth0", pod.pod_mac, 1400)
         assert [(a.address, a.mask) for a in iface.IPAddresses] == [(pod.pod_ip, "24")]
-        assert [(r.dest, r.gateway) for r in plan.guest_routes()] == [("", pod.host_ip)]
+        subnet = pod.host_ip.rpartition(".")[0] + ".0/24"
+        assert [(r.dest, r.gateway, r.source) for r in plan.guest_routes()] == [
+            (subnet, "", pod.pod_ip),  # the agent flushes the device's routes: resend it
+            ("", pod.host_ip, ""),
+        ]
         assert [n.lladdr for n in plan.guest_neighbors()] == ["02:00:00:00:00:09"]
         assert [r["kind"] for r in records] == ["tap", "ingress", "ingress"]
         assert list(plan.entries) == records

@@ -239,7 +239,8 @@ def test_scan_follows_katas_rules() -> None:
             _addr(6, "10.6.0.2", 24),
         ],
         routes=[
-            _route(3, proto=2, dst="10.0.0.0", dst_len=24),  # kernel: the guest makes it
+            _route(3, proto=2, dst="10.0.0.0", dst_len=24),  # kernel: the agent flushes it
+            _route(3, proto=2, dst="fe80::", dst_len=64),  # kernel, IPv6: the guest makes it
             _route(3, proto=3, gw="10.0.0.1"),  # default
             _route(2, proto=4, dst="10.9.0.0", dst_len=16, gw="10.1.0.1"),
         ],
@@ -249,7 +250,7 @@ def test_scan_follows_katas_rules() -> None:
     assert [link.name for link in links] == ["eth0", "eth1"]  # sorted by name
     eth0, eth1 = links
     assert eth0.addresses == (Address("10.0.0.2", 24),)  # fe80:: left to the guest
-    assert eth0.routes == (Route(dest="", gateway="10.0.0.1"),)
+    assert eth0.routes == (Route(dest="10.0.0.0/24"), Route(dest="", gateway="10.0.0.1"))
     assert eth0.neighbors == (Neighbor("10.0.0.7", "02:aa:00:00:00:01"),)
     assert eth0.mac == "02:00:00:00:00:03" and eth0.mtu == 1500
     assert eth1.routes == (Route(dest="10.9.0.0/16", gateway="10.1.0.1"),)
