@@ -20,14 +20,14 @@ from shim.network.errors import NetworkError, NetworkNotFoundError
 from shim.network.model import Endpoint, LinkInfo, NetworkPlan, device_id, tap_name
 from shim.network.netns import run_in_netns
 from shim.network.scan import scan_links
-from shim.network.tcfilter import Recorder, add_redirect, create_tap, reclaim_in
+from shim.network.tcfilter import Recorder, add_redirect, by_index, create_tap, reclaim_in
 
 
 def _connect(
     ipr: Any, netns: str, position: int, link: LinkInfo, queues: int, record: Recorder
 ) -> Endpoint:
     tap = tap_name(position)
-    veth = ipr.get_links(link.index)[0] if ipr.link_lookup(index=link.index) else None
+    veth = by_index(ipr, link.index)
     if veth is None or veth.get("IFLA_IFNAME") != link.name:
         raise NetworkNotFoundError(f"interface {link.name} vanished from netns {netns}")
     tap_index = create_tap(ipr, netns, tap, link.mtu, queues, record)

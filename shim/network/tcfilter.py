@@ -33,6 +33,16 @@ _FLOWID = 0x10000
 _GONE = (errno.ENODEV, errno.ENOENT, errno.EINVAL)
 
 
+def by_index(ipr: Any, index: int) -> Any | None:
+    """The link with ``index``, or None once it is gone."""
+    try:
+        return ipr.get_links(index)[0]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
+
+
 def _lookup(ipr: Any, name: str) -> Any | None:
     links = ipr.get_links(ifname=name) if name else []
     return links[0] if links else None
@@ -73,6 +83,7 @@ def add_redirect(
     """Ingress qdisc on ``source`` and a match-all redirect to ``target``'s egress."""
     name, index = source.get("IFLA_IFNAME"), int(source["index"])
     try:
+        ipr.get_links(index)  # still there? (ENODEV otherwise)
         if _has_ingress(ipr, index):
             raise NetworkConflictError(
                 f"interface {name} in netns {netns} already has an ingress qdisc; husk "

@@ -195,19 +195,21 @@ def test_missing_netns_fails_naming_it_and_creates_nothing() -> None:
     assert records == [] and not os.path.exists(path)
 
 
-def test_interface_vanishing_mid_setup_is_undone(pod: Pod) -> None:
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_interface_vanishing_mid_setup_is_undone(pod: Pod, step: int) -> None:
+    """The veth goes away just before the tap, its redirect, or the tap's redirect."""
     records: list[dict[str, Any]] = []
 
     def record(entry: dict[str, Any]) -> None:
         records.append(entry)
-        if entry["kind"] == "ingress" and entry["name"] == "eth0":
+        if len(records) == step + 1:
             ip("-n", pod.name, "link", "del", "eth0")  # the CNI plugin pulls it away
 
     with pytest.raises(NetworkNotFoundError) as info:
         setup(pod.path, record)
     message = str(info.value)
     assert "\n" not in message and "eth0" in message and pod.path in message
-    assert [r["kind"] for r in records] == ["tap", "ingress"]
+    assert [r["kind"] for r in records] == ["tap", "ingress", "ingress"][: step + 1]
     assert links(pod) == {"lo"}  # the tap is gone again
 
 
