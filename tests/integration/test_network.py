@@ -332,3 +332,21 @@ def test_frames_cross_the_redirects_both_ways(pod: Pod) -> None:
         sniffer.close()
         os.close(fd)
         teardown(plan)
+
+
+async def test_the_sandbox_call_pattern_from_trio(pod: Pod) -> None:
+    """setup / open_tap_fds / teardown offloaded to trio worker threads, as documented."""
+    import trio
+
+    records: list[dict[str, Any]] = []
+    plan = await trio.to_thread.run_sync(setup, pod.path, records.append)
+    try:
+        (ep,) = plan.endpoints
+        fds = await trio.to_thread.run_sync(open_tap_fds, pod.path, ep.tap_name, ep.queues)
+        device = ep.device_with_fds(fds)
+        assert device.tap_fds == tuple(fds) and device.mac == pod.pod_mac
+        for fd in fds:
+            os.close(fd)
+    finally:
+        await trio.to_thread.run_sync(teardown, plan)
+    assert "tap0_husk" not in links(pod)
