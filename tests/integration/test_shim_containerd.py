@@ -1,0 +1,240 @@
+"""containerd → containerd-shim-husk-v2 → QEMU sandbox → guest agent, end to end.
+
+A real containerd on a temp root runs ``ctr run --runtime io.containerd.husk.v2``
+with a busybox image made locally from Debian's busybox-static. After every
+test no QEMU process, socket, mount or state dir of a sandbox is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim import busybox_image, cleanup, config, registry
+from shim.errors import NotSupportedError
+from shim.host import HostFacts
+from shim.state import SandboxState
+from tests.integration.conftest import Containerd
+
+IMAGE = busybox_image.REFERENCE
+RUNTIME = ["--runtime", "io.containerd.husk.v2"]
+
+
+#: the plugin under test; another one (e.g. a host-mode agent stand-in registered
+#: through PYTHONPATH) only while developing the shim without a VM
+HYPERVISOR = os.environ.get("HUSK_TEST_HYPERVISOR", "qemu")
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (containerd, mounts, QEMU)"
+    if not shutil.which("containerd") or not shutil.which("ctr"):
+        return "containerd is not installed"
+    cfg = config.load(Path(__file__).parents[2] / "configuration.toml")
+    plugin = registry.lookup(HYPERVISOR)
+    section = cfg.hypervisors.get(HYPERVISOR, {})
+    problems = plugin.unmet_requirements(section, HostFacts.probe())
+    if problems:
+        return "; ".join(problems)
+    try:
+        plugin.create(section)
+    except NotSupportedError as e:
+        return str(e)
+    return None
+
+
+pytestmark = [pytest.mark.integration]
+_REASON = _skip_reason()
+if _REASON:
+    pytestmark.append(pytest.mark.skip(reason=_REASON))
+
+
+@pytest.fixture(scope="module")
+def state_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="husk-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def husk_config(state_root: Path) -> Path:
+    path = state_root.with_name(state_root.name + ".toml")
+    path.write_text(f'[runtime]\nstate_dir = "{state_root}"\nhypervisor = "{HYPERVISOR}"\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def ctd(husk_config: Path) -> Iterator[Containerd]:
+    base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+    daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)})
+    tarball = base / "busybox.tar"
+    busybox_image.build(tarball)
+    daemon.ctr("image", "import", str(tarball))
+    yield daemon
+    daemon.stop()
+    husk_config.unlink(missing_ok=True)
+
+
+def leftovers(state_root: Path) -> list[str]:
+    found = [f"state dir {p}" for p in state_root.iterdir()] if state_root.exists() else []
+    found += [f"process {pid}" for pid in cleanup.processes_naming(state_root)]
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.split()[4]}" for line in f if str(state_root) in line.split()[4]]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(state_root: Path) -> Iterator[None]:
+    yield
+    deadline = time.monotonic() + 15
+    while leftovers(state_root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers(state_root) == []
+
+
+def cid() -> str:
+    return "t-" + uuid.uuid4().hex[:10]
+
+
+def run(ctd: Containerd, *args: str, **kw: object) -> subprocess.CompletedProcess[bytes]:
+    return ctd.ctr("run", *RUNTIME, "--rm", IMAGE, cid(), *args, **kw)  # type: ignore[arg-type]
+
+
+def test_guest_kernel_answers_uname(ctd: Containerd) -> None:
+    out = run(ctd, "uname", "-r").stdout.decode().strip()
+    assert out and out != platform.release()
+
+
+def test_rootfs_is_the_images(ctd: Containerd) -> None:
+    out = run(ctd, "sh", "-c", "cat /etc/hostname; ls /bin/busybox").stdout.decode()
+    assert out.split() == ["busybox", "/bin/busybox"]
+
+
+def test_exit_code_comes_back(ctd: Containerd) -> None:
+    proc = run(ctd, "sh", "-c", "exit 7", check=False)
+    assert proc.returncode == 7
+
+
+def test_stdin_env_cwd(ctd: Containerd) -> None:
+    proc = ctd.ctr(
+        "run", *RUNTIME, "--rm", "--env", "FOO=bar", "--cwd", "/tmp", IMAGE, cid(),
+        "sh", "-c", 'cat; echo "$FOO"; pwd', input=b"from-stdin\n",
+    )  # fmt: skip
+    assert proc.stdout.decode().split() == ["from-stdin", "bar", "/tmp"]
+
+
+def test_two_mib_stdout_matches_runc_and_stderr_is_apart(ctd: Containerd) -> None:
+    script = "head -c 2097152 /dev/zero | tr '\\0' 'x'; seq 1 1000; echo err-line >&2"
+    husk = ctd.ctr("run", *RUNTIME, "--rm", IMAGE, cid(), "sh", "-c", script)
+    runc = ctd.ctr("run", "--rm", IMAGE, cid(), "sh", "-c", script)
+    assert len(husk.stdout) == len(runc.stdout) > 2 * 1024 * 1024
+    assert hashlib.sha256(husk.stdout).digest() == hashlib.sha256(runc.stdout).digest()
+    assert husk.stderr.strip() == b"err-line"
+
+
+def test_exec_ls_pause_resume_kill(ctd: Containerd) -> None:
+    name = cid()
+    ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "1000")
+    try:
+        assert f"{name}" in ctd.ctr("task", "ls").stdout.decode()
+        assert _status(ctd, name) == "RUNNING"
+        out = ctd.ctr("task", "exec", "--exec-id", "e1", name, "sh", "-c", "echo in-exec; exit 3",
+                      check=False)  # fmt: skip
+        assert (out.returncode, out.stdout.strip()) == (3, b"in-exec")
+        ctd.ctr("task", "pause", name)
+        assert _status(ctd, name) == "PAUSED"
+        ctd.ctr("task", "resume", name)
+        assert _status(ctd, name) == "RUNNING"
+        ctd.ctr("task", "kill", name)
+        deadline = time.monotonic() + 30
+        while _status(ctd, name) != "STOPPED" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _status(ctd, name) == "STOPPED"
+    finally:
+        ctd.ctr("task", "delete", "-f", name, check=False)
+        ctd.ctr("container", "rm", name, check=False)
+
+
+def _status(ctd: Containerd, name: str) -> str:
+    for line in ctd.ctr("task", "ls").stdout.decode().splitlines():
+        fields = line.split()
+        if fields and fields[0] == name:
+            return fields[-1]
+    return ""
+
+
+def test_tty_session(ctd: Containerd) -> None:
+    command = (
+        f"stty cols 91 rows 27; ctr --address {ctd.address} run {' '.join(RUNTIME)} -t --rm "
+        f"{IMAGE} {cid()} sh -c 'tty; stty size'"
+    )
+    proc = subprocess.run(
+        ["script", "-qec", command, "/dev/null"], capture_output=True, timeout=120, check=False
+    )
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out
+    assert "/dev/pts/" in out
+
+
+def test_two_sandboxes_at_once(ctd: Containerd, state_root: Path) -> None:
+    a, b = cid(), cid()
+    ctd.ctr("run", *RUNTIME, "-d", IMAGE, a, "sleep", "1000")
+    ctd.ctr("run", *RUNTIME, "-d", IMAGE, b, "sleep", "1000")
+    try:
+        assert {p.name for p in state_root.iterdir()} == {a, b}
+        assert len(cleanup.processes_naming(state_root / a)) >= 1
+        assert len(cleanup.processes_naming(state_root / b)) >= 1
+    finally:
+        for name in (a, b):
+            ctd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
+            ctd.ctr("task", "delete", "-f", name, check=False)
+            ctd.ctr("container", "rm", name, check=False)
+
+
+def test_killed_shim_then_task_delete_removes_the_vm(ctd: Containerd, state_root: Path) -> None:
+    name = cid()
+    ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "1000")
+    shim_pid = SandboxState.load(state_root / name).shim_pid
+    vms = cleanup.processes_naming(state_root / name)
+    assert vms
+    os.kill(shim_pid, signal.SIGKILL)
+    time.sleep(1)
+    ctd.ctr("task", "delete", name, check=False)
+    ctd.ctr("container", "rm", name, check=False)
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{p}") for p in vms) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{p}") for p in vms)
+
+
+def test_missing_kernel_fails_in_one_line_and_leaves_nothing(
+    containerd_factory: object, tmp_path: Path
+) -> None:
+    root = Path(tempfile.mkdtemp(prefix="husk-", dir="/tmp"))
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        f'[runtime]\nstate_dir = "{root}"\n[hypervisor.qemu]\nkernel = "/nonexistent/vmlinuz"\n'
+    )
+    daemon: Containerd = containerd_factory({"HUSK_CONFIG": str(cfg)})  # type: ignore[operator]
+    tarball = daemon.base / "busybox.tar"
+    busybox_image.build(tarball)
+    daemon.ctr("image", "import", str(tarball))
+    proc = daemon.ctr("run", *RUNTIME, "--rm", IMAGE, cid(), "true", check=False)
+    message = proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "/nonexistent/vmlinuz" in message and len(message.strip().splitlines()) == 1
+    time.sleep(1)
+    assert list(root.iterdir()) == []
+    assert cleanup.processes_naming(root) == []
+    shutil.rmtree(root, ignore_errors=True)
