@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from shim.hypervisor import NetDevice
 from shim.network.errors import NetworkError, NetworkNotFoundError
@@ -50,6 +51,10 @@ def _build(netns: str, record: Recorder, queues: int) -> NetworkPlan:
             endpoints = tuple(
                 _connect(ipr, netns, i, link, queues, remember) for i, link in enumerate(links)
             )
+        except NetlinkError as e:
+            _undo(ipr, entries)
+            reason = e.args[-1] if e.args else e
+            raise NetworkError(f"network setup in netns {netns} failed: {reason}") from None
         except BaseException:
             _undo(ipr, entries)
             raise
@@ -69,7 +74,9 @@ def setup(netns: str | None, record: Recorder, queues: int = 1) -> NetworkPlan:
     ``netns`` None (no namespace in the spec) gives an empty plan, as does a
     namespace with nothing but loopback. ``record`` is called with each
     object's record before the object is created, so a crash leaves nothing
-    ``reclaim`` cannot find.
+    ``reclaim`` cannot find; it runs on the helper thread inside the pod's
+    namespace, so it should only write the record. On failure everything
+    created is removed again (its records stay: ``reclaim`` of them is a no-op).
     """
     if netns is None:
         return NetworkPlan()
