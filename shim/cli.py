@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         default="none",
         help="initrd compression (none boots fastest under TCG; zstd is ~3x smaller)",
     )
+
+    p_cleanup = sub.add_parser("cleanup", help="list and reclaim sandboxes of dead shims")
+    p_cleanup.add_argument("--dry-run", action="store_true", help="only list the orphans")
     return parser
 
 
@@ -73,6 +76,22 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from shim import cleanup
+
+    root = config.load(args.config).runtime.state_dir
+    found, problems = cleanup.reclaim_orphans(root, dry_run=args.dry_run)
+    verb = "orphan" if args.dry_run else "reclaimed"
+    for state in found:
+        things = ", ".join(r.describe() for r in state.resources) or "no recorded resources"
+        print(f"{verb}: sandbox {state.id} (shim {state.shim_pid} gone): {things}")
+    for problem in problems:
+        print(f"husk: {problem}", file=sys.stderr)
+    if not found:
+        print(f"no orphaned sandboxes under {root}")
+    return 1 if problems else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``husk`` console script."""
     args = _parser().parse_args(argv)
@@ -83,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config_show(args)
         if args.command == "image":
             return _cmd_image_build(args)
+        if args.command == "cleanup":
+            return _cmd_cleanup(args)
     except HuskError as e:
         print(f"husk: {e}", file=sys.stderr)
         return 2
