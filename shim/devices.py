@@ -1,0 +1,175 @@
+"""Device bookkeeping for one sandbox, independent of the VMM.
+
+``DeviceManager`` names the devices a sandbox hot-adds (ids, disk serials,
+MACs), checks the plugin's capabilities before asking it, and remembers what
+is attached so it can be removed again. ``SlotAllocator`` hands out a fixed set
+of hot-plug slots (a QEMU plugin's PCIe root ports) to devices by id.
+
+Everything derived is deterministic from the sandbox id and an index, so a
+restarted shim computes the same names, and MACs are locally administered
+unicast (first octet ``0x02``), never clashing with a vendor's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from shim.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    NotSupportedError,
+)
+from shim.hypervisor import BlockDevice, Device, Hypervisor, NetDevice
+
+#: vsock CIDs 0-2 are reserved (hypervisor, local, host); 2**32-1 is VMADDR_CID_ANY
+CID_MIN = 3
+CID_MAX = 0xFFFFFFFE
+#: virtio-blk serials longer than this are cut by QEMU
+SERIAL_MAX = 20
+
+
+def _digest(*parts: object) -> bytes:
+    return hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+
+
+def mac_address(sandbox_id: str, index: int) -> str:
+    """A locally administered unicast MAC for NIC ``index`` of the sandbox."""
+    tail = _digest("mac", sandbox_id, index)[:5]
+    return ":".join(f"{b:02x}" for b in (0x02, *tail))
+
+
+def guest_cid(sandbox_id: str, attempt: int = 0) -> int:
+    """A vsock guest CID for the sandbox; try ``attempt`` 1, 2, ... when one is taken."""
+    span = CID_MAX - CID_MIN + 1
+    base = int.from_bytes(_digest("cid", sandbox_id)[:4], "big")
+    return CID_MIN + (base + attempt) % span
+
+
+def disk_serial(sandbox_id: str, device_id: str) -> str:
+    """A virtio-blk serial (the guest's /dev/disk/by-id/virtio-<serial>)."""
+    return ("husk" + _digest("serial", sandbox_id, device_id).hex())[:SERIAL_MAX]
+
+
+class SlotAllocator:
+    """A fixed set of named hot-plug slots, each held by at most one device id."""
+
+    def __init__(self, slots: Iterable[str]) -> None:
+        self._slots = list(slots)
+        self._owner: dict[str, str] = {}
+
+    def take(self, owner: str) -> str:
+        """The first free slot, now held by ``owner`` (its own if it holds one)."""
+        held = self.slot_of(owner)
+        if held is not None:
+            return held
+        for slot in self._slots:
+            if slot not in self._owner:
+                self._owner[slot] = owner
+                return slot
+        raise FailedPreconditionError(
+            f"no free hot-plug slot for device {owner}: all {len(self._slots)} are in use "
+            "(raise pcie_root_ports in [hypervisor.qemu])"
+        )
+
+    def claim(self, slot: str, owner: str) -> None:
+        """Hold a given slot (restoring a known layout)."""
+        if slot not in self._slots:
+            raise NotFoundError(f"hot-plug slot {slot} does not exist")
+        current = self._owner.get(slot)
+        if current is not None and current != owner:
+            raise AlreadyExistsError(f"hot-plug slot {slot} is held by device {current}")
+        self._owner[slot] = owner
+
+    def release(self, owner: str) -> str | None:
+        """Free the slot ``owner`` holds; returns it (None if it held none)."""
+        slot = self.slot_of(owner)
+        if slot is not None:
+            del self._owner[slot]
+        return slot
+
+    def slot_of(self, owner: str) -> str | None:
+        """The slot ``owner`` holds, if any."""
+        for slot, who in self._owner.items():
+            if who == owner:
+                return slot
+        return None
+
+    @property
+    def free(self) -> int:
+        """How many slots are free."""
+        return len(self._slots) - len(self._owner)
+
+    @property
+    def held(self) -> Mapping[str, str]:
+        """Slot → owner, for every held slot."""
+        return dict(self._owner)
+
+
+class DeviceManager:
+    """The devices hot-added to one sandbox's VM, named deterministically."""
+
+    def __init__(self, sandbox_id: str, hypervisor: Hypervisor) -> None:
+        self.sandbox_id = sandbox_id
+        self.hypervisor = hypervisor
+        self._next: dict[str, int] = {}
+        self._attached: dict[str, Device] = {}
+
+    def _index(self, kind: str) -> int:
+        index = self._next.get(kind, 0)
+        self._next[kind] = index + 1
+        return index
+
+    def block(self, path: Path, *, format: str = "raw", readonly: bool = False) -> BlockDevice:
+        """A new disk description: id ``blk<n>`` and a serial the guest can find."""
+        device_id = f"blk{self._index('blk')}"
+        return BlockDevice(
+            id=device_id,
+            path=path,
+            format=format,
+            readonly=readonly,
+            serial=disk_serial(self.sandbox_id, device_id),
+        )
+
+    def nic(self, *, tap_name: str = "", tap_fds: Sequence[int] = (), mtu: int = 1500) -> NetDevice:
+        """A new NIC description: id ``net<n>`` and its deterministic MAC."""
+        index = self._index("net")
+        return NetDevice(
+            id=f"net{index}",
+            mac=mac_address(self.sandbox_id, index),
+            tap_name=tap_name,
+            tap_fds=tuple(tap_fds),
+            mtu=mtu,
+        )
+
+    async def attach(self, device: Device) -> Device:
+        """Hot-add ``device``, after checking the plugin can."""
+        if device.id in self._attached:
+            raise AlreadyExistsError(
+                f"device {device.id} is already attached to sandbox {self.sandbox_id}"
+            )
+        self._check_capable(device)
+        await self.hypervisor.add_device(device)
+        self._attached[device.id] = device
+        return device
+
+    async def detach(self, device_id: str) -> None:
+        """Hot-remove an attached device; returns once the guest released it."""
+        device = self._attached.get(device_id)
+        if device is None:
+            raise NotFoundError(f"device {device_id} is not attached to sandbox {self.sandbox_id}")
+        await self.hypervisor.remove_device(device)
+        del self._attached[device_id]
+
+    @property
+    def attached(self) -> Mapping[str, Device]:
+        """Device id → device, for what is attached now."""
+        return dict(self._attached)
+
+    def _check_capable(self, device: Device) -> None:
+        caps = self.hypervisor.capabilities()
+        needed = {BlockDevice: caps.block_hotplug, NetDevice: caps.net_hotplug}
+        if not needed.get(type(device), False):
+            raise NotSupportedError(self.hypervisor.name, f"hot-add of {type(device).__name__}")

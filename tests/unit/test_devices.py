@@ -1,0 +1,152 @@
+"""DeviceManager, SlotAllocator and the deterministic names (MACs, CIDs, serials)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shim.devices import (
+    CID_MAX,
+    CID_MIN,
+    SERIAL_MAX,
+    DeviceManager,
+    SlotAllocator,
+    disk_serial,
+    guest_cid,
+    mac_address,
+)
+from shim.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    NotSupportedError,
+)
+from shim.hypervisor import (
+    AgentEndpoint,
+    BlockDevice,
+    Capabilities,
+    Device,
+    Hypervisor,
+    SerialEndpoint,
+    VmSpec,
+    VmState,
+    VsockDevice,
+)
+
+
+class RecordingHypervisor(Hypervisor):
+    """Records hot-plug calls; hot-plugs what its capabilities say."""
+
+    name = "fake"
+
+    def __init__(self, caps: Capabilities) -> None:
+        self.caps = caps
+        self.calls: list[tuple[str, str]] = []
+
+    def capabilities(self) -> Capabilities:
+        return self.caps
+
+    async def prepare(self, spec: VmSpec) -> None: ...
+    async def start(self, timeout: float) -> None: ...
+    async def stop(self) -> None: ...
+    async def destroy(self) -> None: ...
+
+    async def state(self) -> VmState:
+        return VmState.RUNNING
+
+    def agent_endpoint(self) -> AgentEndpoint:
+        return SerialEndpoint(Path("/nonexistent"))
+
+    async def add_device(self, device: Device) -> None:
+        self.calls.append(("add", device.id))
+
+    async def remove_device(self, device: Device) -> None:
+        self.calls.append(("remove", device.id))
+
+
+def test_mac_is_locally_administered_unicast_and_deterministic() -> None:
+    macs = {mac_address("sandbox-a", i) for i in range(64)}
+    assert len(macs) == 64
+    for mac in macs:
+        first = int(mac.split(":")[0], 16)
+        assert first & 0x01 == 0, "unicast"
+        assert first & 0x02 == 0x02, "locally administered"
+        assert len(mac.split(":")) == 6
+    assert mac_address("sandbox-a", 3) == mac_address("sandbox-a", 3)
+    assert mac_address("sandbox-a", 3) != mac_address("sandbox-b", 3)
+
+
+def test_guest_cid_in_range_and_retries_move_on() -> None:
+    cids = [guest_cid("s", attempt) for attempt in range(5)]
+    assert all(CID_MIN <= c <= CID_MAX for c in cids)
+    assert len(set(cids)) == 5
+    assert guest_cid("s") == guest_cid("s", 0)
+    assert guest_cid("s") != guest_cid("t")
+
+
+def test_disk_serial_fits_virtio_blk() -> None:
+    serial = disk_serial("a" * 64, "blk0")
+    assert len(serial) <= SERIAL_MAX
+    assert serial.isalnum()
+    assert serial != disk_serial("a" * 64, "blk1")
+
+
+def test_slot_allocator_hands_out_and_releases() -> None:
+    slots = SlotAllocator(["rp0", "rp1"])
+    assert slots.take("blk0") == "rp0"
+    assert slots.take("blk0") == "rp0"  # already held: the same slot
+    assert slots.take("net0") == "rp1"
+    assert slots.free == 0
+    with pytest.raises(FailedPreconditionError, match="no free hot-plug slot for device blk1"):
+        slots.take("blk1")
+    assert slots.release("blk0") == "rp0"
+    assert slots.release("blk0") is None
+    assert slots.take("blk1") == "rp0"
+    assert slots.held == {"rp0": "blk1", "rp1": "net0"}
+
+
+def test_slot_allocator_claim() -> None:
+    slots = SlotAllocator(["rp0", "rp1"])
+    slots.claim("rp1", "blk0")
+    assert slots.take("net0") == "rp0"
+    with pytest.raises(AlreadyExistsError):
+        slots.claim("rp1", "net1")
+    with pytest.raises(NotFoundError):
+        slots.claim("rp9", "net1")
+
+
+def test_zero_slots() -> None:
+    with pytest.raises(FailedPreconditionError):
+        SlotAllocator([]).take("blk0")
+
+
+async def test_manager_names_attaches_and_detaches() -> None:
+    hv = RecordingHypervisor(Capabilities(block_hotplug=True, net_hotplug=True))
+    manager = DeviceManager("sb", hv)
+    disk = manager.block(Path("/tmp/d.img"), readonly=True)
+    assert (disk.id, disk.readonly, disk.serial) == ("blk0", True, disk_serial("sb", "blk0"))
+    nic = manager.nic(tap_name="tap0")
+    assert (nic.id, nic.mac, nic.tap_name) == ("net0", mac_address("sb", 0), "tap0")
+    assert manager.nic().id == "net1"
+    await manager.attach(disk)
+    await manager.attach(nic)
+    with pytest.raises(AlreadyExistsError):
+        await manager.attach(disk)
+    assert set(manager.attached) == {"blk0", "net0"}
+    await manager.detach("blk0")
+    with pytest.raises(NotFoundError):
+        await manager.detach("blk0")
+    assert hv.calls == [("add", "blk0"), ("add", "net0"), ("remove", "blk0")]
+    assert manager.block(Path("/x")).id == "blk1"  # ids are never reused
+
+
+async def test_manager_checks_capabilities_first() -> None:
+    hv = RecordingHypervisor(Capabilities(block_hotplug=False, net_hotplug=True))
+    manager = DeviceManager("sb", hv)
+    with pytest.raises(NotSupportedError, match="hypervisor 'fake' does not support hot-add"):
+        await manager.attach(manager.block(Path("/x")))
+    with pytest.raises(NotSupportedError):
+        await manager.attach(VsockDevice("vsock0", 3))
+    assert hv.calls == []
+    assert isinstance(manager.block(Path("/y")), BlockDevice)
