@@ -7,7 +7,6 @@ It needs no network: the build uses the already-installed setuptools.
 
 from __future__ import annotations
 
-import site
 import subprocess
 import sys
 import textwrap
