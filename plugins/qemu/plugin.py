@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shim.errors import NotSupportedError
 from shim.host import HostFacts
 from shim.hypervisor import Hypervisor, HypervisorPlugin
 from shim.hypervisor_keys import common_keys
@@ -56,7 +55,9 @@ class QemuPlugin(HypervisorPlugin):
         return ("vsock", "virtio-serial") if host.vhost_vsock else ("virtio-serial",)
 
     def create(self, config: Mapping[str, Any]) -> Hypervisor:
-        raise NotSupportedError(self.name, "starting a sandbox", "the QEMU driver is not built yet")
+        from plugins.qemu.driver import QemuHypervisor
+
+        return QemuHypervisor(config)
 
 
 PLUGIN = QemuPlugin()

@@ -1,0 +1,360 @@
+"""The QEMU command line of a sandbox VM, built from its ``VmSpec`` and the config.
+
+A pure function of its inputs (no files touched), so unit tests compare argv.
+Device options are built once, as the dicts QMP's ``blockdev-add``,
+``netdev_add`` and ``device_add`` take; the command line passes the very same
+dicts in QEMU's JSON option syntax, so a cold-plugged, hot-plugged or restored
+device looks identical to QEMU.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guest.image import KERNEL_CMDLINE
+from shim.errors import InvalidArgumentError, NotSupportedError
+from shim.hypervisor import BlockDevice, Device, NetDevice, SharedFsDevice, VmSpec, VsockDevice
+
+#: the 9p tag the guest agent mounts the sandbox's shared dir from
+SHARED_TAG = "kataShared"
+#: the virtio-serial port name the guest agent opens
+AGENT_PORT = "agent.channel.0"
+#: sun_path is 108 bytes, NUL included
+UNIX_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class QemuSettings:
+    """The ``[hypervisor.qemu]`` values the command line needs (already adjusted)."""
+
+    binary: str = "/usr/bin/qemu-system-x86_64"
+    machine_type: str = "q35"
+    accel: str = "tcg"
+    cpu_model: str = "max"
+    pcie_root_ports: int = 4
+    kernel_params: str = ""
+    shared_fs: str = "9p"
+    boot_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    enable_debug: bool = False
+    agent_transport: str = "virtio-serial"
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], agent_transport: str) -> QemuSettings:
+        """Read the adjusted section (``accel``/``cpu_model`` already resolved)."""
+        return cls(
+            binary=str(section.get("path", cls.binary)),
+            machine_type=str(section.get("machine_type", cls.machine_type)),
+            accel=str(section.get("accel", cls.accel)),
+            cpu_model=str(section.get("cpu_model", cls.cpu_model)),
+            pcie_root_ports=int(section.get("pcie_root_ports", cls.pcie_root_ports)),
+            kernel_params=str(section.get("kernel_params", "")),
+            shared_fs=str(section.get("shared_fs", cls.shared_fs)),
+            boot_timeout=float(section.get("boot_timeout", cls.boot_timeout)),
+            stop_timeout=float(section.get("stop_timeout", cls.stop_timeout)),
+            enable_debug=bool(section.get("enable_debug", False)),
+            agent_transport=agent_transport,
+        )
+
+    @property
+    def pcie(self) -> bool:
+        """Whether devices sit on PCI(e) (q35) rather than virtio-mmio (microvm)."""
+        return self.machine_type != "microvm"
+
+    @property
+    def root_ports(self) -> list[str]:
+        """The ids of the hot-plug root ports."""
+        return [f"rp{i}" for i in range(self.pcie_root_ports)] if self.pcie else []
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """The files of one VM, all in the driver's own directory ``<state_dir>/qemu``."""
+
+    dir: Path
+
+    @classmethod
+    def for_spec(cls, spec: VmSpec) -> VmPaths:
+        """The paths under the sandbox's state dir; refuses socket paths too long."""
+        paths = cls(spec.state_dir / "qemu")
+        for sock in (paths.qmp, paths.agent):
+            if len(str(sock).encode()) > UNIX_PATH_MAX:
+                raise InvalidArgumentError(
+                    f"sandbox {spec.sandbox_id}: socket path {sock} is longer than "
+                    f"{UNIX_PATH_MAX} bytes; use a shorter state_dir in [runtime]"
+                )
+        return paths
+
+    @property
+    def qmp(self) -> Path:
+        """QEMU's QMP socket."""
+        return self.dir / "qmp.sock"
+
+    @property
+    def agent(self) -> Path:
+        """The virtio-serial agent channel's socket."""
+        return self.dir / "agent.sock"
+
+    @property
+    def console(self) -> Path:
+        """The guest's serial console log."""
+        return self.dir / "console.log"
+
+    @property
+    def log(self) -> Path:
+        """QEMU's own stderr."""
+        return self.dir / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        """QEMU's pid, written by QEMU itself (``-pidfile``)."""
+        return self.dir / "qemu.pid"
+
+    @property
+    def resources(self) -> Path:
+        """The record of every file and process this driver creates."""
+        return self.dir / "resources.json"
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A device and the hot-plug slot (root port) it sits on, if any."""
+
+    device: Device
+    bus: str | None = None
+
+
+def kernel_append(spec: VmSpec, settings: QemuSettings) -> str:
+    """The guest kernel command line: the image's own, then the spec's and config's extras."""
+    parts = [KERNEL_CMDLINE]
+    if spec.kernel_params:
+        parts.append(spec.kernel_params)
+    if settings.kernel_params and settings.kernel_params not in spec.kernel_params:
+        parts.append(settings.kernel_params)
+    return " ".join(parts)
+
+
+def build_argv(
+    spec: VmSpec,
+    settings: QemuSettings,
+    paths: VmPaths,
+    *,
+    devices: Sequence[Placed] = (),
+    qmp_fd: int | None = None,
+    guest_cid: int | None = None,
+    incoming: str | None = None,
+) -> list[str]:
+    """The full QEMU argv.
+
+    ``qmp_fd`` is a listening socket the caller made (QEMU then only accepts on
+    it); without it QEMU creates ``paths.qmp`` itself. ``guest_cid`` is needed
+    when the agent transport is vsock. ``incoming`` is a migration source
+    (``defer`` to give it later with ``migrate-incoming``).
+    """
+    argv = [
+        settings.binary,
+        "-name", f"husk-{spec.sandbox_id[:32]},debug-threads=on",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-machine", _machine(settings),
+        "-accel", settings.accel,
+        "-cpu", settings.cpu_model,
+        "-smp", str(spec.vcpus),
+        "-m", f"{spec.memory_mib}M",
+        "-pidfile", str(paths.pidfile),
+        "-kernel", str(spec.kernel),
+    ]  # fmt: skip
+    if spec.initrd is not None:
+        argv += ["-initrd", str(spec.initrd)]
+    argv += ["-append", kernel_append(spec, settings)]
+    argv += ["-chardev", f"file,id=console,path={_opt(paths.console)}"]
+    argv += ["-serial", "chardev:console"]
+    if qmp_fd is not None:
+        argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off"]
+    else:
+        argv += ["-chardev", f"socket,id=qmp,path={_opt(paths.qmp)},server=on,wait=off"]
+    argv += ["-mon", "chardev=qmp,mode=control"]
+    for port in settings.root_ports:
+        # chassis numbers must be unique per root port; slots are assigned by QEMU
+        index = int(port[2:])
+        argv += ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={index + 1}"]
+    argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom"]
+    argv += ["-device", f"{_virtio('virtio-rng', settings)},rng=rng0"]
+    argv += _agent_channel(spec, settings, paths, guest_cid)
+    if spec.shared_dir is not None and settings.shared_fs != "none":
+        share = SharedFsDevice("shared", SHARED_TAG, spec.shared_dir, settings.shared_fs)
+        argv += shared_fs_args(share, settings)
+    for placed in devices:
+        argv += device_args(placed, settings)
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    return argv
+
+
+def _machine(settings: QemuSettings) -> str:
+    if settings.machine_type == "microvm":
+        # the serial console and an RTC; no legacy PIT/PIC under a modern kernel
+        return "microvm,isa-serial=on,rtc=on,pit=off,pic=off"
+    return settings.machine_type
+
+
+def _virtio(kind: str, settings: QemuSettings) -> str:
+    """``virtio-x-pci`` on q35, ``virtio-x-device`` (virtio-mmio) on microvm."""
+    return f"{kind}-pci" if settings.pcie else f"{kind}-device"
+
+
+def _opt(path: Path) -> str:
+    """A path as a QEMU option value: commas are doubled, as QEMU's parser wants."""
+    return str(path).replace(",", ",,")
+
+
+def _agent_channel(
+    spec: VmSpec, settings: QemuSettings, paths: VmPaths, guest_cid: int | None
+) -> list[str]:
+    if settings.agent_transport == "vsock":
+        if guest_cid is None:
+            raise InvalidArgumentError(f"sandbox {spec.sandbox_id}: vsock needs a guest CID")
+        return ["-device", f"{_virtio('vhost-vsock', settings)},id=vsock0,guest-cid={guest_cid}"]
+    if settings.agent_transport != "virtio-serial":
+        raise NotSupportedError("qemu", f"agent transport {settings.agent_transport!r}")
+    return [
+        "-device", f"{_virtio('virtio-serial', settings)},id=serial0",
+        "-chardev", f"socket,id=agent,path={_opt(paths.agent)},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,id=agent0,name={AGENT_PORT}",
+    ]  # fmt: skip
+
+
+def shared_fs_args(share: SharedFsDevice, settings: QemuSettings) -> list[str]:
+    """``-fsdev`` + the virtio-9p device for a 9p share (virtio-fs is not driven yet)."""
+    if share.kind != "9p":
+        raise NotSupportedError(
+            "qemu",
+            f"shared_fs {share.kind!r}",
+            'this plugin does not start virtiofsd; use shared_fs = "9p"',
+        )
+    return [
+        "-fsdev", f"local,id=fs-{share.id},path={_opt(share.path)},security_model=none",
+        "-device",
+        f"{_virtio('virtio-9p', settings)},id={share.id},fsdev=fs-{share.id},mount_tag={share.tag}",
+    ]  # fmt: skip
+
+
+def device_args(placed: Placed, settings: QemuSettings) -> list[str]:
+    """The command-line options that cold-plug one device."""
+    device = placed.device
+    if isinstance(device, BlockDevice):
+        return [
+            "-blockdev", json.dumps(blockdev_options(device)),
+            "-device", json.dumps(block_device_options(device, placed.bus, settings)),
+        ]  # fmt: skip
+    if isinstance(device, NetDevice):
+        return [
+            "-netdev", json.dumps(netdev_options(device, fd_names=None)),
+            "-device", json.dumps(net_device_options(device, placed.bus, settings)),
+        ]  # fmt: skip
+    if isinstance(device, SharedFsDevice):
+        return shared_fs_args(device, settings)
+    if isinstance(device, VsockDevice):
+        vsock = _virtio("vhost-vsock", settings)
+        return ["-device", f"{vsock},id={device.id},guest-cid={device.guest_cid}"]
+    raise NotSupportedError("qemu", f"device {type(device).__name__}")
+
+
+# --- the dicts shared by the command line and QMP -------------------------------
+
+
+def node_name(device: BlockDevice) -> str:
+    """The block node (format layer) of a disk."""
+    return f"drive-{device.id}"
+
+
+def blockdev_options(device: BlockDevice) -> dict[str, Any]:
+    """``blockdev-add`` arguments: a raw/qcow2 format node over a file or host device."""
+    if device.format not in ("raw", "qcow2"):
+        raise InvalidArgumentError(
+            f"disk {device.id}: format {device.format!r} is not supported (raw or qcow2)"
+        )
+    return {
+        "driver": device.format,
+        "node-name": node_name(device),
+        "read-only": device.readonly,
+        "file": {
+            "driver": "host_device" if _is_block_device(device.path) else "file",
+            "filename": str(device.path),
+            "read-only": device.readonly,
+        },
+    }
+
+
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def block_device_options(
+    device: BlockDevice, bus: str | None, settings: QemuSettings
+) -> dict[str, Any]:
+    """``device_add`` arguments of a virtio-blk disk."""
+    options: dict[str, Any] = {
+        "driver": _virtio("virtio-blk", settings),
+        "id": device.id,
+        "drive": node_name(device),
+    }
+    if device.serial:
+        options["serial"] = device.serial
+    if bus is not None:
+        options["bus"] = bus
+    return options
+
+
+def netdev_id(device: NetDevice) -> str:
+    """The backend (netdev) of a NIC."""
+    return f"netdev-{device.id}"
+
+
+def netdev_options(device: NetDevice, fd_names: Sequence[str] | None) -> dict[str, Any]:
+    """``netdev_add`` arguments of a tap backend, by ifname or by fds.
+
+    ``fd_names`` are names given to fds with QMP ``getfd``; on the command line
+    (``None``) the fds' numbers are used and must be passed to QEMU.
+    """
+    options: dict[str, Any] = {"type": "tap", "id": netdev_id(device), "vhost": False}
+    if device.tap_fds:
+        names = list(fd_names) if fd_names is not None else [str(fd) for fd in device.tap_fds]
+        if len(names) == 1:
+            options["fd"] = names[0]
+        else:
+            options["fds"] = ":".join(names)
+    elif device.tap_name:
+        options.update(ifname=device.tap_name, script="no", downscript="no")
+    else:
+        raise InvalidArgumentError(f"NIC {device.id}: needs a tap name or tap fds")
+    return options
+
+
+def net_device_options(
+    device: NetDevice, bus: str | None, settings: QemuSettings
+) -> dict[str, Any]:
+    """``device_add`` arguments of a virtio-net NIC."""
+    options: dict[str, Any] = {
+        "driver": _virtio("virtio-net", settings),
+        "id": device.id,
+        "netdev": netdev_id(device),
+        "mac": device.mac,
+    }
+    if device.mtu != 1500:
+        options["host_mtu"] = device.mtu
+    if len(device.tap_fds) > 1:
+        options["mq"] = True
+    if bus is not None:
+        options["bus"] = bus
+    return options

@@ -1,0 +1,471 @@
+"""``QemuHypervisor``: one sandbox VM in one QEMU process, driven over QMP.
+
+Concurrency without a nursery of its own: every operation opens its own QMP
+connection (greeting, ``qmp_capabilities``, commands, events) inside an
+``open_qmp`` block whose reader task lives exactly as long as the operation,
+and a lock makes operations take turns on QEMU's single monitor. Process
+liveness needs no watcher task either: ``trio.Process.wait`` can be awaited by
+any number of tasks (``wait()`` below), and the QMP socket reaches EOF when
+QEMU dies, which every operation turns into ``VmmExitedError`` with QEMU's
+last stderr lines. So the ``Hypervisor`` interface needs no nursery parameter.
+
+The QMP socket is made by the driver (bound and listening before QEMU starts,
+passed as an fd): the connection is queued at once and QEMU's greeting says
+it is ready, with no polling for a socket file; if QEMU dies first, the queued
+connection is reset.
+"""
+
+from __future__ import annotations
+
+import errno
+import shlex
+import shutil
+import signal
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from plugins.qemu import hotplug
+from plugins.qemu.cmdline import Placed, QemuSettings, VmPaths, build_argv
+from plugins.qemu.process import QemuProcess
+from plugins.qemu.qmp import QmpClient, open_qmp
+from plugins.qemu.qmp_errors import QmpCommandError, QmpError
+from plugins.qemu.resources import ResourceRecord
+from shim.devices import SlotAllocator, guest_cid
+from shim.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    HostError,
+    HypervisorError,
+    NotSupportedError,
+    VmmExitedError,
+)
+from shim.host import HostFacts
+from shim.hypervisor import (
+    AgentEndpoint,
+    BlockDevice,
+    Capabilities,
+    Device,
+    Hypervisor,
+    NetDevice,
+    SerialEndpoint,
+    VmSpec,
+    VmState,
+    VsockDevice,
+    VsockEndpoint,
+)
+from shim.state import DIR, FILE, PROCESS, SOCKET_FILE, Resource, process_start_time
+
+AGENT_VSOCK_PORT = 1024
+#: seconds the guest has to release a hot-removed device (ACPI hot-plug under TCG is slow)
+REMOVE_TIMEOUT = 30.0
+#: seconds a save or restore may take
+MIGRATE_TIMEOUT = 120.0
+_POLL = 0.05
+#: how many guest CIDs to try when the first is taken by another VM
+_CID_ATTEMPTS = 8
+
+_STATES = {
+    "running": VmState.RUNNING,
+    "shutdown": VmState.STOPPED,
+    "guest-panicked": VmState.STOPPED,
+    "internal-error": VmState.STOPPED,
+}
+
+
+class QemuHypervisor(Hypervisor):
+    """A sandbox VM in QEMU (q35 or microvm, KVM or TCG)."""
+
+    name = "qemu"
+
+    def __init__(self, section: Mapping[str, Any], host: HostFacts | None = None) -> None:
+        self._section = dict(section)
+        self._host = host if host is not None else HostFacts.probe()
+        default_transport = "vsock" if self._host.vhost_vsock else "virtio-serial"
+        transport = str(self._section.get("agent_transport", default_transport))
+        self.settings = QemuSettings.from_section(self._section, transport)
+        self._spec: VmSpec | None = None
+        self._paths: VmPaths | None = None
+        self._record: ResourceRecord | None = None
+        self._process: QemuProcess | None = None
+        self._placed: dict[str, Placed] = {}
+        self._slots = SlotAllocator(self.settings.root_ports)
+        self._cid: int | None = None
+        self._monitor_lock = trio.Lock()
+
+    # --- description ----------------------------------------------------------
+
+    def capabilities(self) -> Capabilities:
+        hotplug = self.settings.pcie and self.settings.pcie_root_ports > 0
+        return Capabilities(
+            block_hotplug=hotplug,
+            net_hotplug=hotplug,
+            vsock=self._host.vhost_vsock,
+            virtio_serial=True,
+            shared_fs=frozenset({"9p"}),
+            pause=True,
+            save_restore=True,
+        )
+
+    def agent_endpoint(self) -> AgentEndpoint:
+        if self.settings.agent_transport == "vsock":
+            if self._cid is None:
+                raise FailedPreconditionError("qemu: the VM has no guest CID before start")
+            return VsockEndpoint(self._cid, AGENT_VSOCK_PORT)
+        return SerialEndpoint(self._require_paths().agent)
+
+    @property
+    def paths(self) -> VmPaths:
+        """The VM's files (after ``prepare``)."""
+        return self._require_paths()
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid while it runs."""
+        return self._process.pid if self._process is not None and self._process.alive else None
+
+    # --- life -------------------------------------------------------------------
+
+    async def prepare(self, spec: VmSpec) -> None:
+        transport = getattr(spec, "agent_transport", None)
+        if isinstance(transport, str) and transport != self.settings.agent_transport:
+            self.settings = QemuSettings.from_section(self._section, transport)
+        self._check_host(spec)
+        paths = VmPaths.for_spec(spec)
+        if self.settings.agent_transport == "vsock":
+            if not self._host.vhost_vsock:
+                raise HostError("qemu: agent transport vsock needs /dev/vhost-vsock on this host")
+            self._cid = guest_cid(spec.sandbox_id)
+        self._spec, self._paths = spec, paths
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        paths.dir.mkdir(mode=0o700, exist_ok=True)
+        self._record = ResourceRecord(paths.resources)
+        self._record.add(
+            Resource(DIR, path=str(paths.dir)),
+            Resource(FILE, path=str(paths.resources)),
+            Resource(SOCKET_FILE, path=str(paths.qmp)),
+            Resource(SOCKET_FILE, path=str(paths.agent)),
+            Resource(FILE, path=str(paths.console)),
+            Resource(FILE, path=str(paths.log)),
+            Resource(FILE, path=str(paths.pidfile)),
+        )
+        for device in spec.devices:
+            self._place(device)
+
+    def _check_host(self, spec: VmSpec) -> None:
+        binary = Path(self.settings.binary)
+        if not binary.is_file():
+            raise HostError(f"qemu binary {binary} not found (key 'path' of [hypervisor.qemu])")
+        for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+            if path is not None and not path.is_file():
+                raise HostError(f"guest {what} {path} not found (run `husk image build`)")
+        if spec.shared_dir is not None and self.settings.shared_fs == "virtio-fs":
+            raise NotSupportedError(
+                self.name, "shared_fs virtio-fs", 'the plugin does not start virtiofsd; use "9p"'
+            )
+
+    def _place(self, device: Device) -> Placed:
+        bus = None
+        if isinstance(device, BlockDevice | NetDevice | VsockDevice) and self.settings.pcie:
+            bus = self._slots.take(device.id)
+        placed = Placed(device, bus)
+        self._placed[device.id] = placed
+        return placed
+
+    async def start(self, timeout: float) -> None:
+        await self._launch(timeout, incoming=None)
+
+    async def _launch(self, timeout: float, incoming: str | None) -> None:
+        spec = self._require_spec()
+        if self._process is not None and self._process.alive:
+            raise FailedPreconditionError(f"sandbox {spec.sandbox_id}: the VM is already running")
+        for attempt in range(_CID_ATTEMPTS):
+            if self.settings.agent_transport == "vsock":
+                self._cid = guest_cid(spec.sandbox_id, attempt)
+            try:
+                await self._spawn(timeout, incoming)
+                return
+            except VmmExitedError as exc:
+                if not _cid_taken(exc) or attempt == _CID_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _spawn(self, timeout: float, incoming: str | None) -> None:
+        spec, paths, record = self._require_spec(), self._require_paths(), self._require_record()
+        for stale in (paths.qmp, paths.agent, paths.pidfile):
+            stale.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(paths.qmp))
+            listener.listen(4)
+            argv = build_argv(
+                spec,
+                self.settings,
+                paths,
+                devices=list(self._placed.values()),
+                qmp_fd=listener.fileno(),
+                guest_cid=self._cid,
+                incoming=incoming,
+            )
+            tap_fds = [
+                fd
+                for placed in self._placed.values()
+                if isinstance(placed.device, NetDevice)
+                for fd in placed.device.tap_fds
+            ]
+            process = await QemuProcess.spawn(
+                argv, log=paths.log, pass_fds=[listener.fileno(), *tap_fds], plugin=self.name
+            )
+        finally:
+            listener.close()  # QEMU holds the only copy: if it dies, our connection resets
+        self._process = process
+        record.add(Resource(PROCESS, pid=process.pid, start=process_start_time(process.pid),
+                            name="qemu"))  # fmt: skip
+        try:
+            with trio.fail_after(timeout):
+                async with self._monitor() as qmp:
+                    await qmp.execute("query-status")
+        except trio.TooSlowError:
+            await process.kill()
+            self._remove_sockets()
+            raise DeadlineExceededError(
+                f"qemu did not answer on {paths.qmp} within {timeout:g} s; "
+                f"killed it (see {paths.log})"
+            ) from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await process.kill()
+            self._remove_sockets()
+            raise
+
+    def _remove_sockets(self) -> None:
+        paths = self._require_paths()
+        for path in (paths.qmp, paths.agent, paths.pidfile):
+            path.unlink(missing_ok=True)
+
+    async def stop(self) -> None:
+        process = self._process
+        if process is None or not process.alive:
+            if process is not None:
+                process.signal_group(signal.SIGKILL)  # helpers, if any outlived QEMU
+            return
+        step = self.settings.stop_timeout
+        try:
+            running = await self.state() == VmState.RUNNING
+        except HypervisorError:
+            running = False
+        if running and await self._try("system_powerdown"):
+            await process.wait_for(step)
+        if process.alive and await self._try("quit"):
+            await process.wait_for(step)
+        if process.alive:
+            process.signal_group(signal.SIGTERM)
+            await process.wait_for(step)
+        if process.alive:
+            await process.kill()
+        process.signal_group(signal.SIGKILL)
+        self._remove_sockets()
+
+    async def _try(self, command: str) -> bool:
+        """Run a QMP command if QEMU still answers; whether it was sent."""
+        try:
+            with trio.move_on_after(self.settings.stop_timeout):
+                async with self._monitor() as qmp:
+                    await qmp.execute(command)
+                return True
+        except HypervisorError:
+            pass
+        return False
+
+    async def destroy(self) -> None:
+        if self._paths is None:
+            return
+        with trio.CancelScope(shield=True):
+            await self.stop()
+        shutil.rmtree(self._paths.dir, ignore_errors=True)
+
+    async def wait(self) -> int | None:
+        """Return QEMU's exit status once it has exited (None if it never started).
+
+        Anyone may wait: a killed QEMU (``kill -9``) wakes every waiter.
+        """
+        if self._process is None:
+            return None
+        return await self._process.wait()
+
+    async def state(self) -> VmState:
+        process = self._process
+        if process is None:
+            return VmState.NOT_STARTED
+        if not process.alive:
+            return VmState.STOPPED
+        try:
+            async with self._monitor() as qmp:
+                status = (await qmp.execute("query-status"))["status"]
+        except VmmExitedError:
+            return VmState.STOPPED
+        return _STATES.get(str(status), VmState.PAUSED)
+
+    async def pause(self) -> None:
+        await self._run_state_change("stop", VmState.PAUSED)
+
+    async def resume(self) -> None:
+        await self._run_state_change("cont", VmState.RUNNING)
+
+    async def _run_state_change(self, command: str, wanted: VmState) -> None:
+        async with self._monitor() as qmp:
+            await qmp.execute(command)
+            status = str((await qmp.execute("query-status"))["status"])
+        if _STATES.get(status, VmState.PAUSED) != wanted:
+            raise HypervisorError(f"qemu: after {command} the VM is {status}, not {wanted.value}")
+
+    # --- devices ----------------------------------------------------------------
+
+    async def add_device(self, device: Device) -> None:
+        if device.id in self._placed:
+            raise FailedPreconditionError(f"device {device.id} is already attached")
+        if isinstance(device, VsockDevice) and not self._host.vhost_vsock:
+            raise NotSupportedError(self.name, "hot-add of VsockDevice", "no /dev/vhost-vsock")
+        if not isinstance(device, BlockDevice | NetDevice | VsockDevice):
+            raise NotSupportedError(
+                self.name, f"hot-add of {type(device).__name__}", "QEMU cannot hot-add it"
+            )
+        if not self.capabilities().block_hotplug:
+            raise NotSupportedError(
+                self.name, f"hot-add of {type(device).__name__}", "no PCIe root ports (q35 only)"
+            )
+        placed = self._place(device)
+        assert placed.bus is not None
+        try:
+            async with self._monitor() as qmp:
+                if isinstance(device, BlockDevice):
+                    await hotplug.add_block(qmp, device, placed.bus, self.settings)
+                elif isinstance(device, NetDevice):
+                    await hotplug.add_net(qmp, device, placed.bus, self.settings)
+                else:
+                    await hotplug.add_vsock(qmp, device, placed.bus, self.settings)
+        except BaseException:
+            self._unplace(device.id)
+            raise
+
+    async def remove_device(self, device: Device) -> None:
+        if device.id not in self._placed:
+            raise FailedPreconditionError(f"device {device.id} is not attached")
+        async with self._monitor() as qmp:
+            await hotplug.remove(qmp, device, REMOVE_TIMEOUT)
+        self._unplace(device.id)
+
+    def _unplace(self, device_id: str) -> None:
+        self._placed.pop(device_id, None)
+        self._slots.release(device_id)
+
+    @property
+    def devices(self) -> Sequence[Placed]:
+        """The devices the VM has (cold- and hot-plugged) and their root ports."""
+        return list(self._placed.values())
+
+    # --- save / restore ---------------------------------------------------------
+
+    async def save(self, path: Path) -> None:
+        """Pause the VM and write its state to ``path``; it stays paused.
+
+        QEMU 7.2 has no ``file:`` migration, so the stream goes through
+        ``exec:cat > path``. ``restore`` rebuilds the same devices (this
+        driver's current layout) and needs the same host files (disks, taps).
+        """
+        state = await self.state()
+        if state not in (VmState.RUNNING, VmState.PAUSED):
+            raise FailedPreconditionError(f"qemu: cannot save a VM that is {state.value}")
+        path = path.absolute()
+        async with self._monitor() as qmp:
+            if state == VmState.RUNNING:
+                await qmp.execute("stop")
+            await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+            await _wait_migration(qmp, f"saving the VM to {path}")
+
+    async def restore(self, path: Path, timeout: float) -> None:
+        """Start a new QEMU (same command line) that loads ``path``, then run it."""
+        if not path.is_file():
+            raise FailedPreconditionError(f"qemu: no saved VM state at {path}")
+        path = path.absolute()
+        await self._launch(timeout, incoming="defer")
+        try:
+            with trio.fail_after(timeout):
+                async with self._monitor() as qmp:
+                    await qmp.execute(
+                        "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"}
+                    )
+                    await _wait_migration(qmp, f"restoring the VM from {path}")
+                    status = (await qmp.execute("query-status"))["status"]
+                    if status != "running":
+                        await qmp.execute("cont")
+        except trio.TooSlowError:
+            await self.stop()
+            raise DeadlineExceededError(
+                f"qemu: restoring from {path} took longer than {timeout:g} s"
+            ) from None
+
+    # --- internals ----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _monitor(self) -> AsyncIterator[QmpClient]:
+        """A QMP connection for one operation; QEMU's death becomes ``VmmExitedError``."""
+        process = self._process
+        if process is None:
+            raise FailedPreconditionError("qemu: the VM is not started")
+        paths = self._require_paths()
+        async with self._monitor_lock:
+            try:
+                try:
+                    stream = await trio.open_unix_socket(str(paths.qmp))
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                        raise QmpError(f"cannot connect to {paths.qmp}: {exc.strerror}") from exc
+                    raise
+                async with open_qmp(stream) as qmp:
+                    yield qmp
+            except QmpError as exc:
+                if isinstance(exc, QmpCommandError):
+                    raise
+                # a lost connection usually means QEMU died: say so, with its last words
+                if await process.wait_for(1.0):
+                    raise process.exited_error() from exc
+                raise
+
+    def _require_spec(self) -> VmSpec:
+        if self._spec is None:
+            raise FailedPreconditionError("qemu: prepare() was not called")
+        return self._spec
+
+    def _require_paths(self) -> VmPaths:
+        if self._paths is None:
+            raise FailedPreconditionError("qemu: prepare() was not called")
+        return self._paths
+
+    def _require_record(self) -> ResourceRecord:
+        if self._record is None:
+            raise FailedPreconditionError("qemu: prepare() was not called")
+        return self._record
+
+
+async def _wait_migration(qmp: QmpClient, what: str) -> None:
+    """Poll ``query-migrate`` until the migration completes; raise if it fails."""
+    while True:
+        info = await qmp.execute("query-migrate")
+        status = info.get("status", "none")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            desc = info.get("error-desc", status)
+            raise HypervisorError(f"qemu: {what} failed: {desc}")
+        await trio.sleep(_POLL)
+
+
+def _cid_taken(exc: VmmExitedError) -> bool:
+    text = exc.stderr_tail.lower()
+    return "guest cid" in text or "address already in use" in text
+
