@@ -1,7 +1,9 @@
 """One accepted ttrpc connection: reads requests, runs handlers, answers.
 
 Every call runs in the connection's nursery, so a slow call never blocks the
-others. Hostile input is answered, skipped or ends this connection alone, each
+others. When the client goes away, its running calls are cancelled (containerd
+cancels their contexts the same way); on ``drain()`` they are left to finish.
+Hostile input is answered, skipped or ends this connection alone, each
 with a logged reason:
 
 ====================================  ==========================================
