@@ -1,0 +1,188 @@
+"""The QEMU command line, compared against expected argv."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from guest.image import KERNEL_CMDLINE
+from plugins.qemu.cmdline import (
+    Placed,
+    QemuSettings,
+    VmPaths,
+    build_argv,
+    device_args,
+    kernel_append,
+    netdev_options,
+)
+from shim.errors import InvalidArgumentError, NotSupportedError
+from shim.hypervisor import BlockDevice, NetDevice, SharedFsDevice, VmSpec
+
+STATE = Path("/run/husk/sb1")
+D = "/run/husk/sb1/qemu"
+
+
+def spec(**kw: object) -> VmSpec:
+    values: dict[str, object] = {
+        "sandbox_id": "sb1",
+        "state_dir": STATE,
+        "vcpus": 2,
+        "memory_mib": 256,
+        "kernel": Path("/img/vmlinuz"),
+        "initrd": Path("/img/initrd.img"),
+        "shared_dir": STATE / "shared",
+    }
+    values.update(kw)
+    return VmSpec(**values)  # type: ignore[arg-type]
+
+
+def test_q35_tcg_virtio_serial_argv() -> None:
+    settings = QemuSettings(pcie_root_ports=2, kernel_params="debug")
+    argv = build_argv(spec(), settings, VmPaths(STATE / "qemu"), qmp_fd=7)
+    assert argv == [
+        "/usr/bin/qemu-system-x86_64",
+        "-name", "husk-sb1,debug-threads=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "256M",
+        "-pidfile", f"{D}/qemu.pid",
+        "-kernel", "/img/vmlinuz", "-initrd", "/img/initrd.img",
+        "-append", KERNEL_CMDLINE + " debug",
+        "-chardev", f"file,id=console,path={D}/console.log", "-serial", "chardev:console",
+        "-chardev", "socket,id=qmp,fd=7,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+        "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
+        "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=2",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0",
+        "-device", "virtio-serial-pci,id=serial0",
+        "-chardev", f"socket,id=agent,path={D}/agent.sock,server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,id=agent0,name=agent.channel.0",
+        "-fsdev", "local,id=fs-shared,path=/run/husk/sb1/shared,security_model=none",
+        "-device", "virtio-9p-pci,id=shared,fsdev=fs-shared,mount_tag=kataShared",
+    ]  # fmt: skip
+
+
+def test_kvm_vsock_microvm_incoming() -> None:
+    settings = QemuSettings(
+        machine_type="microvm",
+        accel="kvm",
+        cpu_model="host",
+        pcie_root_ports=0,
+        agent_transport="vsock",
+    )
+    argv = build_argv(
+        spec(initrd=None, shared_dir=None),
+        settings,
+        VmPaths(STATE / "qemu"),
+        guest_cid=1234,
+        incoming="defer",
+    )
+    joined = " ".join(argv)
+    assert "-machine microvm,isa-serial=on,rtc=on,pit=off,pic=off -accel kvm -cpu host" in joined
+    assert "-initrd" not in argv
+    assert f"socket,id=qmp,path={D}/qmp.sock,server=on,wait=off" in argv
+    assert "vhost-vsock-device,id=vsock0,guest-cid=1234" in argv
+    assert "virtio-rng-device,rng=rng0" in argv
+    assert "pcie-root-port" not in joined
+    assert "virtio-serial" not in joined and "-fsdev" not in argv
+    assert argv[-2:] == ["-incoming", "defer"]
+
+
+def test_vsock_needs_a_cid() -> None:
+    with pytest.raises(InvalidArgumentError, match="vsock needs a guest CID"):
+        build_argv(spec(), QemuSettings(agent_transport="vsock"), VmPaths(STATE / "qemu"))
+
+
+def test_virtio_fs_is_refused_with_a_reason() -> None:
+    with pytest.raises(NotSupportedError, match="virtiofsd"):
+        build_argv(spec(), QemuSettings(shared_fs="virtio-fs"), VmPaths(STATE / "qemu"))
+    argv = build_argv(spec(), QemuSettings(shared_fs="none"), VmPaths(STATE / "qemu"))
+    assert "-fsdev" not in argv
+
+
+def test_commas_in_paths_are_doubled() -> None:
+    argv = build_argv(spec(shared_dir=Path("/a,b")), QemuSettings(), VmPaths(Path("/s,t")))
+    assert "file,id=console,path=/s,,t/console.log" in argv
+    assert "local,id=fs-shared,path=/a,,b,security_model=none" in argv
+
+
+def test_kernel_params_not_repeated() -> None:
+    settings = QemuSettings(kernel_params="foo=1")
+    assert kernel_append(spec(kernel_params="foo=1"), settings) == KERNEL_CMDLINE + " foo=1"
+    assert kernel_append(spec(kernel_params="x"), settings) == KERNEL_CMDLINE + " x foo=1"
+
+
+def test_cold_plugged_disk_and_nic_use_the_qmp_dicts(tmp_path: Path) -> None:
+    disk = BlockDevice("blk0", tmp_path / "d.img", readonly=True, serial="s0")
+    args = device_args(Placed(disk, "rp0"), QemuSettings())
+    assert args[0] == "-blockdev" and args[2] == "-device"
+    assert json.loads(args[1]) == {
+        "driver": "raw",
+        "node-name": "drive-blk0",
+        "read-only": True,
+        "file": {"driver": "file", "filename": str(tmp_path / "d.img"), "read-only": True},
+    }
+    assert json.loads(args[3]) == {
+        "driver": "virtio-blk-pci",
+        "id": "blk0",
+        "drive": "drive-blk0",
+        "serial": "s0",
+        "bus": "rp0",
+    }
+    nic = NetDevice("net0", "02:00:00:00:00:01", tap_name="tap0", mtu=9000)
+    args = device_args(Placed(nic, "rp1"), QemuSettings())
+    assert json.loads(args[1]) == {
+        "type": "tap",
+        "id": "netdev-net0",
+        "vhost": False,
+        "ifname": "tap0",
+        "script": "no",
+        "downscript": "no",
+    }
+    assert json.loads(args[3]) == {
+        "driver": "virtio-net-pci",
+        "id": "net0",
+        "netdev": "netdev-net0",
+        "mac": "02:00:00:00:00:01",
+        "host_mtu": 9000,
+        "bus": "rp1",
+    }
+    share = device_args(Placed(SharedFsDevice("vol", "voltag", Path("/v"))), QemuSettings())
+    assert share[-1] == "virtio-9p-pci,id=vol,fsdev=fs-vol,mount_tag=voltag"
+
+
+def test_netdev_by_fds() -> None:
+    nic = NetDevice("net0", "02:00:00:00:00:01", tap_fds=(5,))
+    assert netdev_options(nic, ["fd-net0-0"])["fd"] == "fd-net0-0"
+    assert netdev_options(nic, None)["fd"] == "5"
+    multi = NetDevice("net1", "02:00:00:00:00:02", tap_fds=(5, 6))
+    assert netdev_options(multi, None)["fds"] == "5:6"
+    with pytest.raises(InvalidArgumentError, match="needs a tap name or tap fds"):
+        netdev_options(NetDevice("net2", "02:00:00:00:00:03"), None)
+
+
+def test_bad_disk_format() -> None:
+    disk = BlockDevice("blk0", Path("/d"), format="vmdk")
+    with pytest.raises(InvalidArgumentError, match="format 'vmdk' is not supported"):
+        device_args(Placed(disk, "rp0"), QemuSettings())
+
+
+def test_socket_path_too_long() -> None:
+    with pytest.raises(InvalidArgumentError, match="longer than 107 bytes"):
+        VmPaths.for_spec(spec(state_dir=Path("/" + "x" * 100)))
+
+
+def test_settings_from_adjusted_section() -> None:
+    section = {
+        "path": "/q",
+        "machine_type": "q35",
+        "accel": "kvm",
+        "cpu_model": "host",
+        "pcie_root_ports": 3,
+        "stop_timeout": 2.5,
+    }
+    settings = QemuSettings.from_section(section, "vsock")
+    assert (settings.binary, settings.accel, settings.cpu_model) == ("/q", "kvm", "host")
+    assert settings.root_ports == ["rp0", "rp1", "rp2"]
+    assert settings.stop_timeout == 2.5 and settings.agent_transport == "vsock"
