@@ -80,15 +80,26 @@ class Client:
         Leaving the block fails any call still pending and closes the stream.
         """
         client = cls(stream, max_message_size=max_message_size)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._writer.run)
-            nursery.start_soon(client._read_loop)
-            try:
-                yield client
-            finally:
-                client._close("client closed")
-                nursery.cancel_scope.cancel()
-                await trio.aclose_forcefully(stream)
+        body_error: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._writer.run)
+                nursery.start_soon(client._read_loop)
+                try:
+                    yield client
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:
+                    # re-raised below, outside the nursery, so the caller sees
+                    # its own exception rather than an ExceptionGroup around it
+                    body_error = exc
+                finally:
+                    client._close("client closed")
+                    nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(stream)
+        if body_error is not None:
+            raise body_error
 
     @property
     def closed(self) -> ConnectionClosed | None:
@@ -111,6 +122,7 @@ class Client:
         :class:`DeadlineExceeded`; an enclosing trio deadline is sent too.
         A non-OK status raises :class:`RpcError` carrying its code.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         deadline, body = self._envelope(service, method, request, timeout, metadata)
         call = _UnaryCall()
         with trio.CancelScope(deadline=deadline) as scope:
@@ -148,6 +160,7 @@ class Client:
         client-streaming call sends with ``stream.send`` and ends with
         ``stream.close_send()``. ``timeout`` bounds the whole block.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         deadline, body = self._envelope(service, method, request, timeout, metadata)
         flags = Flags.REMOTE_OPEN if client_streaming else Flags.REMOTE_CLOSED
         with trio.CancelScope(deadline=deadline) as scope:
@@ -195,7 +208,8 @@ class Client:
             payload=b"" if request is None else request.SerializeToString(),
         )
         if sent_deadline != math.inf:
-            remaining = sent_deadline - trio.current_time()
+            # -inf (already cancelled) or past: the smallest timeout there is
+            remaining = max(sent_deadline - trio.current_time(), 1e-9)
             envelope.timeout_nano = max(1, int(remaining * 1e9))
         if metadata:
             for key, values in metadata.items():

@@ -350,3 +350,44 @@ async def test_socketpair_carries_calls() -> None:
                 SERVICE, "Big", wrappers_pb2.Int64Value(value=3 << 20), wrappers_pb2.BytesValue
             )
     assert len(reply.value) == 3 << 20
+
+
+async def test_error_in_the_client_block_propagates_unwrapped() -> None:
+    client_end, _ = trio.testing.memory_stream_pair()
+    with pytest.raises(KeyError):
+        async with Client.open(client_end):
+            raise KeyError("from the body")
+
+
+async def test_outer_cancellation_passes_through_the_client_block() -> None:
+    client_end, _ = trio.testing.memory_stream_pair()
+    with trio.CancelScope() as scope:
+        async with Client.open(client_end):
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+
+
+async def test_call_inside_an_outer_deadline_sends_the_remaining_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server, _ = probe_server()
+    async with connected(server) as client:
+        with trio.move_on_after(7):
+            reply = await client.call(
+                SERVICE, "Sleep", wrappers_pb2.DoubleValue(value=0), wrappers_pb2.DoubleValue
+            )
+    assert 6.9 < reply.value <= 7
+
+
+async def test_call_in_an_already_cancelled_scope_is_cancelled_cleanly() -> None:
+    server, _ = probe_server()
+    async with connected(server) as client:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await client.call(SERVICE, "Echo", wrappers_pb2.StringValue(), wrappers_pb2.StringValue)
+        assert scope.cancelled_caught
+        reply = await client.call(
+            SERVICE, "Echo", wrappers_pb2.StringValue(value="after"), wrappers_pb2.StringValue
+        )
+    assert reply.value == "after"
