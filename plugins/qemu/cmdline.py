@@ -174,7 +174,7 @@ def build_argv(
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     argv += ["-append", kernel_append(spec, settings)]
-    argv += ["-chardev", f"file,id=console,path={_opt(paths.console)}"]
+    argv += ["-chardev", f"file,id=console,path={_opt(paths.console)},append=on"]
     argv += ["-serial", "chardev:console"]
     if qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off"]

@@ -409,6 +409,11 @@ class QemuHypervisor(Hypervisor):
                 f"qemu: restoring from {path} took longer than {timeout:g} s"
             ) from None
 
+    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run one QMP command and return its result (diagnostics and tests)."""
+        async with self._monitor() as qmp:
+            return await qmp.execute(command, arguments)
+
     # --- internals ----------------------------------------------------------------
 
     @asynccontextmanager

@@ -49,7 +49,7 @@ def test_q35_tcg_virtio_serial_argv() -> None:
         "-pidfile", f"{D}/qemu.pid",
         "-kernel", "/img/vmlinuz", "-initrd", "/img/initrd.img",
         "-append", KERNEL_CMDLINE + " debug",
-        "-chardev", f"file,id=console,path={D}/console.log", "-serial", "chardev:console",
+        "-chardev", f"file,id=console,path={D}/console.log,append=on", "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,fd=7,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
         "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
         "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=2",
@@ -103,7 +103,7 @@ def test_virtio_fs_is_refused_with_a_reason() -> None:
 
 def test_commas_in_paths_are_doubled() -> None:
     argv = build_argv(spec(shared_dir=Path("/a,b")), QemuSettings(), VmPaths(Path("/s,t")))
-    assert "file,id=console,path=/s,,t/console.log" in argv
+    assert "file,id=console,path=/s,,t/console.log,append=on" in argv
     assert "local,id=fs-shared,path=/a,,b,security_model=none" in argv
 
 

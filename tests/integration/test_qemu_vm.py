@@ -1,0 +1,264 @@
+"""The QEMU plugin with real QEMU (TCG here) and the real guest image.
+
+Each test boots one VM and runs several steps on it: a TCG boot costs
+seconds, and a trio run (one per test) cannot share a process with the next.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from plugins.qemu.driver import QemuHypervisor
+from shim.agent_client import AgentClient
+from shim.errors import HostError, VmmExitedError
+from shim.host import HostFacts
+from shim.hypervisor import BlockDevice, NetDevice, VmSpec, VmState
+from shim.state import process_alive
+from shim.transport import connect
+
+pytestmark = pytest.mark.integration
+
+IMAGE_DIR = Path("/var/lib/husk/images")
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+MARKER = "husk-init: "
+AGENT_MARKER = "agent started"
+
+
+@pytest.fixture(scope="session")
+def image() -> tuple[Path, Path]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (QEMU, taps)")
+    if not Path(QEMU).exists():
+        pytest.skip(f"{QEMU} not installed")
+    kernel, initrd = IMAGE_DIR / "vmlinuz", IMAGE_DIR / "initrd.img"
+    if not (kernel.exists() and initrd.exists()):
+        from guest.image import build_image
+
+        build_image(IMAGE_DIR)
+    return kernel, initrd
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="hqi", dir="/tmp"))  # short: socket paths
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def spec_for(workdir: Path, image: tuple[Path, Path], **kw: object) -> VmSpec:
+    shared = workdir / "shared"
+    shared.mkdir(exist_ok=True)
+    values: dict[str, object] = {
+        "sandbox_id": "it-" + workdir.name,
+        "state_dir": workdir / "sb",
+        "vcpus": 1,
+        "memory_mib": 512,
+        "kernel": image[0],
+        "initrd": image[1],
+        "shared_dir": shared,
+    }
+    values.update(kw)
+    return VmSpec(**values)  # type: ignore[arg-type]
+
+
+def driver(**section: object) -> QemuHypervisor:
+    values: dict[str, object] = {"path": QEMU, "accel": "tcg", "cpu_model": "max"}
+    values.update({"stop_timeout": 3.0, **section})
+    return QemuHypervisor(values, HostFacts.probe())
+
+
+async def wait_console(hv: QemuHypervisor, text: str, timeout: float = 60) -> float:
+    started = time.monotonic()
+    with trio.fail_after(timeout):
+        while text not in _console(hv):
+            await trio.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _console(hv: QemuHypervisor) -> str:
+    try:
+        return hv.paths.console.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+async def agent_answers(hv: QemuHypervisor, timeout: float) -> bool:
+    """Whether the guest agent answers Health.Check within ``timeout``.
+
+    Retried: after a pause or a restore the agent may still hold the host's
+    previous connection on the virtio-serial port for a moment.
+    """
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                stream = await connect(hv.agent_endpoint(), timeout)
+                async with AgentClient.open(stream) as agent:
+                    await agent.check(timeout=2.0)
+                    return True
+            except Exception:
+                await trio.sleep(0.2)
+    return False
+
+
+def qemu_pids(directory: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", str(directory)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture
+async def booted(
+    workdir: Path, image: tuple[Path, Path]
+) -> AsyncIterator[QemuHypervisor]:
+    hv = driver()
+    await hv.prepare(spec_for(workdir, image))
+    started = time.monotonic()
+    await hv.start(30)
+    print(f"boot to QMP: {time.monotonic() - started:.2f} s")
+    try:
+        yield hv
+    finally:
+        with trio.CancelScope(shield=True):
+            await hv.destroy()
+        assert not qemu_pids(workdir)
+
+
+async def test_boot_agent_pause_resume_stop_destroy(booted: QemuHypervisor, workdir: Path) -> None:
+    hv = booted
+    assert await hv.state() == VmState.RUNNING
+    assert (await hv.qmp("query-status"))["status"] == "running"
+    print(f"boot to console marker: {await wait_console(hv, AGENT_MARKER):.2f} s")
+    assert await agent_answers(hv, 30)
+
+    await hv.pause()
+    assert await hv.state() == VmState.PAUSED
+    assert not await agent_answers(hv, 1.0)
+    await hv.resume()
+    assert await hv.state() == VmState.RUNNING
+    assert await agent_answers(hv, 10)
+
+    pid = hv.pid
+    assert pid is not None
+    await hv.stop()
+    assert await hv.state() == VmState.STOPPED
+    assert not process_alive(pid)
+    await hv.destroy()
+    assert not hv.paths.dir.exists()
+    assert not qemu_pids(workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == ["sb", "shared"]
+    assert list((workdir / "sb").iterdir()) == []
+
+
+async def test_hotplug_disk_and_nic(booted: QemuHypervisor, workdir: Path) -> None:
+    hv = booted
+    await wait_console(hv, AGENT_MARKER)  # the guest's hot-plug driver is up
+    disk_path = workdir / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk_path), "16M"], check=True)
+    disk = BlockDevice("blk0", disk_path, serial="husktestdisk0")
+    await hv.add_device(disk)
+    blocks = await hv.qmp("query-block")
+    assert any("/blk0/" in b.get("qdev", "") for b in blocks), blocks
+    assert "blk0" in _pci_ids(await hv.qmp("query-pci"))
+    assert hv.devices[-1].bus == "rp0"
+
+    tap = "hqtap" + workdir.name[-6:]
+    subprocess.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap"], check=True)
+    try:
+        nic = NetDevice("net0", "02:11:22:33:44:55", tap_name=tap)
+        await hv.add_device(nic)
+        pci = _pci_ids(await hv.qmp("query-pci"))
+        assert "net0" in pci
+        started = time.monotonic()
+        await hv.remove_device(nic)
+        print(f"NIC hot-remove: {time.monotonic() - started:.2f} s")
+        assert "net0" not in _pci_ids(await hv.qmp("query-pci"))
+    finally:
+        subprocess.run(["ip", "link", "delete", tap], check=False)
+
+    await hv.remove_device(disk)
+    assert "blk0" not in _pci_ids(await hv.qmp("query-pci"))
+    nodes = [n["node-name"] for n in await hv.qmp("query-named-block-nodes")]
+    assert "drive-blk0" not in nodes
+    await hv.add_device(disk)  # the root port and the node name are free again
+    assert hv.devices[-1].bus == "rp0"
+
+
+def _pci_ids(buses: list[dict[str, object]]) -> set[str]:
+    found: set[str] = set()
+
+    def walk(devices: object) -> None:
+        for dev in devices if isinstance(devices, list) else []:
+            if dev.get("qdev_id"):
+                found.add(dev["qdev_id"])
+            bridge = dev.get("pci_bridge") or {}
+            walk(bridge.get("devices", []))
+
+    for bus in buses:
+        walk(bus["devices"])
+    return found
+
+
+async def test_save_restore_then_kill_9(booted: QemuHypervisor, workdir: Path) -> None:
+    hv = booted
+    await wait_console(hv, AGENT_MARKER)
+    assert await agent_answers(hv, 30)
+    state_file = workdir / "vm.state"
+    started = time.monotonic()
+    await hv.save(state_file)
+    print(f"save: {time.monotonic() - started:.2f} s, {state_file.stat().st_size >> 20} MiB")
+    assert await hv.state() == VmState.PAUSED
+    await hv.stop()
+    assert await hv.state() == VmState.STOPPED
+
+    started = time.monotonic()
+    await hv.restore(state_file, 60)
+    print(f"restore: {time.monotonic() - started:.2f} s")
+    assert await hv.state() == VmState.RUNNING
+    # the guest was not rebooted: no second init in the console log
+    assert _console(hv).count("init started") == 1
+    assert await agent_answers(hv, 30)
+
+    pid = hv.pid
+    assert pid is not None
+    woken: list[int | None] = []
+    async with trio.open_nursery() as nursery:
+
+        async def waiter() -> None:
+            woken.append(await hv.wait())
+
+        nursery.start_soon(waiter)
+        await trio.sleep(0.1)
+        os.kill(pid, 9)
+    assert woken == [-9]
+    assert await hv.state() == VmState.STOPPED
+
+
+async def test_one_line_errors_and_nothing_left(
+    workdir: Path, image: tuple[Path, Path]
+) -> None:
+    hv = driver()
+    with pytest.raises(HostError, match=r"guest kernel .* not found"):
+        await hv.prepare(spec_for(workdir, image, kernel=workdir / "missing"))
+
+    hv = driver(path=str(workdir / "no-qemu"))
+    with pytest.raises(HostError, match=r"qemu binary .* not found"):
+        await hv.prepare(spec_for(workdir, image))
+
+    hv = driver(machine_type="pc-nonexistent")
+    await hv.prepare(spec_for(workdir, image))
+    with pytest.raises(VmmExitedError) as info:
+        await hv.start(30)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "unsupported machine type" in message, message
+    assert not qemu_pids(workdir)
+    await hv.destroy()
+    assert not (workdir / "sb" / "qemu").exists()
