@@ -32,6 +32,7 @@ log = logging.getLogger("husk.agent.container")
 
 CONSOLE_TIMEOUT = 10.0
 EXIT_TIMEOUT = 10.0
+EXEC_TIMEOUT = 2.0
 _console_ids = itertools.count(1)
 
 RuncLaunch = Callable[[Sequence[int | None], str | None], Awaitable[None]]
@@ -112,6 +113,13 @@ def signal_handled(pid: int, signum: int) -> bool:
     return False
 
 
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 class Container:
     """A container created by runc, with its processes and the mounts made for it."""
 
@@ -182,8 +190,20 @@ class Container:
                 raise FailedPreconditionError(
                     f"container '{self.id}' is {self.status}, not created: it cannot be started"
                 )
+            before = _exe(self.init.pid)
             await self.rt.runc.start(self.id)
             self._status = "running"
+            await self._until_exec(before)
+
+    async def _until_exec(self, runc_exe: str | None) -> None:
+        """Wait (briefly) until ``runc init`` has exec'd the container's program.
+
+        ``runc start`` returns before that; a signal sent in between would reach
+        runc's Go runtime, which handles every signal, instead of the program.
+        """
+        with trio.move_on_after(EXEC_TIMEOUT):
+            while not self.init.exited and _exe(self.init.pid) == runc_exe:
+                await trio.sleep(0.005)
 
     async def exec(self, request: agent_pb2.ExecProcessRequest) -> Process:
         """``runc exec --detach`` one more process with its own stdio."""

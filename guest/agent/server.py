@@ -67,9 +67,18 @@ async def run(config: AgentConfig, addresses: Sequence[ListenAddress], on_destro
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
+        served = 0
         for address in addresses:
-            await nursery.start(serve, server, address)
+            try:
+                await nursery.start(serve, server, address)
+            except OSError as exc:
+                # e.g. /dev/vsock without a transport: the other channel may still work.
+                log.error("cannot listen on %s: %s", address, exc)
+                continue
+            served += 1
             log.info("serving on %s", address)
+        if not served:
+            raise OSError(f"the agent could not listen on any of {', '.join(map(str, addresses))}")
         nursery.start_soon(_stop_on_signal, service, stop)
         nursery.start_soon(_stop_when_destroyed, service, stop)
         await stop.wait()

@@ -136,8 +136,11 @@ class Agent:
 
 
 @asynccontextmanager
-async def running_agent() -> AsyncIterator[Agent]:
-    """Start the agent in host mode; on exit check it destroyed everything and exited."""
+async def running_agent(*, stop_with_sigterm: bool = False) -> AsyncIterator[Agent]:
+    """Start the agent in host mode; on exit check it destroyed everything and exited.
+
+    The agent is stopped by DestroySandbox, or by SIGTERM with ``stop_with_sigterm``.
+    """
     base = Path(tempfile.mkdtemp(prefix="husk-agent-"))
     sock = base / "agent.sock"
     cgroup_parent = f"/husk-test-{uuid.uuid4().hex[:8]}"
@@ -163,7 +166,10 @@ async def running_agent() -> AsyncIterator[Agent]:
                 cgroup_parent,
             )
             yield agent
-            await agent.agent.DestroySandbox(agent_pb2.DestroySandboxRequest(), timeout=60)
+            if stop_with_sigterm:
+                process.send_signal(signal.SIGTERM)
+            else:
+                await agent.agent.DestroySandbox(agent_pb2.DestroySandboxRequest(), timeout=60)
         with trio.fail_after(15):
             while process.poll() is None:
                 await trio.sleep(0.05)
@@ -422,3 +428,11 @@ async def test_rootfs_on_a_block_device() -> None:
             assert not is_mounted(mount_point)
         finally:
             subprocess.run(["losetup", "-d", loop], check=False)
+
+
+async def test_sigterm_removes_every_container_before_the_agent_exits() -> None:
+    async with running_agent(stop_with_sigterm=True) as a:
+        await create_sandbox(a)
+        await a.create("c13", ["sleep", "1000"])
+        await a.agent.StartContainer(agent_pb2.StartContainerRequest(container_id="c13"))
+        await a.create("c14", ["sleep", "1000"])  # created, never started
