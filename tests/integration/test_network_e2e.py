@@ -25,13 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.net_throughput import (
-    HUSK,
-    Pod,
-    import_busybox,
-    pod_netns,
-    private_containerd,
-)
+from bench.net_throughput import HUSK, Pod, import_busybox, pod_netns
+from tests.integration.conftest import CTR, Containerd
 from tests.integration.test_network import links, veth_state
 
 pytestmark = [
@@ -46,11 +41,19 @@ START_TIMEOUT = 240.0  # a TCG boot is slow
 
 @pytest.fixture(scope="module")
 def ctr_image() -> Iterator[tuple[list[str], str]]:
-    with (
-        tempfile.TemporaryDirectory(prefix="husk-net-e2e-") as tmp,
-        private_containerd(Path(tmp)) as ctr,
-    ):
-        yield ctr, import_busybox(ctr, Path(tmp))
+    """A containerd of its own (the suite's ``Containerd``) with husk on a temp state dir."""
+    state_root = Path(tempfile.mkdtemp(prefix="husk-net-", dir="/tmp"))
+    config = state_root.with_name(state_root.name + ".toml")
+    config.write_text(f'[runtime]\nstate_dir = "{state_root}"\nhypervisor = "qemu"\n')
+    base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+    daemon = Containerd(base, {"HUSK_CONFIG": str(config)})
+    try:
+        image = import_busybox([CTR, "--address", daemon.address], base)
+        yield [CTR, "--address", daemon.address], image
+    finally:
+        daemon.stop()
+        config.unlink(missing_ok=True)
+        shutil.rmtree(state_root, ignore_errors=True)
 
 
 @pytest.fixture
