@@ -141,6 +141,8 @@ class VmSpec:
     kernel_params: str = ""
     shared_dir: Path | None = None
     devices: Sequence[Device] = field(default_factory=tuple)
+    #: ``[agent.husk] transport`` as resolved by the config; "auto" lets the plugin pick
+    agent_transport: str = "auto"
 
 
 class Hypervisor(abc.ABC):
@@ -182,6 +184,10 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def agent_endpoint(self) -> AgentEndpoint:
         """Where the shim reaches the guest agent."""
+
+    async def wait(self) -> int | None:
+        """Return once the VMM process has exited, with its status (None if unknown)."""
+        raise NotSupportedError(self.name, "waiting for the VM to exit")
 
     async def pause(self) -> None:
         """Freeze the guest's vCPUs."""

@@ -80,6 +80,7 @@ def sandbox_factory(config: Config, namespace: str) -> Callable[[str], Sandbox]:
             initrd=Path(initrd) if initrd else None,
             kernel_params=str(section.get("kernel_params", "")),
             shared_dir=state.shared_dir,
+            agent_transport=config.agent.transport,
         )
         return Sandbox(
             state,

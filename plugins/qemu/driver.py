@@ -131,8 +131,8 @@ class QemuHypervisor(Hypervisor):
     # --- life -------------------------------------------------------------------
 
     async def prepare(self, spec: VmSpec) -> None:
-        transport = getattr(spec, "agent_transport", None)
-        if isinstance(transport, str) and transport != self.settings.agent_transport:
+        transport = spec.agent_transport
+        if transport != "auto" and transport != self.settings.agent_transport:
             self.settings = QemuSettings.from_section(self._section, transport)
         self._check_host(spec)
         paths = VmPaths.for_spec(spec)
