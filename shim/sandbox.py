@@ -35,6 +35,8 @@ ExitCallback = Callable[[Process], None]
 OomCallback = Callable[[str], None]
 
 DESTROY_TIMEOUT = 15.0
+#: how long the guest gets to stop its containers and power off by itself
+AGENT_POWEROFF_TIMEOUT = 5.0
 #: how long an exited process's output may still drain before Wait returns
 IO_DRAIN_TIMEOUT = 10.0
 
@@ -122,6 +124,18 @@ class Sandbox:
                     self._ready.set()
                     await self._stop.wait()
                     nursery.cancel_scope.cancel()
+                await self._power_off_guest(agent)
+
+    async def _power_off_guest(self, agent: AgentClient) -> None:
+        # The guest ignores ACPI powerdown; DestroySandbox makes it stop its
+        # containers and power itself off, so the VMM's stop finds it gone
+        # instead of waiting out each of its escalation timeouts.
+        self._agent = None
+        with trio.move_on_after(AGENT_POWEROFF_TIMEOUT):
+            try:
+                await agent.destroy_sandbox()
+            except (RpcError, HuskError) as e:
+                log.debug("sandbox %s: DestroySandbox: %s", self.id, e)
 
     async def ready(self) -> None:
         """Wait for the boot to finish; raise its error if it failed."""

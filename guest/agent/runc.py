@@ -29,10 +29,15 @@ class RuncError(HuskError):
 class Runc:
     """Runs ``runc`` with one state root."""
 
-    def __init__(self, reaper: Reaper, binary: str, root: Path) -> None:
+    def __init__(
+        self, reaper: Reaper, binary: str, root: Path, *, no_pivot: bool | None = None
+    ) -> None:
         self.reaper = reaper
         self.binary = binary
         self.root = root
+        # pivot_root(2) refuses to move an initramfs (rootfs cannot be
+        # unmounted), so in the guest runc must switch roots with MS_MOVE.
+        self.no_pivot = root_is_initramfs() if no_pivot is None else no_pivot
 
     def _argv(self, log_file: Path | None, *args: str) -> list[str]:
         argv = [self.binary, "--root", str(self.root)]
@@ -78,6 +83,8 @@ class Runc:
     ) -> None:
         """``runc create``: set up the container, its init process waiting for start."""
         args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
+        if self.no_pivot:
+            args.append("--no-pivot")
         if console_socket:
             args += ["--console-socket", console_socket]
         await self._run_detached(cid, "create", bundle / "runc.log", [*args, cid], stdio)
@@ -135,6 +142,20 @@ class Runc:
     def exists(self, cid: str) -> bool:
         """Whether runc has state for ``cid`` under this root."""
         return (self.root / cid / "state.json").exists()
+
+
+def root_is_initramfs(mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """True when ``/`` is the kernel's initramfs (fs type rootfs or ramfs)."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/" and " - " in line:
+            fstype = line.split(" - ", 1)[1].split()[0]
+            return fstype in ("rootfs", "ramfs")
+    return False
 
 
 def last_error(log_file: Path, since: int = 0) -> str:
