@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
+import outcome
 import trio
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
@@ -49,14 +50,20 @@ _MAX_STREAM_ID = 0xFFFFFFFF
 
 
 class _UnaryCall:
-    """A unary call waiting for its one response frame."""
+    """A unary call parked until its one response frame (or a failure) arrives.
 
-    __slots__ = ("error", "event", "frame")
+    The reader hands the outcome straight to the parked task with
+    ``trio.lowlevel.reschedule``: no Event, no channel, one wake-up per call.
+    """
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.frame: Frame | None = None
-        self.error: ConnectionClosed | RpcError | None = None
+    __slots__ = ("task",)
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+
+    def resolve(self, result: outcome.Outcome[Frame]) -> None:
+        """Wake the caller with ``result`` (the caller is parked, never twice)."""
+        trio.lowlevel.reschedule(self.task, result)
 
 
 class Client:
@@ -124,22 +131,16 @@ class Client:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         deadline, body = self._envelope(service, method, request, timeout, metadata)
-        call = _UnaryCall()
-        with trio.CancelScope(deadline=deadline) as scope:
-            await self._writer.wait_writable()
-            stream_id = self._allocate_stream_id()
-            self._pending[stream_id] = call
-            try:
-                self._writer.send_nowait(stream_id, MessageType.REQUEST, 0, body)
-                await call.event.wait()
-            finally:
-                self._pending.pop(stream_id, None)
-        if scope.cancelled_caught:
-            raise DeadlineExceeded(f"{service}/{method} did not answer within {timeout}s")
-        if call.error is not None:
-            raise call.error
-        assert call.frame is not None
-        return _unary_result(call.frame, response_type)
+        if deadline == math.inf:
+            # no local deadline: an enclosing scope still cancels the wait, and
+            # a CancelScope per call would cost as much as the rest of the call
+            frame = await self._round_trip(body)
+        else:
+            with trio.CancelScope(deadline=deadline) as scope:
+                frame = await self._round_trip(body)
+            if scope.cancelled_caught:
+                raise DeadlineExceeded(f"{service}/{method} did not answer within {timeout}s")
+        return _unary_result(frame, response_type)
 
     @asynccontextmanager
     async def open_stream(
@@ -188,6 +189,27 @@ class Client:
         await trio.aclose_forcefully(self._stream)
 
     # -- internals ------------------------------------------------------------
+
+    async def _round_trip(self, body: bytes) -> Frame:
+        """Send one request and park until its response frame; raise on failure."""
+        await self._writer.wait_writable()
+        stream_id = self._allocate_stream_id()
+        pending = self._pending
+        pending[stream_id] = _UnaryCall(trio.lowlevel.current_task())
+        try:
+            self._writer.send_nowait(stream_id, MessageType.REQUEST, 0, body)
+        except BaseException:
+            del pending[stream_id]
+            raise
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            # cancelled while parked: forget the call now, so the reader can
+            # never wake a task that is already being woken with Cancelled
+            pending.pop(stream_id, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        frame: Frame = await trio.lowlevel.wait_task_rescheduled(abort)
+        return frame
 
     def _envelope(
         self,
@@ -262,8 +284,7 @@ class Client:
                 self._log_stray(frame)
             elif type(target) is _UnaryCall:
                 del pending[frame.stream_id]
-                target.frame = frame
-                target.event.set()
+                target.resolve(outcome.Value(frame))
             else:
                 assert isinstance(target, ClientStream)
                 await target.inbox.put(frame)
@@ -282,8 +303,7 @@ class Client:
     def _fail_stream(self, stream_id: int, error: RpcError) -> None:
         target = self._pending.pop(stream_id, None)
         if type(target) is _UnaryCall:
-            target.error = error
-            target.event.set()
+            target.resolve(outcome.Error(error))
         elif isinstance(target, ClientStream):
             target.inbox.close(error)
 

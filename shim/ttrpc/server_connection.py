@@ -202,10 +202,14 @@ class ServerConnection:
     ) -> None:
         try:
             request = decode(spec.request_type, payload)
-            with trio.CancelScope(deadline=context.deadline) as scope:
+            if context.deadline == math.inf:
+                # the common case; a CancelScope per call costs ~3 us for nothing
                 response = await spec.handler(request, context)
-            if scope.cancelled_caught:
-                raise trio.TooSlowError(f"{spec.service}/{spec.name} exceeded its deadline")
+            else:
+                with trio.CancelScope(deadline=context.deadline) as scope:
+                    response = await spec.handler(request, context)
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError(f"{spec.service}/{spec.name} exceeded its deadline")
             body = _encode_result(spec, response)
         except Exception as exc:
             self._answer_exception(stream_id, spec, exc)
