@@ -79,7 +79,8 @@ def pod_netns() -> Iterator[Pod]:
     """A CNI-style namespace, removed (with its veth) on the way out."""
     tag = uuid.uuid4().hex[:6]
     name, host = f"husk-bench-{tag}", f"hb{tag}"
-    host_ip, pod_ip = "10.214.0.1", "10.214.0.2"
+    subnet = int(tag[:2], 16)  # another run at the same time most likely has another
+    host_ip, pod_ip = f"10.214.{subnet}.1", f"10.214.{subnet}.2"
     try:
         _ip("netns", "add", name)
         _ip("link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", name)
