@@ -1,8 +1,9 @@
 """One accepted ttrpc connection: reads requests, runs handlers, answers.
 
-Every call runs in the connection's nursery, so a slow call never blocks the
-others. When the client goes away, its running calls are cancelled (containerd
-cancels their contexts the same way); on ``drain()`` they are left to finish.
+Every call runs in a task of the connection's nursery (unary calls on reused
+worker tasks, see ``workers``), so a slow call never blocks the others. When
+the client goes away, its running calls are cancelled (containerd cancels
+their contexts the same way); on ``drain()`` they are left to finish.
 Hostile input is answered, skipped or ends this connection alone, each
 with a logged reason:
 
@@ -39,6 +40,7 @@ from shim.ttrpc.frame import Flags, Frame, FrameReader, MessageType
 from shim.ttrpc.service import CallContext, MethodSpec, ServiceRegistry
 from shim.ttrpc.status import code_and_message
 from shim.ttrpc.stream import ServerStream, decode
+from shim.ttrpc.workers import WorkerPool
 from shim.ttrpc.writer import FrameWriter
 
 log = logging.getLogger("husk.ttrpc")
@@ -64,6 +66,7 @@ class ServerConnection:
         self._scope = trio.CancelScope()
         self._read_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._workers: WorkerPool | None = None
 
     @property
     def active_calls(self) -> int:
@@ -76,6 +79,7 @@ class ServerConnection:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    self._workers = WorkerPool(nursery)
                     nursery.start_soon(self._writer.run)
                     with self._read_scope:
                         reason = await self._read_loop()
@@ -161,11 +165,11 @@ class ServerConnection:
             log.info("ttrpc: stream %d refused: %s", stream_id, exc)
             self._answer(stream_id, exc.code, str(exc))
             return
-        assert self._nursery is not None
+        assert self._nursery is not None and self._workers is not None
         self._active += 1
         context = _call_context(request)
         if spec.is_unary:
-            self._nursery.start_soon(self._serve_unary, stream_id, spec, context, request.payload)
+            self._workers.submit(self._serve_unary, stream_id, spec, context, request.payload)
         else:
             stream = ServerStream(spec, context, self._writer, stream_id)
             if request.payload or not spec.client_streaming:
@@ -249,6 +253,8 @@ class ServerConnection:
         if self._draining and self._active == 0:
             self._read_scope.cancel()
             self._writer.close("ttrpc server shut down")
+            if self._workers is not None:
+                self._workers.close()
 
     # -- answering ------------------------------------------------------------
 
