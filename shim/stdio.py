@@ -26,6 +26,8 @@ from shim.ttrpc import ConnectionClosed, RpcError
 log = logging.getLogger("husk.stdio")
 
 STDIN_CHUNK = 32 * 1024
+#: how long CloseIO waits for the FIFO's remaining bytes to reach the guest
+STDIN_DRAIN_TIMEOUT = 5.0
 OPEN_RETRY = 0.01
 
 
@@ -73,6 +75,11 @@ class StdioPump:
         self.output_done = trio.Event()
         self._stdin_scope = trio.CancelScope()
         self._stdin_closed = False
+        # CloseIO must not drop bytes the client already wrote into the FIFO:
+        # it interrupts a blocking read, and the loop then drains what is left.
+        self._close_requested = False
+        self._read_scope: trio.CancelScope | None = None
+        self._stdin_done = trio.Event()
 
     async def run(self) -> None:
         """Copy until both outputs reach EOF; stdin copying stops then too."""
@@ -89,8 +96,14 @@ class StdioPump:
             self.output_done.set()
 
     async def close_stdin(self) -> None:
-        """``CloseIO``: stop reading the stdin FIFO and tell the agent stdin is closed."""
-        self._stdin_scope.cancel()
+        """``CloseIO``: forward what the stdin FIFO still holds, then close stdin in the guest."""
+        self._close_requested = True
+        if self.paths.stdin and not self._stdin_done.is_set():
+            if self._read_scope is not None:
+                self._read_scope.cancel()
+            with trio.move_on_after(STDIN_DRAIN_TIMEOUT):
+                await self._stdin_done.wait()
+            self._stdin_scope.cancel()
         await self._send_close_stdin()
 
     async def resize(self, rows: int, cols: int) -> None:
@@ -107,21 +120,35 @@ class StdioPump:
             log.debug("%s/%s: CloseStdin: %s", self._container_id, self._exec_id, e)
 
     async def _stdin(self) -> None:
-        with self._stdin_scope:
-            fifo = await open_reader(self.paths.stdin)
-            async with fifo:
-                while True:
-                    data = await fifo.receive_some(STDIN_CHUNK)
-                    if not data:
-                        break
-                    try:
-                        await self._write_all(bytes(data))
-                    except (RpcError, ConnectionClosed, trio.BrokenResourceError) as e:
-                        # the process is gone or closed its stdin: nothing more to copy
-                        log.debug("%s: stdin: %s", self._container_id, e)
-                        return
-        if not self._stdin_scope.cancelled_caught:
-            await self._send_close_stdin()
+        try:
+            with self._stdin_scope:
+                fifo = await open_reader(self.paths.stdin)
+                async with fifo:
+                    while True:
+                        data = await self._next_stdin_chunk(fifo)
+                        if not data:
+                            break
+                        try:
+                            await self._write_all(data)
+                        except (RpcError, ConnectionClosed, trio.BrokenResourceError) as e:
+                            # the process is gone or closed its stdin: nothing more to copy
+                            log.debug("%s: stdin: %s", self._container_id, e)
+                            return
+            if not self._stdin_scope.cancelled_caught:
+                await self._send_close_stdin()
+        finally:
+            self._stdin_done.set()
+
+    async def _next_stdin_chunk(self, fifo: trio.lowlevel.FdStream) -> bytes:
+        """The next bytes from the FIFO; after CloseIO, only what it already holds."""
+        if not self._close_requested:
+            with trio.CancelScope() as self._read_scope:
+                return bytes(await fifo.receive_some(STDIN_CHUNK))
+            self._read_scope = None
+        try:
+            return os.read(fifo.fileno(), STDIN_CHUNK)  # the FdStream's fd is non-blocking
+        except BlockingIOError:
+            return b""
 
     async def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
