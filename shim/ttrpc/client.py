@@ -36,7 +36,14 @@ from shim.ttrpc.errors import (
     RpcError,
     TruncatedFrame,
 )
-from shim.ttrpc.frame import MAX_MESSAGE_SIZE, Flags, Frame, FrameReader, MessageType
+from shim.ttrpc.frame import (
+    DISPATCH_BURST,
+    MAX_MESSAGE_SIZE,
+    Flags,
+    Frame,
+    FrameReader,
+    MessageType,
+)
 from shim.ttrpc.status import error_from_status
 from shim.ttrpc.stream import ClientStream, decode
 from shim.ttrpc.writer import FrameWriter
@@ -270,6 +277,7 @@ class Client:
 
     async def _dispatch_frames(self) -> str:
         pending = self._pending
+        burst = 0
         while True:
             try:
                 frame = await self._reader.receive()
@@ -285,6 +293,10 @@ class Client:
             elif type(target) is _UnaryCall:
                 del pending[frame.stream_id]
                 target.resolve(outcome.Value(frame))
+                burst += 1
+                if burst == DISPATCH_BURST:
+                    burst = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
             else:
                 assert isinstance(target, ClientStream)
                 await target.inbox.put(frame)

@@ -36,7 +36,7 @@ from shim.ttrpc.errors import (
     TruncatedFrame,
     UnknownMethod,
 )
-from shim.ttrpc.frame import Flags, Frame, FrameReader, MessageType
+from shim.ttrpc.frame import DISPATCH_BURST, Flags, Frame, FrameReader, MessageType
 from shim.ttrpc.service import CallContext, MethodSpec, ServiceRegistry
 from shim.ttrpc.status import code_and_message
 from shim.ttrpc.stream import ServerStream, decode
@@ -102,6 +102,7 @@ class ServerConnection:
     async def _read_loop(self) -> str:
         """Dispatch frames until the connection ends; return why it ended."""
         reader = self._reader
+        burst = 0
         while True:
             await self._writer.wait_writable()
             try:
@@ -119,6 +120,10 @@ class ServerConnection:
             message_type = frame.message_type
             if message_type == MessageType.REQUEST:
                 self._on_request(frame)
+                burst += 1
+                if burst == DISPATCH_BURST:
+                    burst = 0
+                    await trio.lowlevel.cancel_shielded_checkpoint()
             elif message_type == MessageType.DATA:
                 await self._on_data(frame)
             else:
