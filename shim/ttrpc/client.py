@@ -28,6 +28,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from agent_proto import ttrpc_pb2
 from shim.ttrpc.codes import Code
+from shim.ttrpc.envelope import encode_request, ok_response_payload
 from shim.ttrpc.errors import (
     ConnectionClosed,
     DeadlineExceeded,
@@ -231,20 +232,18 @@ class Client:
             raise self._closed
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         sent_deadline = min(deadline, trio.current_effective_deadline())
-        envelope = ttrpc_pb2.Request(
-            service=service,
-            method=method,
-            payload=b"" if request is None else request.SerializeToString(),
-        )
+        payload = b"" if request is None else request.SerializeToString()
+        timeout_nano = 0
         if sent_deadline != math.inf:
             # -inf (already cancelled) or past: the smallest timeout there is
             remaining = max(sent_deadline - trio.current_time(), 1e-9)
-            envelope.timeout_nano = max(1, int(remaining * 1e9))
+            timeout_nano = max(1, int(remaining * 1e9))
+        pairs: list[tuple[str, str]] = []
         if metadata:
             for key, values in metadata.items():
                 for value in [values] if isinstance(values, str) else values:
-                    envelope.metadata.add(key=key, value=value)
-        body = envelope.SerializeToString()
+                    pairs.append((key, value))
+        body = encode_request(service, method, payload, timeout_nano, pairs)
         self._writer.check_size(len(body))
         return deadline, body
 
@@ -331,11 +330,14 @@ class Client:
 def _unary_result(frame: Frame, response_type: type[M]) -> M:
     if frame.message_type != MessageType.RESPONSE:
         raise ProtocolError(f"unexpected message type {frame.message_type} for a unary call")
-    response = decode(ttrpc_pb2.Response, frame.payload)
-    error = error_from_status(response.status)
-    if error is not None:
-        raise error
-    return decode(response_type, response.payload)
+    payload = ok_response_payload(frame.payload)
+    if payload is None:  # an error, or a shape the fast path leaves to protobuf
+        response = decode(ttrpc_pb2.Response, frame.payload)
+        error = error_from_status(response.status)
+        if error is not None:
+            raise error
+        payload = response.payload
+    return decode(response_type, payload)
 
 
 class Stub:

@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 from agent_proto import status_pb2, ttrpc_pb2
 from shim.ttrpc.codes import Code
+from shim.ttrpc.envelope import encode_ok_response
 from shim.ttrpc.errors import (
     ConnectionClosed,
     FrameTooLarge,
@@ -45,7 +46,6 @@ from shim.ttrpc.writer import FrameWriter
 
 log = logging.getLogger("husk.ttrpc")
 
-_OK_STATUS = status_pb2.Status()
 _STREAM_END = Flags.REMOTE_CLOSED | Flags.NO_DATA
 
 
@@ -277,7 +277,7 @@ class ServerConnection:
         self._send(stream_id, MessageType.RESPONSE, 0, body)
 
     def _respond(self, stream_id: int, payload: bytes) -> None:
-        body = ttrpc_pb2.Response(status=_OK_STATUS, payload=payload).SerializeToString()
+        body = encode_ok_response(payload)
         try:
             self._writer.check_size(len(body))
         except RpcError as exc:
@@ -295,8 +295,9 @@ class ServerConnection:
 
 def _call_context(request: ttrpc_pb2.Request) -> CallContext:
     metadata: dict[str, list[str]] = {}
-    for pair in request.metadata:
-        metadata.setdefault(pair.key, []).append(pair.value)
+    if request.metadata:  # usually empty; iterating costs even then
+        for pair in request.metadata:
+            metadata.setdefault(pair.key, []).append(pair.value)
     timeout = request.timeout_nano
     deadline = trio.current_time() + timeout / 1e9 if timeout else math.inf
     return CallContext(request.service, request.method, metadata, deadline)
