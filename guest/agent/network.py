@@ -1,19 +1,27 @@
 """Guest networking with the ``ip`` command (busybox's in the guest): links, addresses, routes.
 
 The guest has no netlink library; ``ip -o`` output is stable enough to parse,
-and the parsers are pure functions with their own tests.
+and the parsers are pure functions with their own tests. Static neighbours,
+which busybox ``ip`` cannot add, go over rtnetlink (``guest.agent.netlink``).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import ipaddress
 import itertools
+import logging
 import re
 
+import trio
+
 from agent_proto import agent_pb2, types_pb2
-from guest.agent import command
+from guest.agent import command, netlink
 from guest.agent.reaper import Reaper
 from shim.errors import InvalidArgumentError, NotFoundError
+
+log = logging.getLogger("husk.agent.network")
 
 IP = "ip"
 
@@ -90,6 +98,39 @@ def parse_routes(text: str, family: int) -> list[types_pb2.Route]:
     return routes
 
 
+_ROUTE_TYPES = frozenset(
+    {
+        "unicast",
+        "local",
+        "broadcast",
+        "multicast",
+        "anycast",
+        "unreachable",
+        "blackhole",
+        "prohibit",
+        "throw",
+        "nat",
+    }
+)
+
+
+def removable_routes(text: str) -> list[list[str]]:
+    """Selectors (``DEST [via GW]``) of the routes in ``ip route show dev X`` that
+    ``UpdateRoutes`` replaces: all but the kernel's own (``proto kernel``)."""
+    selectors = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words or ("proto", "kernel") in itertools.pairwise(words):
+            continue
+        # a typed route ("unreachable 10.0.0.0/8") keeps its type in the selector
+        selector = words[:2] if words[0] in _ROUTE_TYPES and len(words) > 1 else words[:1]
+        for key, value in itertools.pairwise(words):
+            if key == "via":
+                selector += ["via", value]
+        selectors.append(selector)
+    return selectors
+
+
 def _prefix(address: types_pb2.IPAddress) -> str:
     try:
         ip = ipaddress.ip_address(address.address)
@@ -155,10 +196,19 @@ class Network:
     async def update_routes(self, routes: list[types_pb2.Route]) -> agent_pb2.Routes:
         """Replace the routes of the links named in ``routes`` with ``routes``.
 
-        Link-scope routes go first so that gateways are reachable.
+        The kernel's own routes (``proto kernel``: the subnet of each address,
+        IPv6 link-local) stay, as in Kata's agent; a route in ``routes`` with
+        the same destination replaces one. Link-scope routes go first so that
+        gateways are reachable.
         """
         for device in sorted({r.device for r in routes if r.device}):
-            await self._ip("route", "flush", "dev", device)
+            for family in ("-4", "-6"):
+                shown = await self._ip(family, "route", "show", "dev", device)
+                for selector in removable_routes(shown):
+                    try:
+                        await self._ip(family, "route", "del", *selector, "dev", device)
+                    except command.CommandError as e:
+                        log.info("keeping route %s: %s", " ".join(selector), e)
         ordered = sorted(routes, key=lambda r: 0 if not r.gateway else 1)
         for route in ordered:
             args = ["-6"] if route.family == types_pb2.IPFamily.v6 else []
@@ -175,11 +225,35 @@ class Network:
         return await self.list_routes()
 
     async def add_arp_neighbors(self, neighbors: list[types_pb2.ARPNeighbor]) -> None:
-        """``ip neigh replace`` each neighbour (permanent)."""
+        """Add or replace each neighbour (permanent unless it says otherwise).
+
+        Over rtnetlink (``guest.agent.netlink``): busybox ``ip neigh`` cannot add.
+        """
         for n in neighbors:
-            if not n.toIPAddress.address or not n.device:
+            address, device = n.toIPAddress.address, n.device
+            if not address or not device:
                 raise InvalidArgumentError("an ARP neighbour needs an IP address and a device")
-            args = ["neigh", "replace", n.toIPAddress.address, "dev", n.device]
-            if n.lladdr:
-                args += ["lladdr", n.lladdr]
-            await self._ip(*args, "nud", "permanent")
+            try:
+                ipaddress.ip_address(address)
+                if n.lladdr:
+                    netlink.mac_bytes(n.lladdr)
+            except ValueError as e:
+                raise InvalidArgumentError(f"ARP neighbour on {device}: {e}") from None
+            try:
+                await trio.to_thread.run_sync(
+                    functools.partial(
+                        netlink.replace_neighbor,
+                        device,
+                        address,
+                        n.lladdr,
+                        state=n.state or netlink.NUD_PERMANENT,
+                        flags=n.flags,
+                    )
+                )
+            except OSError as e:
+                if e.errno == errno.ENODEV or "no interface" in str(e):
+                    raise NotFoundError(f"guest interface '{device}' not found") from None
+                raise InvalidArgumentError(
+                    f"cannot add neighbour {address} ({n.lladdr or 'no lladdr'}) on {device}: "
+                    f"{e.strerror or e}"
+                ) from None
