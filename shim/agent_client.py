@@ -24,7 +24,7 @@ import trio
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from agent_proto import agent_pb2, health_pb2
+from agent_proto import agent_pb2, health_pb2, types_pb2
 from shim.errors import DeadlineExceededError
 from shim.hypervisor import AgentEndpoint
 from shim.transport import connect, describe
@@ -195,6 +195,23 @@ class AgentClient:
         """``StatsContainer``: the container's cgroup statistics."""
         request = agent_pb2.StatsContainerRequest(container_id=container_id)
         return await self._agent("StatsContainer", request, agent_pb2.StatsContainerResponse)
+
+    # -- network ----------------------------------------------------------------
+
+    async def update_interface(self, interface: types_pb2.Interface) -> types_pb2.Interface:
+        """``UpdateInterface``: name, MTU and addresses of the guest NIC with that MAC."""
+        request = agent_pb2.UpdateInterfaceRequest(interface=interface)
+        return await self._agent("UpdateInterface", request, types_pb2.Interface)
+
+    async def update_routes(self, routes: agent_pb2.Routes) -> agent_pb2.Routes:
+        """``UpdateRoutes``: replace the routes of the devices named; the guest's table."""
+        request = agent_pb2.UpdateRoutesRequest(routes=routes)
+        return await self._agent("UpdateRoutes", request, agent_pb2.Routes)
+
+    async def add_arp_neighbors(self, neighbors: agent_pb2.ARPNeighbors) -> None:
+        """``AddARPNeighbors``: static neighbour entries in the guest."""
+        request = agent_pb2.AddARPNeighborsRequest(neighbors=neighbors)
+        await self._agent("AddARPNeighbors", request, empty_pb2.Empty)
 
     # -- stdio ------------------------------------------------------------------
 

@@ -16,13 +16,17 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from shim import mounts
+from shim import mounts, network
 from shim.state import (
     DIR,
     FILE,
     MOUNT,
+    NET_INGRESS,
+    NET_TAP,
     PROCESS,
     SOCKET_FILE,
     TAP,
@@ -72,7 +76,6 @@ def kill_and_wait(pids: list[int], timeout: float = KILL_WAIT) -> list[int]:
     return left
 
 
-
 def reclaim(state: SandboxState, *, kill_shim: bool = False) -> list[str]:
     """Remove every host resource of the sandbox and its state dir.
 
@@ -106,6 +109,8 @@ def _remove(resource: Resource) -> list[str]:
     try:
         if resource.kind == MOUNT:
             mounts.unmount(resource.path)
+        elif resource.kind in (NET_TAP, NET_INGRESS):
+            network.reclaim(network_entry(resource))
         elif resource.kind == TAP:
             subprocess.run(
                 ["ip", "link", "delete", resource.name],
@@ -116,9 +121,23 @@ def _remove(resource: Resource) -> list[str]:
             Path(resource.path).unlink(missing_ok=True)
         elif resource.kind == DIR:
             shutil.rmtree(resource.path, ignore_errors=True)
-    except (OSError, mounts.MountError) as e:
+    except (OSError, mounts.MountError, network.NetworkError) as e:
         return [f"{resource.describe()}: {e}"]
     return []
+
+
+def network_entry(resource: Resource) -> dict[str, str]:
+    """The ``shim.network`` record a ``net-*`` resource stands for."""
+    return {
+        "kind": resource.kind.removeprefix("net-"),
+        "netns": resource.path,
+        "name": resource.name,
+    }
+
+
+def network_resource(entry: Mapping[str, Any]) -> Resource:
+    """The resource to record for a ``shim.network`` record (``tap`` or ``ingress``)."""
+    return Resource(kind=f"net-{entry['kind']}", path=str(entry["netns"]), name=str(entry["name"]))
 
 
 def orphans(root: Path) -> list[SandboxState]:

@@ -28,15 +28,23 @@ SHARED = "shared"
 PROCESS = "process"
 MOUNT = "mount"
 TAP = "tap"
+#: a tap in the pod's network namespace (``path`` is the netns, as ``shim.network`` records it)
+NET_TAP = "net-tap"
+#: an ingress qdisc + redirect husk put on a pod interface (``path`` is the netns)
+NET_INGRESS = "net-ingress"
 SOCKET_FILE = "socket"
 FILE = "file"
 DIR = "dir"
-KINDS = (PROCESS, MOUNT, TAP, SOCKET_FILE, FILE, DIR)
+KINDS = (PROCESS, MOUNT, TAP, NET_TAP, NET_INGRESS, SOCKET_FILE, FILE, DIR)
 
 
 @dataclass(frozen=True)
 class Resource:
-    """One host resource: a process, a mount, a tap, a socket, a file or a directory."""
+    """One host resource: a process, a mount, a tap, a socket, a file or a directory.
+
+    The network kinds (``net-tap``, ``net-ingress``) live in a pod's namespace:
+    ``path`` is that namespace and ``name`` the link.
+    """
 
     kind: str
     path: str = ""
@@ -51,6 +59,9 @@ class Resource:
             return f"process {self.pid}" + (f" ({self.name})" if self.name else "")
         if self.kind == TAP:
             return f"tap {self.name}"
+        if self.kind in (NET_TAP, NET_INGRESS):
+            what = "tap" if self.kind == NET_TAP else "ingress redirect on"
+            return f"{what} {self.name} in netns {self.path}"
         return f"{self.kind} {self.path}"
 
 

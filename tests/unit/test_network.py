@@ -301,3 +301,14 @@ def test_a_file_that_is_not_a_netns_is_refused(tmp_path: Any) -> None:
     path.write_text("")
     with pytest.raises(NetworkError, match=f"^{path} is not a network namespace$"):
         setup(str(path), lambda entry: None)
+
+
+def test_network_records_round_trip_through_the_sandbox_state() -> None:
+    from shim import cleanup
+
+    entry = {"kind": "ingress", "netns": "/run/netns/p", "name": "eth0", "ifindex": 2}
+    resource = cleanup.network_resource(entry)
+    assert (resource.kind, resource.path, resource.name) == ("net-ingress", "/run/netns/p", "eth0")
+    assert resource.describe() == "ingress redirect on eth0 in netns /run/netns/p"
+    assert cleanup.network_entry(resource) == {k: entry[k] for k in ("kind", "netns", "name")}
+    assert is_network_entry(cleanup.network_entry(resource))
