@@ -1,10 +1,12 @@
 """A sandbox: one VM, its guest agent, and the containers running in it.
 
 ``Sandbox.run`` owns the sandbox's whole life in one task of the shim's
-nursery: it boots the VM through the injected :class:`Hypervisor`, connects to
-the agent, calls ``CreateSandbox``, then hosts the background work of its
-containers (exit waiters, stdio pumps) in its own nursery until ``stop()``;
-on the way out it destroys the VM and reclaims every recorded host resource.
+nursery: it plumbs the pod network's taps (:class:`SandboxNetwork`), boots the
+VM through the injected :class:`Hypervisor`, connects to the agent, calls
+``CreateSandbox``, hot-adds the pod's NICs and configures them in the guest,
+then hosts the background work of its containers (exit waiters, stdio pumps)
+in its own nursery until ``stop()``; on the way out it destroys the VM,
+removes the taps and reclaims every recorded host resource.
 The task service awaits ``ready()`` before using it; a boot failure is raised
 there, once, as the one-line error it is.
 """
@@ -23,6 +25,7 @@ from shim.agent_client import AgentClient, wait_ready
 from shim.container import KILLED_STATUS, Container, Process, Status
 from shim.errors import FailedPreconditionError, HuskError, NotFoundError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSpec
+from shim.sandbox_network import SandboxNetwork
 from shim.state import SandboxState
 from shim.stdio import StdioPaths, StdioPump
 from shim.transport import connect
@@ -54,6 +57,7 @@ class Sandbox:
         dial_timeout: float,
         request_timeout: float,
         shared_fs: str = "9p",
+        network: SandboxNetwork | None = None,
         dial: Dial = connect,
     ) -> None:
         self.id = state.id
@@ -64,6 +68,8 @@ class Sandbox:
         self.dial_timeout = dial_timeout
         self.request_timeout = request_timeout
         self.shared_fs = shared_fs
+        #: the pod network; without one the guest has only loopback
+        self.network = network if network is not None else SandboxNetwork(None, state)
         self._dial = dial
         self.containers: dict[str, Container] = {}
         self.on_exit: ExitCallback = lambda process: None
@@ -99,6 +105,7 @@ class Sandbox:
     async def _boot_and_serve(self, started: float) -> None:
         with trio.CancelScope() as scope:
             self._scope = scope
+            await self.network.prepare()
             await self.hypervisor.prepare(self.vm_spec)
             await self.hypervisor.start(self.boot_timeout)
             async with wait_ready(
@@ -117,6 +124,7 @@ class Sandbox:
                         sandbox_id=self.id,
                     )
                 )
+                await self.network.attach(self.hypervisor, agent)
                 self._agent = agent
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -166,6 +174,7 @@ class Sandbox:
                 log.warning("sandbox %s: destroying the VM: %s", self.id, e)
         if scope.cancelled_caught:
             log.warning("sandbox %s: the VM did not stop in %g s", self.id, DESTROY_TIMEOUT)
+        await self.network.teardown()
         problems = await trio.to_thread.run_sync(cleanup.reclaim, self.state)
         for problem in problems:
             log.warning("%s", problem)

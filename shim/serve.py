@@ -21,7 +21,7 @@ from pathlib import Path
 import trio
 
 from agent_proto import task_pb2
-from shim import cleanup, oci, registry
+from shim import cleanup, network, oci, registry
 from shim.annotations import placement
 from shim.config import Config
 from shim.errors import HostError, HuskError
@@ -30,6 +30,7 @@ from shim.host import HostFacts
 from shim.hypervisor import VmSpec
 from shim.launch import SERVE_FD, ShimArgs
 from shim.sandbox import Sandbox
+from shim.sandbox_network import SandboxNetwork
 from shim.state import SandboxState
 from shim.task_service import TaskService
 from shim.ttrpc import Server
@@ -57,10 +58,10 @@ def setup_logging(bundle: str, debug: bool) -> None:
     )
 
 
-def sandbox_factory(config: Config, namespace: str) -> Callable[[str], Sandbox]:
-    """Return ``make(sandbox_id) -> Sandbox`` for the configured hypervisor."""
+def sandbox_factory(config: Config, namespace: str) -> Callable[[str, str | None], Sandbox]:
+    """Return ``make(sandbox_id, netns) -> Sandbox`` for the configured hypervisor."""
 
-    def make(sandbox_id: str) -> Sandbox:
+    def make(sandbox_id: str, netns: str | None) -> Sandbox:
         plugin = registry.lookup(config.runtime.hypervisor)
         section = config.hypervisor
         problems = plugin.unmet_requirements(section, HostFacts.probe())
@@ -90,6 +91,7 @@ def sandbox_factory(config: Config, namespace: str) -> Callable[[str], Sandbox]:
             dial_timeout=config.agent.dial_timeout,
             request_timeout=config.agent.request_timeout,
             shared_fs=str(section.get("shared_fs", "9p")),
+            network=SandboxNetwork(netns, state),
         )
 
     return make
@@ -103,10 +105,10 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
     )
     state_root = config.runtime.state_dir if isinstance(config, Config) else None
 
-    def make(sandbox_id: str) -> Sandbox:
+    def make(sandbox_id: str, netns: str | None) -> Sandbox:
         if isinstance(config, HuskError):
             raise config
-        return sandbox_factory(config, args.namespace)(sandbox_id)
+        return sandbox_factory(config, args.namespace)(sandbox_id, netns)
 
     model = config.runtime.sandbox_model if isinstance(config, Config) else "pod"
     async with trio.open_nursery() as nursery:
@@ -134,7 +136,7 @@ def _preboot(service: TaskService, args: ShimArgs, model: str) -> None:
         spec = oci.read_bundle_spec(args.bundle)
         place = placement(args.id, spec, model)
         if place.owner:
-            service.boot(place.sandbox_id)
+            service.boot(place.sandbox_id, network.netns_path(spec))
     except HuskError as e:
         log.info("not booting ahead of Create: %s", e)
 

@@ -21,7 +21,7 @@ import trio
 from google.protobuf import any_pb2, empty_pb2
 
 from agent_proto import agent_pb2, events_pb2, task_pb2, task_types_pb2
-from shim import oci
+from shim import network, oci
 from shim.annotations import placement
 from shim.container import Container, Process, Status, timestamp
 from shim.errors import (
@@ -38,8 +38,8 @@ from shim.stdio import StdioPaths
 log = logging.getLogger("husk.task")
 
 Empty = empty_pb2.Empty
-#: makes the (not yet booted) sandbox with this id
-SandboxFactory = Callable[[str], Sandbox]
+#: makes the (not yet booted) sandbox with this id on this pod netns (None: loopback only)
+SandboxFactory = Callable[[str, str | None], Sandbox]
 
 
 class TaskService:
@@ -63,10 +63,14 @@ class TaskService:
 
     # -- the sandbox ------------------------------------------------------------
 
-    def boot(self, sandbox_id: str) -> Sandbox:
-        """Start booting this shim's sandbox (idempotent); returns it."""
+    def boot(self, sandbox_id: str, netns: str | None = None) -> Sandbox:
+        """Start booting this shim's sandbox (idempotent); returns it.
+
+        ``netns`` is the pod's network namespace, from the spec of the
+        container that owns the sandbox (``network.netns_path``).
+        """
         if self.sandbox is None:
-            sandbox = self._make_sandbox(sandbox_id)
+            sandbox = self._make_sandbox(sandbox_id, netns)
             sandbox.on_exit = self._process_exited
             sandbox.on_oom = self._oom
             self.sandbox = sandbox
@@ -134,7 +138,8 @@ class TaskService:
                     f"container {cid} belongs to sandbox {place.sandbox_id}, "
                     "which this shim does not run"
                 )
-            sandbox = self.boot(place.sandbox_id)
+            netns = network.netns_path(spec) if place.owner else None
+            sandbox = self.boot(place.sandbox_id, netns)
             await sandbox.ready()
             stdio = StdioPaths(request.stdin, request.stdout, request.stderr, request.terminal)
             container = await sandbox.create_container(

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from google.protobuf import any_pb2, empty_pb2
 
-from agent_proto import agent_pb2, events_pb2, health_pb2, mount_pb2, task_pb2
+from agent_proto import agent_pb2, events_pb2, health_pb2, mount_pb2, task_pb2, types_pb2
 from shim.annotations import CONTAINER_TYPE, SANDBOX_ID
 from shim.errors import HuskError
 from shim.events import RecordingPublisher, envelope, topic_of
@@ -26,11 +26,16 @@ from shim.hypervisor import (
     Capabilities,
     Device,
     Hypervisor,
+    NetDevice,
     SerialEndpoint,
     VmSpec,
     VmState,
 )
+from shim.network import Endpoint, LinkInfo, Neighbor, NetworkNotFoundError, NetworkPlan, Route
+from shim.network.model import Address
+from shim.network.tcfilter import Recorder
 from shim.sandbox import Sandbox
+from shim.sandbox_network import SandboxNetwork
 from shim.state import SandboxState
 from shim.task_service import TaskService
 from shim.ttrpc import Code, RpcError, Server
@@ -75,6 +80,22 @@ class FakeHypervisor(Hypervisor):
         self.devices.remove(device)
 
 
+def pod_endpoint() -> Endpoint:
+    """eth0 of a CNI-style pod: one address, a gateway, one static neighbour."""
+    link = LinkInfo(
+        name="eth0",
+        index=2,
+        kind="veth",
+        mac="02:42:0a:00:00:02",
+        mtu=1400,
+        addresses=(Address("10.88.0.2", 24),),
+        routes=(Route(dest="10.88.0.0/24", scope=253), Route(gateway="10.88.0.1")),
+        neighbors=(Neighbor("10.88.0.9", "02:00:00:00:00:09"),),
+    )
+    device = NetDevice(id="husknet0", mac=link.mac, tap_name="tap0_husk", mtu=link.mtu)
+    return Endpoint(link=link, tap_name="tap0_husk", device=device)
+
+
 class FakeProcess:
     def __init__(self, args: list[str]) -> None:
         self.args = args
@@ -103,6 +124,8 @@ class FakeAgent:
         self.processes: dict[tuple[str, str], FakeProcess] = {}
         self.calls: list[str] = []
         self.sandbox_created = False
+        self.nic_missing_for = 0
+        self.interface_error = ""
 
     def _proc(self, cid: str, eid: str) -> FakeProcess:
         try:
@@ -174,6 +197,26 @@ class FakeAgent:
         self._proc(request.container_id, "").finish(137)
         return Empty()
 
+    async def UpdateInterface(
+        self, request: agent_pb2.UpdateInterfaceRequest, ctx: Any
+    ) -> types_pb2.Interface:
+        iface = request.interface
+        if self.nic_missing_for > 0:  # a hot-added NIC takes a moment to appear
+            self.nic_missing_for -= 1
+            raise RpcError(Code.NOT_FOUND, f"no guest interface has MAC address {iface.hwAddr}")
+        if self.interface_error:
+            raise RpcError(Code.INVALID_ARGUMENT, self.interface_error)
+        self.calls.append(f"interface {iface.name} {iface.hwAddr}")
+        return iface
+
+    async def UpdateRoutes(self, request: agent_pb2.UpdateRoutesRequest, ctx: Any) -> Any:
+        self.calls.append(f"routes {len(request.routes.Routes)}")
+        return request.routes
+
+    async def AddARPNeighbors(self, request: agent_pb2.AddARPNeighborsRequest, ctx: Any) -> Empty:
+        self.calls.append(f"neighbors {len(request.neighbors.ARPNeighbors)}")
+        return Empty()
+
     async def Check(self, request: Any, ctx: Any) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
@@ -189,15 +232,25 @@ class Harness:
         self.server.register(health_pb2.DESCRIPTOR.services_by_name["Health"], self.agent)
         self.nursery = nursery
         self.service = TaskService(nursery, self.make_sandbox, self.publisher)
+        self.network_error: Exception | None = None
+        self.netns_seen: list[str | None] = []
+        self.tap_fds: list[int] = []
 
     async def dial(self, endpoint: AgentEndpoint, timeout: float) -> trio.abc.Stream:
         ours, theirs = trio.testing.memory_stream_pair()
         self.nursery.start_soon(self.server.serve_stream, theirs)
         return ours
 
-    def make_sandbox(self, sandbox_id: str) -> Sandbox:
+    def make_sandbox(self, sandbox_id: str, netns: str | None) -> Sandbox:
         state = SandboxState.create(self.tmp / "state", sandbox_id)
         spec = VmSpec(sandbox_id, state.dir, 1, 128, Path("/k"), None, shared_dir=state.shared_dir)
+        network = SandboxNetwork(
+            netns,
+            state,
+            setup=self.setup_network,
+            open_tap_fds=self.open_tap_fds,
+            teardown=self.teardown_network,
+        )
         return Sandbox(
             state,
             self.hypervisor,
@@ -206,17 +259,48 @@ class Harness:
             dial_timeout=5,
             request_timeout=5,
             shared_fs="none",
+            network=network,
             dial=self.dial,
         )
 
-    def bundle(self, cid: str, args: list[str], annotations: dict[str, str] | None = None) -> str:
+    # a pod netns with one veth, eth0, as shim.network would plan it (no netlink here)
+
+    def setup_network(self, netns: str | None, record: Recorder) -> NetworkPlan:
+        self.netns_seen.append(netns)
+        if self.network_error is not None:
+            raise self.network_error
+        entries = (
+            {"kind": "tap", "netns": netns, "name": "tap0_husk"},
+            {"kind": "ingress", "netns": netns, "name": "eth0", "ifindex": 2},
+        )
+        for entry in entries:
+            record(dict(entry))
+        return NetworkPlan(netns=netns, endpoints=(pod_endpoint(),), entries=entries)
+
+    def open_tap_fds(self, netns: str, tap: str, queues: int) -> list[int]:
+        read, write = os.pipe()
+        self.tap_fds = [read, write]
+        return [read, write]
+
+    def teardown_network(self, plan: NetworkPlan) -> None:
+        self.hypervisor.calls.append(f"net-teardown {plan.netns}")
+
+    def bundle(
+        self,
+        cid: str,
+        args: list[str],
+        annotations: dict[str, str] | None = None,
+        netns: str | None = None,
+    ) -> str:
         bundle = self.tmp / "bundles" / cid
         bundle.mkdir(parents=True)
+        namespace = {"type": "network", "path": netns} if netns else {"type": "network"}
         spec = {
             "ociVersion": "1.0.2",
             "process": {"args": args, "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0}},
             "root": {"path": "rootfs"},
             "annotations": annotations or {},
+            "linux": {"namespaces": [{"type": "pid"}, namespace]},
         }
         (bundle / "config.json").write_text(__import__("json").dumps(spec))
         return str(bundle)
@@ -227,14 +311,20 @@ class Harness:
         return str(path)
 
     def create_request(
-        self, cid: str, args: list[str], pod: str = "", stdin: str = "", stdout: str = ""
+        self,
+        cid: str,
+        args: list[str],
+        pod: str = "",
+        stdin: str = "",
+        stdout: str = "",
+        netns: str | None = None,
     ) -> task_pb2.CreateTaskRequest:
         disk = self.tmp / f"{cid}.img"
         disk.write_bytes(b"")
         cri = {CONTAINER_TYPE: "container", SANDBOX_ID: pod} if pod else {}
         return task_pb2.CreateTaskRequest(
             id=cid,
-            bundle=self.bundle(cid, args, cri),
+            bundle=self.bundle(cid, args, cri, netns),
             rootfs=[mount_pb2.Mount(type="ext4", source=str(disk), options=["rw"])],
             stdin=stdin,
             stdout=stdout,
@@ -360,3 +450,86 @@ def test_event_envelope_names_the_message() -> None:
     assert env.namespace == "ns"
     assert env.event.type_url == "containerd.events.TaskExit"
     assert events_pb2.TaskExit.FromString(env.event.value) == event
+
+
+# --- the pod network -----------------------------------------------------------------
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+async def test_pod_network_is_carried_into_the_guest(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        h = Harness(tmp_path, nursery)
+        h.agent.nic_missing_for = 2
+        netns = "/var/run/netns/pod1"
+        await h.service.Create(h.create_request("n1", ["sleep"], netns=netns), None)
+        assert h.netns_seen == [netns]
+        nics = [d for d in h.hypervisor.devices if isinstance(d, NetDevice)]
+        assert len(nics) == 1
+        assert (nics[0].mac, nics[0].mtu, nics[0].tap_fds) == (
+            "02:42:0a:00:00:02",
+            1400,
+            tuple(h.tap_fds),
+        )
+        assert all(_closed(fd) for fd in h.tap_fds)  # the VMM keeps its own copies
+        assert h.agent.calls[:3] == [
+            "interface eth0 02:42:0a:00:00:02",
+            "routes 2",
+            "neighbors 1",
+        ]
+        record = SandboxState.load(tmp_path / "state" / "n1")
+        assert {(r.kind, r.path, r.name) for r in record.resources} >= {
+            ("net-tap", netns, "tap0_husk"),
+            ("net-ingress", netns, "eth0"),
+        }
+        await h.service.teardown()
+        calls = h.hypervisor.calls
+        assert calls.index(f"net-teardown {netns}") > calls.index("destroy")
+        assert not (tmp_path / "state" / "n1").exists()
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_a_netns_path_the_guest_has_only_loopback(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        h = Harness(tmp_path, nursery)
+        await h.service.Create(h.create_request("n2", ["sleep"]), None)
+        assert h.netns_seen == []
+        assert not any(isinstance(d, NetDevice) for d in h.hypervisor.devices)
+        assert not any(c.startswith(("interface", "routes")) for c in h.agent.calls)
+        await h.service.teardown()
+        assert not any(c.startswith("net-teardown") for c in h.hypervisor.calls)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_missing_netns_fails_the_start_before_any_vm(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        h = Harness(tmp_path, nursery)
+        h.network_error = NetworkNotFoundError("network namespace /nope does not exist")
+        with pytest.raises(NetworkNotFoundError, match=r"^network namespace /nope does not exist$"):
+            await h.service.Create(h.create_request("n3", ["true"], netns="/nope"), None)
+        await h.service.teardown()
+        assert "start" not in h.hypervisor.calls
+        assert not (tmp_path / "state" / "n3").exists()
+
+
+async def test_a_guest_that_refuses_the_interface_fails_the_start_and_cleans_up(
+    tmp_path: Path,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        h = Harness(tmp_path, nursery)
+        h.agent.interface_error = "ip link set dev eth1 mtu 1400 failed"
+        with pytest.raises(HuskError) as info:
+            await h.service.Create(h.create_request("n4", ["true"], netns="/run/netns/p"), None)
+        message = str(info.value)
+        assert "\n" not in message
+        assert "eth0" in message and "/run/netns/p" in message, message
+        await h.service.teardown()
+        calls = h.hypervisor.calls
+        assert calls.index("net-teardown /run/netns/p") > calls.index("destroy")
+        assert not (tmp_path / "state" / "n4").exists()
