@@ -1,0 +1,244 @@
+"""The guest agent inside the real VM, booted by a plain QEMU command (no plugin).
+
+One VM (TCG, virtio-serial agent channel, 9p share of a host dir) serves every
+test of this module, in order: the agent answers Health over virtio-serial with
+husk's ttrpc client; a container made from a busybox rootfs on the 9p share runs
+and returns its stdout and exit code; a second process is exec'd into a running
+container and signalled; the container is removed; DestroySandbox powers the
+guest off and QEMU exits by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+
+from agent_proto import agent_pb2, health_pb2
+from guest.image import DEFAULT_IMAGE_DIR, KERNEL_CMDLINE, build_image, image_paths
+from shim.hypervisor import SerialEndpoint
+from shim.rootfs import shared_storage
+from shim.transport import connect
+from shim.ttrpc import Client, Code, RpcError
+from tests.integration.test_agent_host import make_rootfs, make_spec
+
+pytestmark = [pytest.mark.integration]
+
+BOOT_TIMEOUT = 60.0
+CALL_TIMEOUT = 30.0
+T = TypeVar("T")
+
+
+class Guest:
+    """The booted VM, and one agent connection owned by a trio loop in a thread.
+
+    Tests are plain functions that run coroutines on that loop through
+    ``run``: the VM and its single virtio-serial connection outlive each test,
+    as the module's tests share one boot.
+    """
+
+    def __init__(self, qemu: subprocess.Popen[bytes], work: Path) -> None:
+        self.qemu = qemu
+        self.shared = work / "shared"
+        self.console = work / "console.log"
+        self._socket = work / "agent.sock"
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.agent: Any = None
+        self.health: Any = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        self._ready.wait(BOOT_TIMEOUT + 10)
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._own_connection)
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+
+    async def _own_connection(self) -> None:
+        stream = await connect(SerialEndpoint(self._socket), timeout=BOOT_TIMEOUT)
+        async with Client.open(stream) as client:
+            self.agent = client.stub(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+            self.health = client.stub(health_pb2.DESCRIPTOR.services_by_name["Health"])
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+
+    def run(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``afn(*args)`` on the connection's loop and return its result."""
+        assert self._token is not None, "the agent connection is not up"
+
+        async def bounded() -> T:
+            with trio.fail_after(BOOT_TIMEOUT):  # a stuck agent fails the test, never hangs it
+                return await afn(*args)
+
+        return trio.from_thread.run(bounded, trio_token=self._token)
+
+    def close(self) -> None:
+        if self._token is not None and self._stop is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(10)
+
+    async def read_all(self, cid: str, exec_id: str = "") -> bytes:
+        out = b""
+        while True:
+            try:
+                resp = await self.agent.ReadStdout(
+                    agent_pb2.ReadStreamRequest(container_id=cid, exec_id=exec_id, len=4096),
+                    timeout=CALL_TIMEOUT,
+                )
+            except RpcError as e:
+                assert e.code == Code.OUT_OF_RANGE, e  # the agent's EOF answer
+                return out
+            out += resp.data
+
+    async def wait(self, cid: str, exec_id: str = "") -> int:
+        resp = await self.agent.WaitProcess(
+            agent_pb2.WaitProcessRequest(container_id=cid, exec_id=exec_id), timeout=CALL_TIMEOUT
+        )
+        return int(resp.status)
+
+    async def create_and_start(self, cid: str, args: list[str]) -> None:
+        make_rootfs(self.shared / cid / "rootfs")
+        await self.agent.CreateContainer(
+            agent_pb2.CreateContainerRequest(container_id=cid, exec_id=cid, OCI=make_spec(args)),
+            timeout=CALL_TIMEOUT,
+        )
+        await self.agent.StartContainer(
+            agent_pb2.StartContainerRequest(container_id=cid), timeout=CALL_TIMEOUT
+        )
+
+    async def until_healthy(self) -> health_pb2.HealthCheckResponse:
+        """Health.Check, retried: bytes sent before the guest opens its port are lost."""
+        with trio.fail_after(BOOT_TIMEOUT):
+            while True:
+                try:
+                    resp: health_pb2.HealthCheckResponse = await self.health.Check(
+                        health_pb2.CheckRequest(), timeout=0.5
+                    )
+                    return resp
+                except RpcError as e:
+                    if e.code != Code.DEADLINE_EXCEEDED:
+                        raise
+
+
+def qemu_argv(kernel: Path, initrd: Path, work: Path, shared: Path) -> list[str]:
+    return [
+        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-nodefaults", "-no-user-config",
+        "-nographic", "-m", "512", "-no-reboot",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", KERNEL_CMDLINE,
+        "-serial", f"file:{work / 'console.log'}",
+        "-device", "virtio-rng-pci",
+        "-fsdev", f"local,id=share,path={shared},security_model=none",
+        "-device", "virtio-9p-pci,fsdev=share,mount_tag=kataShared",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=agent,path={work / 'agent.sock'},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent.channel.0",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def guest() -> Iterator[Guest]:
+    build_image(DEFAULT_IMAGE_DIR)
+    kernel, initrd = image_paths(DEFAULT_IMAGE_DIR)
+    work = Path(tempfile.mkdtemp(prefix="husk-guest-"))
+    (work / "shared").mkdir()
+    qemu = subprocess.Popen(
+        qemu_argv(kernel, initrd, work, work / "shared"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    g = None
+    try:
+        g = Guest(qemu, work)
+        g.run(g.until_healthy)
+        yield g
+    finally:
+        if g is not None:
+            g.close()
+        if qemu.poll() is None:
+            qemu.kill()
+        qemu.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_agent_answers_health_over_virtio_serial(guest: Guest) -> None:
+    resp = guest.run(guest.until_healthy)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    version = guest.run(guest.health.Version, health_pb2.CheckRequest())
+    assert version.agent_version
+
+
+def test_sandbox_mounts_the_9p_share(guest: Guest) -> None:
+    share = shared_storage("9p")
+    assert share is not None
+    request = agent_pb2.CreateSandboxRequest(hostname="husk-vm", storages=[share], sandbox_id="vm")
+    guest.run(guest.agent.CreateSandbox, request)
+
+
+def test_container_from_9p_rootfs_returns_stdout_and_exit_code(guest: Guest) -> None:
+    guest.run(guest.create_and_start, "c1", ["sh", "-c", "echo hello from $(uname -r); exit 3"])
+    out = guest.run(guest.read_all, "c1")
+    assert guest.run(guest.wait, "c1") == 3
+    assert out.startswith(b"hello from ")
+    assert out.decode().split()[-1] != os.uname().release  # the guest's kernel, not ours
+    guest.run(guest.agent.RemoveContainer, agent_pb2.RemoveContainerRequest(container_id="c1"))
+
+
+def test_exec_into_a_running_container_and_signal_it(guest: Guest) -> None:
+    guest.run(guest.create_and_start, "c2", ["sleep", "1000"])
+    process = make_spec(["sh", "-c", "echo exec-ok; exec sleep 1000"]).Process
+    guest.run(
+        guest.agent.ExecProcess,
+        agent_pb2.ExecProcessRequest(container_id="c2", exec_id="e1", process=process),
+    )
+    # the first line arrives while the exec'd process still runs
+    first = guest.run(
+        guest.agent.ReadStdout,
+        agent_pb2.ReadStreamRequest(container_id="c2", exec_id="e1", len=4096),
+    )
+    assert first.data == b"exec-ok\n"
+    kill = agent_pb2.SignalProcessRequest(container_id="c2", exec_id="e1", signal=signal.SIGKILL)
+    guest.run(guest.agent.SignalProcess, kill)
+    assert guest.run(guest.wait, "c2", "e1") == 128 + signal.SIGKILL
+    kill = agent_pb2.SignalProcessRequest(container_id="c2", exec_id="", signal=signal.SIGKILL)
+    guest.run(guest.agent.SignalProcess, kill)
+    assert guest.run(guest.wait, "c2") == 128 + signal.SIGKILL
+
+
+def test_removed_container_is_gone(guest: Guest) -> None:
+    guest.run(guest.agent.RemoveContainer, agent_pb2.RemoveContainerRequest(container_id="c2"))
+    with pytest.raises(RpcError) as err:
+        guest.run(guest.wait, "c2")
+    assert err.value.code == Code.NOT_FOUND and "c2" in str(err.value)
+
+
+def test_destroy_sandbox_powers_the_guest_off(guest: Guest) -> None:
+    try:
+        guest.run(guest.agent.DestroySandbox, agent_pb2.DestroySandboxRequest())
+    except RpcError as e:  # the guest may power off before its answer leaves it
+        assert e.code == Code.UNAVAILABLE, e
+    try:
+        guest.qemu.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("QEMU did not exit after DestroySandbox")
+    assert guest.qemu.returncode == 0
+    assert "powering off" in guest.console.read_text(errors="replace")
