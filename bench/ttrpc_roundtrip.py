@@ -4,10 +4,13 @@
 
 Each row is one client process and one server process on one unix-socket
 connection, with N concurrent callers each doing ``husk.test.Echo/Echo`` with a
-16-byte payload back to back. The baseline is Go client + Go server, built
-offline from Debian's golang-github-containerd-ttrpc-dev (the ttrpc containerd
-links); the measured pair is husk's Client + husk's Server (trio, one process
-each). The mixed pairs show which side limits. Pairs run interleaved for
+16-byte payload back to back. Like is compared with like: every pair runs its
+client and its server as two separate processes, so each side may use its own
+core. The baseline is Go client + Go server, built offline from Debian's
+golang-github-containerd-ttrpc-dev (the ttrpc containerd links), each process
+with Go's default GOMAXPROCS (all CPUs); the measured pair is husk's Client +
+husk's Server, each process one trio thread (``--serve`` runs the server). The
+mixed pairs show which side limits. Pairs run interleaved for
 ``--rounds`` rounds and the best round of each counts, which damps the noise of
 a shared machine. The ratio is husk/Go for each
 caller count; the target is >= 0.5 with 16 callers (``--check`` exits 1 below it).
@@ -195,11 +198,22 @@ def ratios(rows: list[Row]) -> dict[int, float]:
     return out
 
 
+def setup() -> dict[str, str]:
+    """How each side runs, printed with the figures."""
+    gomaxprocs = os.environ.get("GOMAXPROCS", f"unset (= {os.cpu_count()} CPUs)")
+    return {
+        "go": f"ttrpcpeer client and server, one process each, GOMAXPROCS {gomaxprocs}",
+        "husk": "Client and Server, one process each, one trio thread per process",
+        "transport": "one unix-socket connection per row; callers share it",
+    }
+
+
 def render(all_rows: list[Row], rows: list[Row], by_callers: dict[int, float]) -> str:
     rounds = len(all_rows) // max(len(rows), 1)
     lines = [
         f"ttrpc unary round-trips, {PAYLOAD_SIZE}-byte payload, one connection, "
         f"{os.cpu_count()} CPUs; best of {rounds} round(s), range in brackets",
+        *(f"  {side}: {how}" for side, how in setup().items()),
         "",
         f"{'client':<8}{'server':<8}{'callers':>8}{'calls/s':>11}   range",
     ]
@@ -251,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "all_rounds": [asdict(r) | {"rate": r.rate} for r in all_rows],
             "ratio_husk_over_go": {str(k): v for k, v in by_callers.items()},
             "target": {"callers": TARGET_CALLERS, "ratio": TARGET_RATIO},
+            "setup": setup(),
             "wall_seconds": time.monotonic() - started,
         }
         print(json.dumps(report, indent=1))
