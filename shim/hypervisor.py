@@ -270,3 +270,26 @@ class HypervisorPlugin(abc.ABC):
     @abc.abstractmethod
     def create(self, config: Mapping[str, Any]) -> Hypervisor:
         """Make the driver for one sandbox from the adjusted section."""
+
+
+class HybridVsockKvmPlugin(HypervisorPlugin):
+    """A VMM in the Firecracker/Cloud Hypervisor mould: KVM only, virtio-fs, hybrid vsock.
+
+    ``label`` names the VMM in messages ("Cloud Hypervisor", "the built-in VMM").
+    """
+
+    label: str
+
+    def agent_transports(self, host: HostFacts) -> Sequence[str]:
+        return ("hybrid-vsock",)
+
+    def validate(self, values: Mapping[str, Any], host: HostFacts) -> list[tuple[str, str]]:
+        if values["shared_fs"] == "9p":
+            return [("shared_fs", f'{self.label} has no 9p; use "virtio-fs" or "none"')]
+        return []
+
+    def unmet_requirements(self, values: Mapping[str, Any], host: HostFacts) -> list[str]:
+        problems = super().unmet_requirements(values, host)
+        if not host.kvm_usable:
+            problems.append(f"{self.label} needs usable KVM: {host.kvm_reason}")
+        return problems
