@@ -13,8 +13,10 @@ a sandbox that starts without its network is a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -27,7 +29,7 @@ import pytest
 
 from bench.net_throughput import HUSK, Pod, import_busybox, pod_netns
 from tests.integration.conftest import CTR, Containerd
-from tests.integration.test_network import links, veth_state
+from tests.integration.test_network import in_pod, links, veth_state
 
 pytestmark = [
     pytest.mark.integration,
@@ -40,7 +42,7 @@ START_TIMEOUT = 240.0  # a TCG boot is slow
 
 
 @pytest.fixture(scope="module")
-def ctr_image() -> Iterator[tuple[list[str], str]]:
+def ctr_image() -> Iterator[tuple[list[str], str, Path]]:
     """A containerd of its own (the suite's ``Containerd``) with husk on a temp state dir."""
     state_root = Path(tempfile.mkdtemp(prefix="husk-net-", dir="/tmp"))
     config = state_root.with_name(state_root.name + ".toml")
@@ -49,7 +51,7 @@ def ctr_image() -> Iterator[tuple[list[str], str]]:
     daemon = Containerd(base, {"HUSK_CONFIG": str(config)})
     try:
         image = import_busybox([CTR, "--address", daemon.address], base)
-        yield [CTR, "--address", daemon.address], image
+        yield [CTR, "--address", daemon.address], image, state_root
     finally:
         daemon.stop()
         config.unlink(missing_ok=True)
@@ -92,8 +94,8 @@ def _remove(ctr: list[str], cid: str) -> None:
     _run(ctr, "container", "rm", cid)
 
 
-def test_container_on_the_pod_network(ctr_image: tuple[list[str], str], pod: Pod) -> None:
-    ctr, image = ctr_image
+def test_container_on_the_pod_network(ctr_image: tuple[list[str], str, Path], pod: Pod) -> None:
+    ctr, image, _ = ctr_image
     before = veth_state(pod)
     cid = f"net-{uuid.uuid4().hex[:6]}"
     server = ["nc", "-ll", "-p", str(PORT), "-e", "echo", "hello-from-husk"]
@@ -115,8 +117,8 @@ def test_container_on_the_pod_network(ctr_image: tuple[list[str], str], pod: Pod
     assert veth_state(pod) == before  # no qdisc or filter; address, MAC, MTU, state kept
 
 
-def test_without_a_netns_only_loopback(ctr_image: tuple[list[str], str]) -> None:
-    ctr, image = ctr_image
+def test_without_a_netns_only_loopback(ctr_image: tuple[list[str], str, Path]) -> None:
+    ctr, image, _ = ctr_image
     cid = f"lo-{uuid.uuid4().hex[:6]}"
     _start(ctr, image, cid, "sleep", "600", netns=None)
     try:
@@ -128,3 +130,72 @@ def test_without_a_netns_only_loopback(ctr_image: tuple[list[str], str]) -> None
         assert names == {"lo"}, names
     finally:
         _remove(ctr, cid)
+
+
+def _fails_leaving_nothing(ctr: list[str], image: str, state_root: Path, netns: str) -> str:
+    """``ctr run`` on ``netns`` must fail; its one-line error, once nothing is left."""
+    cid = f"bad-{uuid.uuid4().hex[:6]}"
+    proc = _run(
+        ctr,
+        "run",
+        "-d",
+        "--runtime",
+        HUSK,
+        "--with-ns",
+        f"network:{netns}",
+        image,
+        cid,
+        "true",
+        timeout=START_TIMEOUT,
+    )
+    _run(ctr, "container", "rm", cid)
+    assert proc.returncode != 0, proc.stdout
+    error = proc.stderr.strip()
+    assert len(error.splitlines()) == 1, error
+    deadline = time.monotonic() + 20
+    while any(state_root.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(state_root.iterdir()), list(state_root.iterdir())  # no state dir
+    qemus = subprocess.run(["pgrep", "-f", str(state_root)], capture_output=True, text=True)
+    assert not qemus.stdout.strip(), qemus.stdout  # no VM
+    return error
+
+
+def test_a_missing_netns_fails_the_start(ctr_image: tuple[list[str], str, Path]) -> None:
+    ctr, image, state_root = ctr_image
+    netns = f"/var/run/netns/husk-missing-{uuid.uuid4().hex[:6]}"
+    error = _fails_leaving_nothing(ctr, image, state_root, netns)
+    assert f"network namespace {netns} does not exist" in error, error
+
+
+def test_a_network_setup_failure_leaves_nothing(
+    ctr_image: tuple[list[str], str, Path], pod: Pod
+) -> None:
+    ctr, image, state_root = ctr_image
+    # an ingress qdisc of someone else's: husk must refuse, not redirect around it
+    in_pod(pod, lambda ipr: ipr.tc("add", "ingress", ipr.link_lookup(ifname="eth0")[0]))
+    before = veth_state(pod)
+    error = _fails_leaving_nothing(ctr, image, state_root, pod.path)
+    assert "eth0" in error and pod.path in error and "ingress qdisc" in error, error
+    assert links(pod) == {"lo", "eth0"}  # no tap
+    assert veth_state(pod) == before  # the foreign qdisc is still there, nothing of ours
+
+
+def test_a_killed_shim_leaves_no_tap_or_redirect(
+    ctr_image: tuple[list[str], str, Path], pod: Pod
+) -> None:
+    ctr, image, state_root = ctr_image
+    before = veth_state(pod)
+    cid = f"kill-{uuid.uuid4().hex[:6]}"
+    _start(ctr, image, cid, "sleep", "600", netns=pod.path)
+    try:
+        assert "tap0_husk" in links(pod)
+        record = json.loads((state_root / cid / "sandbox.json").read_text())
+        kinds = {(r["kind"], r["name"]) for r in record["resources"]}
+        assert {("net-tap", "tap0_husk"), ("net-ingress", "eth0")} <= kinds, kinds
+        os.kill(record["shim_pid"], signal.SIGKILL)
+    finally:
+        _remove(ctr, cid)  # containerd runs the shim's `delete`, which reclaims the record
+    assert links(pod) == {"lo", "eth0"}
+    assert veth_state(pod) == before
+    assert not (state_root / cid).exists()
