@@ -295,7 +295,8 @@ class Client:
                 burst += 1
                 if burst == DISPATCH_BURST:
                     burst = 0
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if self._reader.buffered:  # more to dispatch: let the woken tasks answer first
+                        await trio.lowlevel.cancel_shielded_checkpoint()
             else:
                 assert isinstance(target, ClientStream)
                 await target.inbox.put(frame)

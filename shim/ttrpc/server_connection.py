@@ -123,7 +123,8 @@ class ServerConnection:
                 burst += 1
                 if burst == DISPATCH_BURST:
                     burst = 0
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if reader.buffered:  # more to dispatch: let the woken tasks answer first
+                        await trio.lowlevel.cancel_shielded_checkpoint()
             elif message_type == MessageType.DATA:
                 await self._on_data(frame)
             else:

@@ -65,6 +65,16 @@ async def test_reader_cuts_several_frames_out_of_one_chunk() -> None:
     assert await reader.receive() is None
 
 
+async def test_reader_reports_how_much_is_buffered_between_frames() -> None:
+    second = _frame_bytes(3, b"two")
+    reader = await _reader_over(_frame_bytes(1, b"one") + second)
+    assert reader.buffered == 0
+    await reader.receive()
+    assert reader.buffered == len(second)  # the next frame is already here
+    await reader.receive()
+    assert reader.buffered == 0
+
+
 async def test_reader_joins_a_frame_split_byte_by_byte() -> None:
     reader = await _reader_over(_frame_bytes(9, b"payload", 2, 1), chunk=1)
     assert await reader.receive() == Frame(9, 2, 1, b"payload")
