@@ -9,8 +9,10 @@
     unix:PATH             a unix socket (the agent on a host, for tests)
 
 virtio-serial is one byte stream with no connections: the agent serves one
-ttrpc connection on it and, when that ends (EOF or EIO: the host side closed
-or never opened its end), closes the port, waits a little and opens it again.
+ttrpc connection per host session on it (a new host client is told apart by
+its stream ids, see :mod:`guest.agent.host_sessions`) and, when the port ends
+(EOF or EIO: the host side closed or never opened its end), closes the port,
+waits a little and opens it again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import trio
 
+from guest.agent.host_sessions import HostSessions
 from shim.ttrpc.server import Server
 
 log = logging.getLogger("husk.agent.channel")
@@ -135,9 +138,20 @@ async def serve_serial(
             await trio.sleep(REOPEN_DELAY[1])
             continue
         started = trio.current_time()
-        await server.serve_stream(trio.lowlevel.FdStream(fd))
+        await _serve_port(server, trio.lowlevel.FdStream(fd))
         # A port whose host end is closed reads EOF at once: back off, don't spin.
         lasted = trio.current_time() - started
         delay = REOPEN_DELAY[0] if lasted > 1.0 else min(delay * 2, REOPEN_DELAY[1])
         log.debug("virtio-serial connection ended after %.2fs; reopening", lasted)
         await trio.sleep(delay)
+
+
+async def _serve_port(server: Server, port: trio.lowlevel.FdStream) -> None:
+    """Serve each host session of an open port in turn; close the port at its end."""
+    sessions = HostSessions(port)
+    try:
+        await server.serve_stream(sessions.next())
+        while sessions.host_reconnected:
+            await server.serve_stream(sessions.next())
+    finally:
+        await trio.aclose_forcefully(port)
