@@ -17,6 +17,7 @@ connection is reset.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shlex
 import shutil
@@ -376,6 +377,10 @@ class QemuHypervisor(Hypervisor):
         QEMU 7.2 has no ``file:`` migration, so the stream goes through
         ``exec:cat > path``. ``restore`` rebuilds the same devices (this
         driver's current layout) and needs the same host files (disks, taps).
+
+        QEMU refuses while the guest has a 9p share mounted (virtio-9p keeps
+        no migratable state); then, as on any failure, the VM is left in the
+        state it was in and no file is left at ``path``.
         """
         state = await self.state()
         if state not in (VmState.RUNNING, VmState.PAUSED):
@@ -384,8 +389,15 @@ class QemuHypervisor(Hypervisor):
         async with self._monitor() as qmp:
             if state == VmState.RUNNING:
                 await qmp.execute("stop")
-            await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
-            await _wait_migration(qmp, f"saving the VM to {path}")
+            try:
+                await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+                await _wait_migration(qmp, f"saving the VM to {path}")
+            except BaseException:
+                path.unlink(missing_ok=True)
+                if state == VmState.RUNNING:
+                    with trio.CancelScope(shield=True), contextlib.suppress(QmpError):
+                        await qmp.execute("cont")
+                raise
 
     async def restore(self, path: Path, timeout: float) -> None:
         """Start a new QEMU (same command line) that loads ``path``, then run it."""
@@ -473,4 +485,3 @@ async def _wait_migration(qmp: QmpClient, what: str) -> None:
 def _cid_taken(exc: VmmExitedError) -> bool:
     text = exc.stderr_tail.lower()
     return "guest cid" in text or "address already in use" in text
-

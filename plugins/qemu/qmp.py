@@ -256,15 +256,24 @@ class QmpClient:
 
 @asynccontextmanager
 async def open_qmp(stream: trio.abc.Stream) -> AsyncIterator[QmpClient]:
-    """A negotiated client whose reader lives for the block, in its own nursery."""
+    """A negotiated client whose reader lives for the block, in its own nursery.
+
+    An error raised in the block comes out as itself (e.g. ``QmpCommandError``),
+    not wrapped in the nursery's ``ExceptionGroup``, so callers can catch it.
+    """
     client = QmpClient(stream)
     await client.negotiate()
+    error: Exception | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.run)
         try:
             yield client
+        except Exception as exc:
+            error = exc
         finally:
             await client.aclose()
+    if error is not None:
+        raise error
 
 
 async def connect_unix(path: str) -> trio.SocketStream:

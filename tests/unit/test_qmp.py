@@ -132,6 +132,22 @@ async def test_error_reply_carries_class_and_desc() -> None:
     assert isinstance(info.value, HypervisorError)
 
 
+async def test_an_error_in_the_block_leaves_it_unwrapped() -> None:
+    """Callers catch QmpCommandError around ``open_qmp``, not an ExceptionGroup."""
+    stream, qemu = pair()
+
+    async def answer() -> None:
+        await qemu.handshake()
+        cmd = await qemu.receive()
+        await qemu.send({"error": {"class": "GenericError", "desc": "no"}, "id": cmd["id"]})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        with pytest.raises(QmpCommandError, match="QMP migrate failed: no"):
+            async with open_qmp(stream) as qmp:
+                await qmp.execute("migrate", {"uri": "exec:true"})
+
+
 async def test_events_reach_matching_listeners_only() -> None:
     stream, qemu = pair()
     async with trio.open_nursery() as nursery:
