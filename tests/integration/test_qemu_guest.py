@@ -1,0 +1,502 @@
+"""The QEMU plugin's hot-plug and save/restore, seen from inside the guest.
+
+``test_qemu_vm`` proves them over QMP; here the guest agent and its
+containers are the witnesses. One VM (TCG, virtio-serial agent channel, 9p
+share) boots for the whole module and serves every test, in order:
+
+- a raw 64 MiB ext4 image is hot-added with a serial; a container with it as a
+  ``blk`` storage sees a 64 MiB disk and writes a file; the container is
+  removed (the agent unmounts), the disk hot-removed (gone from the guest's
+  /sys/block, the file readable on the host image), re-added, and a new
+  container reads the file back;
+- a NIC on a host tap is hot-added with a given MAC; the agent's
+  ListInterfaces shows it; after hot-remove it is gone;
+- a container's shell counts in a file on the share; the VM is saved to a
+  file, QEMU stopped, a new QEMU restored from the file: the agent answers on
+  a new connection at once, the count goes on from where it was (the same
+  process, memory and all), and the agent still signals and reaps it;
+- a host that reconnects while the guest never saw it leave (restore, or a
+  quick close/open) is a new ttrpc session to the agent, not a stale one.
+
+The VM, its QEMU driver and the agent connection live on one trio loop in a
+thread, so that they outlive each test (a trio run lasts one test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent_proto import agent_pb2, health_pb2
+from plugins.qemu.driver import QemuHypervisor
+from shim.busybox_image import BUSYBOX, applets
+from shim.errors import HypervisorError
+from shim.hypervisor import BlockDevice, NetDevice, VmState
+from shim.rootfs import shared_storage
+from shim.transport import connect
+from shim.ttrpc import Client, Code, RpcError
+from tests.integration.test_agent_host import make_spec
+from tests.integration.test_qemu_vm import (
+    AGENT_MARKER,
+    _console,
+    driver,
+    image,
+    qemu_pids,
+    spec_for,
+    wait_console,
+)
+
+__all__ = ["image"]  # a fixture, used by name
+
+pytestmark = pytest.mark.integration
+
+BOOT_TIMEOUT = 60.0
+CALL_TIMEOUT = 60.0
+DISK_MIB = 64
+DISK_SERIAL = "huskguestdisk0"
+DISK_MOUNT = "/run/husk-test/disk0"
+NIC_MAC = "02:48:55:53:4b:01"
+T = TypeVar("T")
+
+
+class Loop:
+    """A trio loop in a thread; ``run`` executes coroutines on it."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._stop: trio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.nursery: trio.Nursery | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._serve)
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+
+    def run(self, afn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``afn(*args, **kwargs)`` on the loop and return its result."""
+        assert self._token is not None, "the loop is not running"
+        if self._error is not None:
+            raise RuntimeError("the loop died") from self._error
+        return trio.from_thread.run(functools.partial(afn, *args, **kwargs),
+                                    trio_token=self._token)  # fmt: skip
+
+    def close(self) -> None:
+        if self._token is not None and self._stop is not None and self._thread.is_alive():
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(30)
+        if self._error is not None:
+            raise self._error
+
+
+class Vm:
+    """The booted VM, its driver, and one agent connection at a time."""
+
+    def __init__(self, loop: Loop, hv: QemuHypervisor, shared: Path) -> None:
+        self.loop = loop
+        self.hv = hv
+        self.shared = shared
+        self.agent: Any = None
+        self.health: Any = None
+        self._drop: trio.Event | None = None
+        self._dropped: trio.Event | None = None
+
+    # -- the agent connection ----------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open a new connection to the agent (closing the previous one)."""
+        await self.disconnect()
+        assert self.loop.nursery is not None
+        await self.loop.nursery.start(self._hold_connection)
+
+    async def _hold_connection(self, task_status: trio.TaskStatus[None]) -> None:
+        self._drop, self._dropped = trio.Event(), trio.Event()
+        try:
+            stream = await connect(self.hv.agent_endpoint(), BOOT_TIMEOUT)
+            async with Client.open(stream) as client:
+                self.agent = client.stub(agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+                self.health = client.stub(health_pb2.DESCRIPTOR.services_by_name["Health"])
+                task_status.started()
+                await self._drop.wait()
+        finally:
+            self.agent = self.health = None
+            self._dropped.set()
+
+    async def disconnect(self) -> None:
+        """Close the agent connection, if any."""
+        if self._drop is not None and self._dropped is not None:
+            self._drop.set()
+            await self._dropped.wait()
+        self._drop = self._dropped = None
+
+    async def until_healthy(self, timeout: float = BOOT_TIMEOUT) -> None:
+        """Health.Check, retried only on timeouts: bytes sent before the guest
+        opens its port at boot are lost. Any other error fails."""
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    await self.health.Check(health_pb2.CheckRequest(), timeout=1.0)
+                    return
+                except RpcError as e:
+                    if e.code != Code.DEADLINE_EXCEEDED:
+                        raise
+
+    # -- containers -----------------------------------------------------------------
+
+    async def start(
+        self,
+        cid: str,
+        args: Sequence[str],
+        *,
+        storages: Sequence[agent_pb2.Storage] = (),
+        binds: Sequence[tuple[str, str]] = (),
+        root: str = "",
+    ) -> None:
+        """Create and start a container: its rootfs at ``root`` in the guest, or else a
+        busybox rootfs made for it on the 9p share."""
+        spec = make_spec(list(args))
+        if root:
+            spec.Root.Path = root
+        else:
+            make_rootfs(self.shared / cid / "rootfs")
+        for source, destination in binds:
+            spec.Mounts.add(destination=destination, source=source, type="bind",
+                            options=["rbind", "rw"])  # fmt: skip
+        request = agent_pb2.CreateContainerRequest(
+            container_id=cid, exec_id=cid, OCI=spec, storages=list(storages)
+        )
+        await self.agent.CreateContainer(request, timeout=CALL_TIMEOUT)
+        await self.agent.StartContainer(
+            agent_pb2.StartContainerRequest(container_id=cid), timeout=CALL_TIMEOUT
+        )
+
+    async def output(self, cid: str, exec_id: str = "") -> bytes:
+        """The process's stdout up to the agent's EOF answer."""
+        out = b""
+        while True:
+            try:
+                resp = await self.agent.ReadStdout(
+                    agent_pb2.ReadStreamRequest(container_id=cid, exec_id=exec_id, len=4096),
+                    timeout=CALL_TIMEOUT,
+                )
+            except RpcError as e:
+                assert e.code == Code.OUT_OF_RANGE, e
+                return out
+            out += resp.data
+
+    async def wait(self, cid: str, exec_id: str = "") -> int:
+        resp = await self.agent.WaitProcess(
+            agent_pb2.WaitProcessRequest(container_id=cid, exec_id=exec_id), timeout=CALL_TIMEOUT
+        )
+        return int(resp.status)
+
+    async def remove(self, cid: str) -> None:
+        await self.agent.RemoveContainer(
+            agent_pb2.RemoveContainerRequest(container_id=cid), timeout=CALL_TIMEOUT
+        )
+
+    async def run_to_end(self, cid: str, script: str, **kw: Any) -> tuple[int, str]:
+        """Run ``sh -c script`` in a new container; its exit status and stdout; remove it."""
+        await self.start(cid, ["sh", "-c", script], **kw)
+        out = await self.output(cid)
+        status = await self.wait(cid)
+        await self.remove(cid)
+        return status, out.decode()
+
+    async def interfaces(self) -> list[Any]:
+        resp = await self.agent.ListInterfaces(
+            agent_pb2.ListInterfacesRequest(), timeout=CALL_TIMEOUT
+        )
+        return list(resp.Interfaces)
+
+
+def make_rootfs(root: Path) -> None:
+    """A busybox rootfs: /bin/busybox and every applet as a symlink."""
+    (root / "bin").mkdir(parents=True)
+    for d in ("proc", "dev", "sys", "tmp", "etc", "data"):
+        (root / d).mkdir()
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for applet in applets():
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+
+
+@contextlib.contextmanager
+def booted_vm(image: tuple[Path, Path], *, share: bool) -> Iterator[Vm]:
+    """Boot a VM and create the agent's sandbox (with the 9p share mounted if ``share``)."""
+    work = Path(tempfile.mkdtemp(prefix="hqg", dir="/tmp"))  # short: socket paths
+    loop = Loop()
+    hv = driver()
+    machine = Vm(loop, hv, work / "shared")
+    try:
+        loop.run(hv.prepare, spec_for(work, image))
+        loop.run(hv.start, 30)
+        loop.run(wait_console, hv, AGENT_MARKER)
+        loop.run(machine.connect)
+        loop.run(machine.until_healthy)
+        storages = [shared_storage("9p")] if share else []
+        sandbox = agent_pb2.CreateSandboxRequest(hostname="husk-qg", storages=storages,
+                                                 sandbox_id="qg")  # fmt: skip
+        loop.run(machine.agent.CreateSandbox, sandbox, timeout=CALL_TIMEOUT)
+        yield machine
+    finally:
+        try:
+            loop.run(machine.disconnect)
+
+            async def destroy() -> None:
+                with trio.CancelScope(shield=True):
+                    await hv.destroy()
+
+            loop.run(destroy)
+        finally:
+            try:
+                loop.close()
+            finally:
+                # a loop that died cannot stop QEMU: kill ours (its argv names our dir)
+                leftover = qemu_pids(work)
+                for pid in leftover:
+                    os.kill(pid, signal.SIGKILL)
+                shutil.rmtree(work, ignore_errors=True)
+        assert not leftover, f"QEMU {leftover} outlived the driver's destroy()"
+
+
+@pytest.fixture(scope="module")
+def vm(image: tuple[Path, Path]) -> Iterator[Vm]:
+    """The module's VM: a sandbox whose containers have their rootfs on the 9p share."""
+    with booted_vm(image, share=True) as machine:
+        yield machine
+
+
+# --- disk ------------------------------------------------------------------------
+
+
+def disk_storage() -> agent_pb2.Storage:
+    return agent_pb2.Storage(
+        driver="blk", source=DISK_SERIAL, fstype="ext4", mount_point=DISK_MOUNT
+    )
+
+
+_FIND_DISK = (
+    "for d in /sys/block/*; do "
+    f'[ "$(cat $d/serial 2>/dev/null)" = {DISK_SERIAL} ] && echo "disk ${{d##*/}} $(cat $d/size)"; '
+    "done; "
+)
+
+
+def test_hot_added_disk_is_seen_written_removed_and_read_back(vm: Vm) -> None:
+    work = vm.shared.parent
+    image_file = work / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image_file), f"{DISK_MIB}M"],
+                   check=True)  # fmt: skip
+    subprocess.run(["mkfs.ext4", "-F", "-q", str(image_file)], check=True)
+    disk = BlockDevice("blk0", image_file, serial=DISK_SERIAL)
+    run = vm.loop.run
+
+    run(vm.hv.add_device, disk)
+    status, out = run(
+        vm.run_to_end, "disk-w",
+        _FIND_DISK + "echo written-by-the-guest > /data/hello && sync && cat /data/hello",
+        storages=[disk_storage()], binds=[(DISK_MOUNT, "/data")],
+    )  # fmt: skip
+    assert status == 0, out
+    lines = out.splitlines()
+    name, sectors = lines[0].split()[1:]
+    assert name.startswith("vd")
+    assert int(sectors) * 512 == DISK_MIB << 20  # the guest sees a 64 MiB disk
+    assert lines[1:] == ["written-by-the-guest"]
+
+    run(vm.hv.remove_device, disk)  # returns on DEVICE_DELETED: the guest let go
+    status, out = run(vm.run_to_end, "disk-gone", _FIND_DISK + "echo scanned")
+    assert (status, out) == (0, "scanned\n")  # no disk with that serial in the guest
+    host_view = subprocess.run(
+        ["debugfs", "-R", "cat /hello", str(image_file)], capture_output=True, text=True
+    )
+    assert host_view.stdout == "written-by-the-guest\n", host_view.stderr
+
+    run(vm.hv.add_device, disk)
+    status, out = run(
+        vm.run_to_end, "disk-r", _FIND_DISK + "cat /data/hello",
+        storages=[disk_storage()], binds=[(DISK_MOUNT, "/data")],
+    )  # fmt: skip
+    assert status == 0, out
+    assert out.splitlines()[0].split()[2] == sectors
+    assert out.splitlines()[1:] == ["written-by-the-guest"]
+    run(vm.hv.remove_device, disk)
+
+
+# --- NIC -------------------------------------------------------------------------
+
+
+def test_hot_added_nic_is_listed_by_the_agent_with_its_mac(vm: Vm) -> None:
+    tap = "hqgtap" + vm.shared.parent.name[-6:]
+    run = vm.loop.run
+    assert NIC_MAC not in _macs(run(vm.interfaces))
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+    try:
+        nic = NetDevice("net0", NIC_MAC, tap_name=tap)
+        run(vm.hv.add_device, nic)
+        assert run(_until_macs, vm, lambda macs: NIC_MAC in macs), "the NIC never showed"
+        run(vm.hv.remove_device, nic)
+        assert NIC_MAC not in _macs(run(vm.interfaces))  # gone once DEVICE_DELETED came
+    finally:
+        with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+            ipr.link("del", ifname=tap)
+    with IPRoute() as ipr:
+        assert not ipr.link_lookup(ifname=tap)
+
+
+def _macs(interfaces: list[Any]) -> set[str]:
+    return {i.hwAddr.lower() for i in interfaces}
+
+
+async def _until_macs(vm: Vm, wanted: Callable[[set[str]], bool], timeout: float = 30) -> bool:
+    """Poll ListInterfaces: the guest enumerates a hot-added NIC asynchronously."""
+    with trio.move_on_after(timeout):
+        while not wanted(_macs(await vm.interfaces())):
+            await trio.sleep(0.2)
+        return True
+    return False
+
+
+# --- reconnecting hosts ------------------------------------------------------------
+
+
+def test_a_quick_reconnect_is_a_new_session(vm: Vm) -> None:
+    run = vm.loop.run
+    for _ in range(5):
+        run(vm.connect)
+        check = run(vm.health.Check, health_pb2.CheckRequest(), timeout=CALL_TIMEOUT)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- save with a 9p share mounted -------------------------------------------------
+
+
+def test_save_refused_while_9p_is_mounted_leaves_the_vm_running(vm: Vm) -> None:
+    run = vm.loop.run
+    state_file = vm.shared.parent / "refused.state"
+    with pytest.raises(HypervisorError) as info:
+        run(vm.hv.save, state_file)
+    message = str(info.value)
+    assert "VirtFS" in message and "kataShared" in message and "\n" not in message, message
+    assert run(vm.hv.state) == VmState.RUNNING  # save had paused it: resumed
+    assert not state_file.exists()
+    check = run(vm.health.Check, health_pb2.CheckRequest(), timeout=CALL_TIMEOUT)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- save / restore --------------------------------------------------------------
+#
+# QEMU refuses to migrate while a 9p share is mounted in the guest ("Migration
+# is disabled when VirtFS export path ... is mounted in the guest"), so this VM's
+# sandbox mounts no share: the container's rootfs is an ext4 image made on the
+# host and hot-added as a disk, which ``restore`` must bring back too.
+
+ROOTFS_SERIAL = "huskguestroot0"
+ROOTFS_MOUNT = "/run/husk-test/rootfs"
+COUNTER = (
+    # the token and the count live in the shell's memory: a new process would
+    # draw another token and count from 1 again
+    "t=$(cat /proc/sys/kernel/random/uuid); i=0; "
+    'while :; do i=$((i+1)); echo "$t $i" > /count.tmp; mv /count.tmp /count; sleep 0.2; done'
+)
+
+
+@pytest.fixture
+def unshared_vm(image: tuple[Path, Path]) -> Iterator[Vm]:
+    """A VM whose sandbox mounts no 9p share (so that it can be saved)."""
+    with booted_vm(image, share=False) as machine:
+        yield machine
+
+
+async def _exec_output(vm: Vm, cid: str, exec_id: str, args: list[str]) -> str:
+    process = make_spec(args).Process
+    await vm.agent.ExecProcess(
+        agent_pb2.ExecProcessRequest(container_id=cid, exec_id=exec_id, process=process),
+        timeout=CALL_TIMEOUT,
+    )
+    out = await vm.output(cid, exec_id)
+    assert await vm.wait(cid, exec_id) == 0, out
+    return out.decode()
+
+
+async def _count(vm: Vm, exec_id: str) -> tuple[str, int]:
+    """The counter's token and count, read in the container by an exec'd ``cat``."""
+    token, count = (await _exec_output(vm, "counter", exec_id, ["cat", "/count"])).split()
+    return token, int(count)
+
+
+def test_restored_guest_keeps_its_processes(unshared_vm: Vm) -> None:
+    vm = unshared_vm
+    run, hv = vm.loop.run, vm.hv
+    work = vm.shared.parent
+    rootfs_dir, rootfs_img = work / "rootfs", work / "rootfs.img"
+    make_rootfs(rootfs_dir)
+    subprocess.run(["mkfs.ext4", "-F", "-q", "-d", str(rootfs_dir), str(rootfs_img), "32M"],
+                   check=True)  # fmt: skip
+    run(hv.add_device, BlockDevice("blk0", rootfs_img, serial=ROOTFS_SERIAL))
+    rootfs = agent_pb2.Storage(driver="blk", source=ROOTFS_SERIAL, fstype="ext4",
+                               mount_point=ROOTFS_MOUNT)  # fmt: skip
+    run(vm.start, "counter", ["sh", "-c", COUNTER], storages=[rootfs], root=ROOTFS_MOUNT)
+    token, before = run(_count, vm, "cat0")
+    while before < 3:
+        token, before = run(_count, vm, f"cat{before}")
+
+    state_file = work / "vm.state"
+    run(hv.save, state_file)
+    assert run(hv.state) == VmState.PAUSED
+    run(vm.disconnect)
+    run(hv.stop)
+    assert run(hv.state) == VmState.STOPPED
+    run(hv.restore, state_file, 60)
+    assert run(hv.state) == VmState.RUNNING
+    assert _console(hv).count("init started") == 1  # not rebooted
+
+    # a new host connection is a new session at once: no retry, no stale stream ids
+    run(vm.connect)
+    check = run(vm.health.Check, health_pb2.CheckRequest(), timeout=CALL_TIMEOUT)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    token_after, after = run(_count, vm, "cat-restored")
+    assert token_after == token  # the same shell, memory and all
+    assert after > before
+    time_passes = run(_count, vm, "cat-later")
+    assert time_passes[0] == token and time_passes[1] > after  # and it still runs
+
+    kill = agent_pb2.SignalProcessRequest(container_id="counter", exec_id="",
+                                          signal=signal.SIGKILL)  # fmt: skip
+    run(vm.agent.SignalProcess, kill, timeout=CALL_TIMEOUT)
+    assert run(vm.wait, "counter") == 128 + signal.SIGKILL
+    run(vm.remove, "counter")
