@@ -2,23 +2,25 @@
 
 ``test_qemu_vm`` proves them over QMP; here the guest agent and its
 containers are the witnesses. One VM (TCG, virtio-serial agent channel, 9p
-share) boots for the whole module and serves every test, in order:
+share mounted by CreateSandbox) serves the module's tests, in order:
 
 - a raw 64 MiB ext4 image is hot-added with a serial; a container with it as a
   ``blk`` storage sees a 64 MiB disk and writes a file; the container is
   removed (the agent unmounts), the disk hot-removed (gone from the guest's
-  /sys/block, the file readable on the host image), re-added, and a new
+  /sys/block, the file readable in the host's image), re-added, and a new
   container reads the file back;
 - a NIC on a host tap is hot-added with a given MAC; the agent's
   ListInterfaces shows it; after hot-remove it is gone;
-- a container's shell counts in a file on the share; the VM is saved to a
-  file, QEMU stopped, a new QEMU restored from the file: the agent answers on
-  a new connection at once, the count goes on from where it was (the same
-  process, memory and all), and the agent still signals and reaps it;
-- a host that reconnects while the guest never saw it leave (restore, or a
-  quick close/open) is a new ttrpc session to the agent, not a stale one.
+- a host that reconnects before the guest saw it leave is a new ttrpc
+  session to the agent, not a stale one (``guest.agent.host_sessions``);
+- QEMU refuses to save while 9p is mounted: one line, the VM runs on.
 
-The VM, its QEMU driver and the agent connection live on one trio loop in a
+Save/restore needs a second VM whose sandbox mounts no share: a container's
+shell counts in memory; the VM is saved, QEMU stopped, a new QEMU restored
+from the file; the agent answers a new connection at once and the same shell
+(same random token, count going on) still runs, and is signalled and reaped.
+
+The VM, its driver and the agent connection live on one trio loop in a
 thread, so that they outlive each test (a trio run lasts one test).
 """
 
