@@ -17,6 +17,10 @@ from agent_proto import ttrpc_pb2
 
 _OK_STATUS_FIELD = b"\x0a\x00"  # field 1 (status), an empty google.rpc.Status
 _INT64_LIMIT = 1 << 63
+_MAX_CACHED_NAMES = 1024
+
+# (service, method) -> their encoded fields: a client calls few distinct methods
+_names: dict[tuple[str, str], bytes] = {}
 
 
 def _varint(value: int) -> bytes:
@@ -43,6 +47,11 @@ def encode_request(
     metadata: Sequence[tuple[str, str]] = (),
 ) -> bytes:
     """Return ``ttrpc.Request(...).SerializeToString()`` for these fields."""
+    if type(service) is str and type(method) is str and type(payload) is bytes:
+        names = _names.get((service, method))
+        if names is not None and not timeout_nano and not metadata:
+            # the common call: encoded names reused, only the payload is new
+            return names + _field(b"\x1a", payload) if payload else names
     if (
         type(service) is not str
         or type(method) is not str
@@ -52,11 +61,10 @@ def encode_request(
     ):
         return _generated_request(service, method, payload, timeout_nano, metadata)
     try:
-        parts = [
-            _field(b"\x0a", service.encode()),
-            _field(b"\x12", method.encode()),
-            _field(b"\x1a", payload),
-        ]
+        names = _field(b"\x0a", service.encode()) + _field(b"\x12", method.encode())
+        if len(_names) < _MAX_CACHED_NAMES:
+            _names[service, method] = names
+        parts = [names, _field(b"\x1a", payload)]
         if timeout_nano:
             parts.append(b"\x20" + _varint(timeout_nano))
         for key, value in metadata:

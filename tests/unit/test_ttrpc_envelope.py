@@ -32,6 +32,9 @@ def test_request_bytes_match_protobuf(
 ) -> None:
     expected = _generated(service, method, payload, timeout, metadata)
     assert encode_request(service, method, payload, timeout, metadata) == expected
+    # the second call of a method reuses its cached encoded names
+    assert encode_request(service, method, payload, timeout, metadata) == expected
+    assert encode_request(service, method, payload) == _generated(service, method, payload, 0, [])
 
 
 @pytest.mark.parametrize(
