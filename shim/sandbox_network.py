@@ -55,16 +55,17 @@ class SandboxNetwork:
         netns: str | None,
         state: SandboxState,
         *,
-        setup: Setup = network.setup,
+        setup: Setup | None = None,
         open_tap_fds: OpenTapFds = network.open_tap_fds,
-        teardown: Teardown = network.teardown,
+        teardown: Teardown | None = None,
     ) -> None:
         self.netns = netns
         self.state = state
         self.plan = NetworkPlan()
-        self._setup = setup
+        # looked up late: shim.network loads pyroute2 only for a sandbox with a netns
+        self._setup = setup or (lambda netns, record: network.setup(netns, record))
         self._open_tap_fds = open_tap_fds
-        self._teardown = teardown
+        self._teardown = teardown or (lambda plan: network.teardown(plan))
 
     def _record(self, entry: Mapping[str, Any]) -> None:
         self.state.record(cleanup.network_resource(entry))

@@ -23,6 +23,9 @@ Everything here blocks on netlink and is meant for a worker thread; namespace
 work happens on short-lived threads of its own (``netns.run_in_netns``).
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from shim.network.errors import (
     NetworkConflictError,
     NetworkError,
@@ -35,14 +38,34 @@ from shim.network.model import (
     LinkInfo,
     Neighbor,
     NetworkPlan,
+    Recorder,
     Route,
     device_id,
     tap_name,
 )
-from shim.network.setup import setup, teardown
 from shim.network.spec import netns_path
 from shim.network.tapfd import open_tap_fds
-from shim.network.tcfilter import Recorder, is_network_entry, reclaim
+
+if TYPE_CHECKING:
+    from shim.network.lifecycle import setup, teardown
+    from shim.network.tcfilter import is_network_entry, reclaim
+
+# pyroute2 costs a shim ~8 MiB of memory: only a sandbox that has a pod netns
+# (or a cleanup of one) loads the modules that use it.
+_NEEDS_PYROUTE2 = {
+    "setup": "shim.network.lifecycle",
+    "teardown": "shim.network.lifecycle",
+    "is_network_entry": "shim.network.tcfilter",
+    "reclaim": "shim.network.tcfilter",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _NEEDS_PYROUTE2.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shim.network' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "Address",

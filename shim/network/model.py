@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent_proto import types_pb2
 from shim.hypervisor import NetDevice
+
+#: called with a description of each host object before it is created
+Recorder = Callable[[dict[str, Any]], None]
 
 #: Linux IFNAMSIZ minus the terminating NUL
 IFNAME_MAX = 15

@@ -22,9 +22,8 @@ from pyroute2 import IPRoute, protocols
 from pyroute2.netlink.exceptions import NetlinkError
 
 from shim.network.errors import NetworkConflictError, NetworkError, NetworkNotFoundError
+from shim.network.model import Recorder
 from shim.network.netns import run_in_netns
-
-Recorder = Callable[[dict[str, Any]], None]
 
 INGRESS_HANDLE = 0xFFFF0000
 TC_H_INGRESS = 0xFFFFFFF1

@@ -18,10 +18,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from shim.hypervisor import NetDevice
 from shim.network.errors import NetworkError, NetworkNotFoundError
-from shim.network.model import Endpoint, LinkInfo, NetworkPlan, device_id, tap_name
+from shim.network.model import Endpoint, LinkInfo, NetworkPlan, Recorder, device_id, tap_name
 from shim.network.netns import run_in_netns
 from shim.network.scan import scan_links
-from shim.network.tcfilter import Recorder, add_redirect, by_index, create_tap, reclaim_in
+from shim.network.tcfilter import add_redirect, by_index, create_tap, reclaim_in
 
 
 def _connect(
