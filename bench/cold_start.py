@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
@@ -35,72 +33,20 @@ from shim.agent_client import wait_ready
 from shim.host import HostFacts
 from shim.hypervisor import VmSpec
 from shim.state import SandboxState
+from tests.integration.containerd import Containerd
 
 IMAGE = busybox_image.REFERENCE
 
 
-class Daemon:
-    """containerd on a temp root, with husk's shim on PATH and its own husk config."""
-
-    def __init__(self, base: Path, husk_config: Path) -> None:
-        self.base = base
-        self.address = str(base / "c.sock")
-        bindir = base / "bin"
-        bindir.mkdir()
-        shim = Path(shutil.which("containerd-shim-husk-v2") or "")
-        if shim.is_file():
-            (bindir / shim.name).symlink_to(shim)
-        cfg = base / "containerd.toml"
-        cfg.write_text(
-            f'version = 2\nroot = "{base / "root"}"\nstate = "{base / "state"}"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            f'[grpc]\n  address = "{self.address}"\n'
-        )
-        env = {
-            **os.environ,
-            "HUSK_CONFIG": str(husk_config),
-            "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
-        }
-        self.log = (base / "containerd.log").open("wb")
-        self.proc = subprocess.Popen(
-            ["containerd", "--config", str(cfg)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 20
-        while self.ctr("version").returncode != 0:
-            if time.monotonic() > deadline:
-                raise SystemExit("containerd did not start")
-            time.sleep(0.1)
-
-    def ctr(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            ["ctr", "--address", self.address, *args], capture_output=True, check=False
-        )
-
-    def timed_run(self, *runtime: str) -> float:
-        started = time.monotonic()
-        proc = self.ctr("run", *runtime, "--rm", IMAGE, "b-" + uuid.uuid4().hex[:8], "/bin/true")
-        elapsed = time.monotonic() - started
-        if proc.returncode != 0:
-            raise SystemExit(f"ctr run {' '.join(runtime)} failed: {proc.stderr.decode()}")
-        return elapsed
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        with open("/proc/self/mountinfo") as f:
-            points = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(self.base))]
-        for point in sorted(points, key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], check=False)
-        shutil.rmtree(self.base, ignore_errors=True)
+def timed_run(daemon: Containerd, *runtime: str) -> float:
+    """Seconds for one ``ctr run --rm <runtime> busybox /bin/true``."""
+    started = time.monotonic()
+    name = "b-" + uuid.uuid4().hex[:8]
+    proc = daemon.ctr("run", *runtime, "--rm", IMAGE, name, "/bin/true", check=False)
+    elapsed = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"ctr run {' '.join(runtime)} failed: {proc.stderr.decode()}")
+    return elapsed
 
 
 async def boot_to_ready(cfg: config.Config, state_root: Path) -> float:
@@ -134,10 +80,12 @@ async def boot_to_ready(cfg: config.Config, state_root: Path) -> float:
     return elapsed
 
 
-def shim_rss_mib(daemon: Daemon, state_root: Path) -> float:
+def shim_rss_mib(daemon: Containerd, state_root: Path) -> float:
     """VmRSS of the shim serving one running sandbox."""
     name = "rss-" + uuid.uuid4().hex[:8]
-    proc = daemon.ctr("run", "--runtime", "io.containerd.husk.v2", "-d", IMAGE, name, "sleep", "60")
+    proc = daemon.ctr(
+        "run", "--runtime", "io.containerd.husk.v2", "-d", IMAGE, name, "sleep", "60", check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"ctr run -d failed: {proc.stderr.decode()}")
     try:
@@ -146,10 +94,10 @@ def shim_rss_mib(daemon: Daemon, state_root: Path) -> float:
         kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
         return kib / 1024
     finally:
-        daemon.ctr("task", "kill", "-s", "SIGKILL", name)
+        daemon.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
         time.sleep(0.5)
-        daemon.ctr("task", "delete", "-f", name)
-        daemon.ctr("container", "rm", name)
+        daemon.ctr("task", "delete", "-f", name, check=False)
+        daemon.ctr("container", "rm", name, check=False)
 
 
 def main() -> int:
@@ -165,17 +113,17 @@ def main() -> int:
     husk_config.write_text(f'[runtime]\nstate_dir = "{state_root}"\n')
     cfg = config.load(husk_config, host=HostFacts.probe())
     (base / "ctd").mkdir()
-    daemon = Daemon(base / "ctd", husk_config)
+    daemon = Containerd(base / "ctd", {"HUSK_CONFIG": str(husk_config)})
     try:
         tarball = base / "busybox.tar"
         busybox_image.build(tarball)
         daemon.ctr("image", "import", str(tarball))
-        daemon.timed_run()  # warm containerd's caches for both runtimes alike
+        timed_run(daemon)  # warm containerd's caches for both runtimes alike
         boots, husks, runcs = [], [], []
         for i in range(args.rounds):
             boots.append(trio.run(boot_to_ready, cfg, state_root))
-            husks.append(daemon.timed_run("--runtime", "io.containerd.husk.v2"))
-            runcs.append(daemon.timed_run())
+            husks.append(timed_run(daemon, "--runtime", "io.containerd.husk.v2"))
+            runcs.append(timed_run(daemon))
             print(f"round {i + 1}: boot {boots[-1]:.2f}s  husk {husks[-1]:.2f}s  "
                   f"runc {runcs[-1]:.2f}s", flush=True)  # fmt: skip
         rss = shim_rss_mib(daemon, state_root)

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tests.integration.containerd import CTR, Containerd
+
 PORT = 5001
 NAMESPACE = "husk-bench"
 RUNC = "io.containerd.runc.v2"
@@ -99,37 +101,13 @@ def pod_netns() -> Iterator[Pod]:
 @contextmanager
 def private_containerd(workdir: Path) -> Iterator[list[str]]:
     """A containerd of our own; yields the ``ctr`` command prefix that reaches it."""
-    sock = workdir / "containerd.sock"
-    config = workdir / "config.toml"
-    config.write_text(
-        "version = 2\n"
-        f'root = "{workdir / "root"}"\n'
-        f'state = "{workdir / "state"}"\n'
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-        f'[grpc]\n  address = "{sock}"\n'
-    )
-    env = dict(os.environ)
-    # containerd finds containerd-shim-husk-v2 on its PATH: the one beside this Python
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    log = (workdir / "containerd.log").open("wb")
-    proc = subprocess.Popen(
-        ["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
+    base = workdir / "containerd"
+    base.mkdir()
+    daemon = Containerd(base, {})
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise CannotRun(f"containerd did not start; see {workdir / 'containerd.log'}")
-            time.sleep(0.05)
-        yield ["ctr", "--address", str(sock), "--namespace", NAMESPACE]
+        yield [CTR, "--address", daemon.address, "--namespace", NAMESPACE]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        daemon.stop()
 
 
 def import_busybox(ctr: list[str], workdir: Path) -> str:

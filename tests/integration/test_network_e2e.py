@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from bench.net_throughput import HUSK, Pod, import_busybox, pod_netns
-from tests.integration.conftest import CTR, Containerd
+from tests.integration.containerd import CTR, Containerd
 from tests.integration.test_network import in_pod, links, veth_state
 
 pytestmark = [

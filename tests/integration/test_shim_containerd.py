@@ -25,7 +25,7 @@ from shim import busybox_image, cleanup, config, registry
 from shim.errors import NotSupportedError
 from shim.host import HostFacts
 from shim.state import SandboxState
-from tests.integration.conftest import Containerd
+from tests.integration.containerd import Containerd
 
 IMAGE = busybox_image.REFERENCE
 RUNTIME = ["--runtime", "io.containerd.husk.v2"]
