@@ -106,3 +106,93 @@ async def test_cancelling_the_nursery_ends_busy_and_parked_workers() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert pool.idle_workers == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_jobs_that_never_wait_run_back_to_back_on_one_task() -> None:
+    tasks: list[trio.lowlevel.Task] = []
+
+    async def job() -> None:
+        tasks.append(trio.lowlevel.current_task())
+
+    async with trio.open_nursery() as nursery:
+        pool = WorkerPool(nursery)
+        for _ in range(5):
+            pool.submit(job)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(tasks) == 5 and len(set(tasks)) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_job_that_waits_hands_the_queue_to_another_worker() -> None:
+    release = trio.Event()
+    order: list[str] = []
+    tasks: dict[str, trio.lowlevel.Task] = {}
+
+    async def job(name: str, wait: bool) -> None:
+        tasks[name] = trio.lowlevel.current_task()
+        if wait:
+            await release.wait()
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        pool = WorkerPool(nursery)
+        pool.submit(job, "a", False)
+        pool.submit(job, "slow", True)
+        pool.submit(job, "b", False)
+        pool.submit(job, "c", False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["a", "b", "c"]
+        assert tasks["slow"] is tasks["a"] and tasks["b"] is not tasks["slow"]
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["a", "b", "c", "slow"]
+        pool.submit(job, "d", False)  # after all that, work is still picked up
+        await trio.testing.wait_all_tasks_blocked()
+        assert order[-1] == "d"
+        nursery.cancel_scope.cancel()
+
+
+async def test_values_errors_and_cancellation_reach_a_waiting_job_unchanged() -> None:
+    seen: list[object] = []
+    send, receive = trio.open_memory_channel[int](1)
+
+    async def receiver() -> None:
+        seen.append(await receive.receive())  # a value sent in by trio
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            seen.append("cancelled")
+            raise
+
+    async def failing() -> None:
+        await trio.sleep(0)
+        raise ValueError("after waiting")
+
+    with pytest.raises(ExceptionGroup) as failure:
+        async with trio.open_nursery() as nursery:
+            pool = WorkerPool(nursery)
+            pool.submit(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            await send.send(7)
+            await trio.testing.wait_all_tasks_blocked()
+            pool.submit(failing)
+    assert [str(e) for e in failure.value.exceptions] == ["after waiting"]
+    assert seen == [7, "cancelled"]
+
+
+async def test_a_job_failing_without_waiting_does_not_strand_the_queue() -> None:
+    done: list[str] = []
+
+    async def bad() -> None:
+        raise KeyError("sync failure")
+
+    async def good() -> None:
+        done.append("good")
+
+    with pytest.raises(ExceptionGroup) as failure:
+        async with trio.open_nursery() as nursery:
+            pool = WorkerPool(nursery)
+            pool.submit(bad)
+            pool.submit(good)
+    assert [type(e) for e in failure.value.exceptions] == [KeyError]
+    assert done == ["good"]  # the queue was handed on, not stranded
