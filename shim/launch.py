@@ -18,9 +18,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +68,11 @@ def _read_annotations_spec(bundle: str) -> dict[str, object]:
     return spec if isinstance(spec, dict) else {}
 
 
-def start(args: ShimArgs, state_root: Path, sandbox_model: str) -> str:
-    """Launch (or find) the shim serving this container; return its address."""
+def start(args: ShimArgs, state_root: Path, sandbox_model: str, serve: Callable[[], int]) -> str:
+    """Launch (or find) the shim serving this container; return its address.
+
+    ``serve`` runs in the forked serving shim and returns its exit status.
+    """
     spec = _read_annotations_spec(args.bundle)
     place = placement(args.id, spec, sandbox_model)
     if not place.owner:
@@ -88,44 +90,34 @@ def start(args: ShimArgs, state_root: Path, sandbox_model: str) -> str:
     try:
         listener.bind(str(path))
         listener.listen(128)
-        _spawn_server(args, listener)
+        _spawn_server(listener, args.bundle, serve)
     finally:
         listener.close()
     return _publish_address(args.bundle, path)
 
 
-def _spawn_server(args: ShimArgs, listener: socket.socket) -> None:
-    argv = [
-        sys.executable,
-        "-m",
-        "shim.shim_main",
-        "-namespace",
-        args.namespace,
-        "-id",
-        args.id,
-        "-address",
-        args.address,
-        "-publish-binary",
-        args.publish_binary,
-    ]
-    if args.debug:
-        argv.append("-debug")
-    fd = listener.fileno()
+def _spawn_server(listener: socket.socket, bundle: str, serve: Callable[[], int]) -> None:
+    """Fork the serving shim: this process's interpreter and imports carry over.
 
-    def to_fd3() -> None:
-        os.dup2(fd, SERVE_FD)
-
-    subprocess.Popen(
-        argv,
-        cwd=args.bundle,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        pass_fds=(fd,),
-        preexec_fn=to_fd3,
-        close_fds=True,
-    )
+    Forking instead of exec'ing a new Python saves an interpreter start and the
+    imports on the path of every container start. The child leaves
+    containerd's session and stdio (containerd reads ``start``'s output to EOF)
+    and serves on the listening socket as fd 3.
+    """
+    if os.fork() != 0:
+        return
+    code = 1
+    try:
+        os.setsid()
+        os.chdir(bundle)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.dup2(listener.fileno(), SERVE_FD)
+        os.closerange(SERVE_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        code = serve()
+    finally:
+        os._exit(code)
 
 
 def _publish_address(bundle: str, path: Path) -> str:

@@ -86,8 +86,16 @@ def _start(args: ShimArgs, cfg: object) -> int:
     if not args.id:
         print("husk: start needs -id", file=sys.stderr)
         return 2
+
+    def serve_forever() -> int:
+        from shim import serve
+
+        return serve.main(args, cfg)
+
     try:
-        address = launch.start(args, cfg.runtime.state_dir, cfg.runtime.sandbox_model)
+        address = launch.start(
+            args, cfg.runtime.state_dir, cfg.runtime.sandbox_model, serve_forever
+        )
     except (HuskError, OSError) as e:
         print(f"husk: cannot start the shim for {args.id}: {e}", file=sys.stderr)
         return 1

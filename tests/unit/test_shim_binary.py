@@ -69,7 +69,8 @@ def test_state_records_survive_reload_and_find_containers(tmp_path: Path) -> Non
 def test_reclaim_kills_what_names_the_dir_and_removes_it(tmp_path: Path) -> None:
     state = SandboxState.create(tmp_path, "s2")
     marker = state.dir / "vm.sock"
-    proc = subprocess.Popen(["sh", "-c", "sleep 300", str(marker)])
+    # "; :" keeps the shell (and the marker in its argv): a lone command may be exec'd
+    proc = subprocess.Popen(["sh", "-c", "sleep 300; :", str(marker)])
     other = subprocess.Popen(["sleep", "300"])
     try:
         state.record(Resource(kind=PROCESS, pid=other.pid, start=process_start_time(other.pid)))
