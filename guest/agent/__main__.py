@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from guest.agent.channel import parse_listen
 from guest.agent.config import KATA_SHARED_DIR, AgentConfig
 
 log = logging.getLogger("husk.agent")
+
+
+def default_runtime() -> str:
+    """crun where the image has it: it creates a container several times faster under TCG."""
+    return "crun" if shutil.which("crun") else "runc"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--state-dir", type=Path, default=Path("/run/husk-agent"))
     p.add_argument("--shared-dir", type=Path, default=KATA_SHARED_DIR)
-    p.add_argument("--runc", default="runc", help="the runc binary")
+    p.add_argument(
+        "--runc",
+        default=default_runtime(),
+        help="the OCI runtime binary, runc-compatible (default: crun if present, else runc)",
+    )
     p.add_argument("--runc-root", type=Path, help="runc's --root (default: STATE_DIR/runc)")
     p.add_argument("--cgroup-parent", default="/husk")
     p.add_argument("--cgroup-root", type=Path, default=Path("/sys/fs/cgroup"))

@@ -231,7 +231,7 @@ def _build(
     rootfs.add_busybox(tree, staging, applets)
     rootfs.add_libraries(tree, staging)
     py = f"usr/bin/python{recipe.PYTHON_VERSION}"
-    rootfs.add_binaries(tree, staging, [py, "usr/sbin/runc"])
+    rootfs.add_binaries(tree, staging, [py, "usr/sbin/runc", "usr/bin/crun"])
     tree.add(Entry.symlink("usr/bin/python3", f"python{recipe.PYTHON_VERSION}"))
     rootfs.add_stdlib(tree, staging)
     rootfs.add_distributions(tree, recipe.PYTHON_DISTRIBUTIONS)

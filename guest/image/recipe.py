@@ -20,6 +20,17 @@ PACKAGES: tuple[str, ...] = (
     "libpython3.11-minimal",
     "libpython3.11-stdlib",
     "runc",
+    # crun: the OCI runtime the agent prefers. A C binary starts in a fraction of
+    # runc's time under TCG, where runc's two Go runtime starts dominate a create.
+    "crun",
+    "libcap2",
+    "libsystemd0",
+    "libyajl2",
+    "libgcrypt20",
+    "libgpg-error0",
+    "liblz4-1",
+    "liblzma5",
+    "libzstd1",
     "libc6",
     "libseccomp2",
     "zlib1g",

@@ -28,7 +28,7 @@ from shim.ttrpc.client import Client
 from shim.ttrpc.codes import Code
 from shim.ttrpc.errors import RpcError
 
-RUNC = shutil.which("runc") or "/usr/sbin/runc"
+RUNC = os.environ.get("HUSK_TEST_RUNTIME") or shutil.which("runc") or "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"
 APPLETS = ["sh", "echo", "cat", "sleep", "id", "tty", "true", "stty", "ls"]
 REPO = Path(__file__).resolve().parents[2]
