@@ -138,10 +138,24 @@ class Vm:
     # -- the agent connection ----------------------------------------------------
 
     async def connect(self) -> None:
-        """Open a new connection to the agent (closing the previous one)."""
+        """Open a new connection to the agent (closing the previous one).
+
+        On virtio-serial, QEMU discards what the host sends while the guest's
+        port is closed, and a guest that saw the last hang-up may still be
+        reopening it: the first Health.Check is retried briefly, as the shim's
+        ``wait_ready`` does. Every call after it must answer at once.
+        """
         await self.disconnect()
         assert self.loop.nursery is not None
         await self.loop.nursery.start(self._hold_connection)
+        with trio.fail_after(BOOT_TIMEOUT):
+            while True:
+                try:
+                    await self.health.Check(health_pb2.CheckRequest(), timeout=0.5)
+                    return
+                except RpcError as e:
+                    if e.code != Code.DEADLINE_EXCEEDED:
+                        raise
 
     async def _hold_connection(self, task_status: trio.TaskStatus[None]) -> None:
         self._drop, self._dropped = trio.Event(), trio.Event()
@@ -474,8 +488,10 @@ def test_restored_guest_keeps_its_processes(unshared_vm: Vm) -> None:
                                mount_point=ROOTFS_MOUNT)  # fmt: skip
     run(vm.start, "counter", ["sh", "-c", COUNTER], storages=[rootfs], root=ROOTFS_MOUNT)
     token, before = run(_count, vm, "cat0")
-    while before < 3:
-        token, before = run(_count, vm, f"cat{before}")
+    polls = 0
+    while before < 3:  # each poll is a new exec: its id must be new too
+        polls += 1
+        token, before = run(_count, vm, f"cat{polls}")
 
     state_file = work / "vm.state"
     run(hv.save, state_file)
