@@ -54,7 +54,8 @@ def setup_logging(bundle: str, debug: bool) -> None:
             raise
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
-        format="husk-shim[%(process)d] %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s.%(msecs)03d husk-shim[%(process)d] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
 
 
