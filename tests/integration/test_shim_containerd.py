@@ -202,6 +202,39 @@ def test_two_sandboxes_at_once(ctd: Containerd, state_root: Path) -> None:
             ctd.ctr("container", "rm", name, check=False)
 
 
+def _pod_annotations(kind: str, pod: str) -> list[str]:
+    return [
+        "--annotation", f"io.kubernetes.cri.container-type={kind}",
+        "--annotation", f"io.kubernetes.cri.sandbox-id={pod}",
+    ]  # fmt: skip
+
+
+def _boot_id(ctd: Containerd, name: str, exec_id: str) -> str:
+    argv = ["cat", "/proc/sys/kernel/random/boot_id"]
+    return ctd.ctr("task", "exec", "--exec-id", exec_id, name, *argv).stdout.decode().strip()
+
+
+def test_containers_of_a_pod_share_one_sandbox_vm(ctd: Containerd, state_root: Path) -> None:
+    pod, app = cid(), cid()
+    ctd.ctr("run", *RUNTIME, "-d", *_pod_annotations("sandbox", pod), IMAGE, pod, "sleep", "1000")
+    try:
+        ctd.ctr("run", *RUNTIME, "-d", *_pod_annotations("container", pod),
+                IMAGE, app, "sleep", "1000")  # fmt: skip
+        # one VM: one sandbox dir, one QEMU, one guest kernel boot for both
+        assert {p.name for p in state_root.iterdir()} == {pod}
+        assert _boot_id(ctd, pod, "b1") == _boot_id(ctd, app, "b2")
+        assert sorted(_status(ctd, n) for n in (pod, app)) == ["RUNNING", "RUNNING"]
+        ctd.ctr("task", "kill", "-s", "SIGKILL", app)
+        ctd.ctr("task", "delete", app)
+        ctd.ctr("container", "rm", app)
+        assert _status(ctd, pod) == "RUNNING"  # the pod's VM outlives its app container
+    finally:
+        for name in (app, pod):
+            ctd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
+            ctd.ctr("task", "delete", "-f", name, check=False)
+            ctd.ctr("container", "rm", name, check=False)
+
+
 def test_killed_shim_then_task_delete_removes_the_vm(ctd: Containerd, state_root: Path) -> None:
     name = cid()
     ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "1000")
