@@ -1,4 +1,8 @@
-"""Host mounts through mount(2)/umount2(2): container rootfs shared into the sandbox."""
+"""mount(2) and umount2(2) through libc, for the shim and the guest agent alike.
+
+The host shares container root filesystems into the sandbox with them; the
+agent mounts storages inside the guest (this module is in the initrd).
+"""
 
 from __future__ import annotations
 
@@ -14,23 +18,41 @@ MS_RDONLY = 1
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
 MNT_DETACH = 2
+_PROPAGATION = MS_PRIVATE | MS_SLAVE | MS_SHARED
 
 _FLAGS = {
     "ro": MS_RDONLY,
     "nosuid": 2,
     "nodev": 4,
     "noexec": 8,
+    "sync": 16,
+    "remount": MS_REMOUNT,
+    "dirsync": 128,
+    "noatime": 1024,
+    "nodiratime": 2048,
     "bind": MS_BIND,
     "rbind": MS_BIND | MS_REC,
+    "relatime": 1 << 21,
+    "strictatime": 1 << 24,
+    "private": MS_PRIVATE,
+    "rprivate": MS_PRIVATE | MS_REC,
+    "shared": MS_SHARED,
+    "rshared": MS_SHARED | MS_REC,
+    "slave": MS_SLAVE,
+    "rslave": MS_SLAVE | MS_REC,
 }
-_IGNORED = {"rw", "defaults", "suid", "dev", "exec"}
+#: options that only state mount(2)'s defaults
+_IGNORED = {"rw", "suid", "dev", "exec", "async", "atime", "diratime", "defaults"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class MountError(HuskError):
-    """A host mount or unmount failed."""
+    """A mount or unmount failed."""
 
 
 def split_options(options: Iterable[str]) -> tuple[int, str]:
@@ -45,15 +67,23 @@ def split_options(options: Iterable[str]) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
-def mount(source: str, target: Path, fstype: str, options: Iterable[str] = ()) -> None:
-    """Mount ``source`` on ``target``; a read-only bind is remounted read-only."""
+def mount(source: str, target: Path | str, fstype: str, options: Iterable[str] = ()) -> None:
+    """Mount ``source`` on ``target``.
+
+    mount(2) takes propagation changes and a bind's read-only flag only in
+    calls of their own, so those follow the mount as second calls.
+    """
     flags, data = split_options(options)
+    propagation = flags & _PROPAGATION
+    flags &= ~_PROPAGATION
     _call(source, target, fstype, flags, data)
     if flags & MS_BIND and flags & MS_RDONLY:
         _call("", target, "", flags | MS_REMOUNT, "")
+    if propagation:
+        _call("", target, "", propagation | (flags & MS_REC), "")
 
 
-def _call(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
+def _call(source: str, target: Path | str, fstype: str, flags: int, data: str) -> None:
     rc = _libc.mount(
         source.encode(),
         str(target).encode(),
@@ -64,8 +94,14 @@ def _call(source: str, target: Path, fstype: str, flags: int, data: str) -> None
     if rc != 0:
         err = ctypes.get_errno()
         raise MountError(
-            f"cannot mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}"
+            f"cannot mount {fstype or 'bind'} {source or '(remount)'} on {target} "
+            f"(flags {flags:#x}, {data or 'no data'}): {os.strerror(err)}"
         )
+
+
+def is_mount_point(path: Path | str) -> bool:
+    """Whether ``path`` is listed in /proc/self/mountinfo."""
+    return str(path).rstrip("/") in mounts_under(path)
 
 
 def unmount(target: Path | str) -> None:

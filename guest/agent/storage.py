@@ -16,8 +16,6 @@ Mounting uses the mount(2) system call directly, not a ``mount`` binary.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 from collections.abc import Iterable
@@ -27,95 +25,12 @@ from pathlib import Path
 import trio
 
 from agent_proto import agent_pb2
-from shim.errors import DeadlineExceededError, HuskError, InvalidArgumentError
+from shim.errors import DeadlineExceededError, InvalidArgumentError
+from shim.mounts import MountError, mount, unmount
 
 log = logging.getLogger("husk.agent.storage")
 
 DEVICE_TIMEOUT = 10.0
-
-_FLAGS = {
-    "ro": 1,  # MS_RDONLY
-    "nosuid": 2,
-    "nodev": 4,
-    "noexec": 8,
-    "sync": 16,
-    "remount": 32,
-    "dirsync": 128,
-    "noatime": 1024,
-    "nodiratime": 2048,
-    "bind": 4096,
-    "rbind": 4096 | 16384,
-    "relatime": 1 << 21,
-    "strictatime": 1 << 24,
-    "private": 1 << 18,
-    "rprivate": (1 << 18) | 16384,
-    "shared": 1 << 20,
-    "rshared": (1 << 20) | 16384,
-    "slave": 1 << 19,
-    "rslave": (1 << 19) | 16384,
-}
-_CLEARED = {"rw", "suid", "dev", "exec", "async", "atime", "diratime", "defaults"}
-_PROPAGATION = (1 << 18) | (1 << 19) | (1 << 20)
-_MNT_DETACH = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class MountError(HuskError):
-    """A mount or unmount failed."""
-
-
-def mount_options(options: Iterable[str]) -> tuple[int, str]:
-    """Split fstab-style options into mount(2) flags and the data string."""
-    flags = 0
-    data = []
-    for option in options:
-        if option in _FLAGS:
-            flags |= _FLAGS[option]
-        elif option not in _CLEARED and option:
-            data.append(option)
-    return flags, ",".join(data)
-
-
-def mount(source: str, target: str, fstype: str, options: Iterable[str] = ()) -> None:
-    """mount(2) ``source`` on ``target``; propagation flags are applied in a second call."""
-    flags, data = mount_options(options)
-    propagation = flags & _PROPAGATION
-    flags &= ~_PROPAGATION
-    _mount_call(source, target, fstype, flags, data)
-    if propagation:
-        _mount_call("", target, "", propagation | (flags & 16384), "")
-
-
-def _mount_call(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    rc = _libc.mount(
-        source.encode(), target.encode(), fstype.encode() or None, flags, data.encode() or None
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise MountError(
-            f"mount of {source or fstype!r} on {target} ({fstype or 'no type'}, "
-            f"flags {flags:#x}, {data or 'no data'}) failed: {os.strerror(err)}"
-        )
-
-
-def unmount(target: str) -> None:
-    """Lazily unmount ``target``; a path that is not mounted is fine."""
-    rc = _libc.umount2(target.encode(), _MNT_DETACH)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOENT):
-            return
-        raise MountError(f"unmount of {target} failed: {os.strerror(err)}")
-
-
-def is_mount_point(path: str) -> bool:
-    """Whether ``path`` is listed in /proc/self/mountinfo."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == path for line in f if len(line.split()) > 4)
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)

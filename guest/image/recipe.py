@@ -106,6 +106,7 @@ HUSK_SOURCES: tuple[str, ...] = (
     "agent_proto",
     "shim/__init__.py",
     "shim/errors.py",
+    "shim/mounts.py",
     "shim/ttrpc",
 )
 

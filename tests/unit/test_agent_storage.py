@@ -13,15 +13,15 @@ from guest.agent.storage import (
     find_block_by_pci_path,
     find_block_by_serial,
     looks_like_pci_path,
-    mount_options,
     mount_storage,
     wait_for_block_device,
 )
 from shim.errors import DeadlineExceededError, InvalidArgumentError
+from shim.mounts import split_options
 
 
 def test_mount_options_split_flags_from_data() -> None:
-    flags, data = mount_options(["ro", "nosuid", "rw", "trans=virtio", "version=9p2000.L"])
+    flags, data = split_options(["ro", "nosuid", "rw", "trans=virtio", "version=9p2000.L"])
     assert flags == 1 | 2
     assert data == "trans=virtio,version=9p2000.L"
 
