@@ -218,27 +218,30 @@ class TaskService:
 
     async def Pause(self, request: task_pb2.PauseRequest, ctx: object) -> Empty:
         """Freeze the container in the guest."""
-        container = self._container(request.id)
-        if container.init.status != Status.RUNNING:
-            raise FailedPreconditionError(f"container {container.id} is not running")
-        await self._running_sandbox().agent.pause_container(container.id)
-        for process in container.processes():
-            if process.status == Status.RUNNING:
-                process.status = Status.PAUSED
-        self._publisher.publish(events_pb2.TaskPaused(container_id=container.id))
+        await self._change_freezer(request.id, Status.RUNNING, Status.PAUSED)
+        self._publisher.publish(events_pb2.TaskPaused(container_id=request.id))
         return Empty()
 
     async def Resume(self, request: task_pb2.ResumeRequest, ctx: object) -> Empty:
         """Thaw the container."""
-        container = self._container(request.id)
-        if container.init.status != Status.PAUSED:
-            raise FailedPreconditionError(f"container {container.id} is not paused")
-        await self._running_sandbox().agent.resume_container(container.id)
-        for process in container.processes():
-            if process.status == Status.PAUSED:
-                process.status = Status.RUNNING
-        self._publisher.publish(events_pb2.TaskResumed(container_id=container.id))
+        await self._change_freezer(request.id, Status.PAUSED, Status.RUNNING)
+        self._publisher.publish(events_pb2.TaskResumed(container_id=request.id))
         return Empty()
+
+    async def _change_freezer(self, container_id: str, before: Status, after: Status) -> None:
+        """Pause (RUNNING → PAUSED) or resume (PAUSED → RUNNING) every process of a container."""
+        container = self._container(container_id)
+        if container.init.status != before:
+            state = "running" if before == Status.RUNNING else "paused"
+            raise FailedPreconditionError(f"container {container.id} is not {state}")
+        agent = self._running_sandbox().agent
+        if after == Status.PAUSED:
+            await agent.pause_container(container.id)
+        else:
+            await agent.resume_container(container.id)
+        for process in container.processes():
+            if process.status == before:
+                process.status = after
 
     async def Checkpoint(self, request: task_pb2.CheckpointTaskRequest, ctx: object) -> Empty:
         """Not possible for a VM sandbox."""
