@@ -21,11 +21,12 @@ from pathlib import Path
 import trio
 
 from agent_proto import health_pb2
-from guest.image import DEFAULT_IMAGE_DIR, INITRD_NAME, KERNEL_CMDLINE, image_paths
+from guest.image import DEFAULT_IMAGE_DIR, INITRD_NAME, image_paths
+from plugins.qemu.cmdline import BASE_KERNEL_PARAMS
+from shim.agent.transport import connect
 from shim.host import HostFacts
 from shim.hypervisor import SerialEndpoint
-from shim.transport import connect
-from shim.ttrpc import Client, Code, RpcError
+from ttrpc import Client, Code, RpcError
 
 TARGET_SECONDS = 4.0
 INIT_MARKER = b"husk-init: ["
@@ -39,7 +40,7 @@ def qemu_argv(kernel: Path, initrd: Path, work: Path) -> list[str]:
     return [
         "qemu-system-x86_64", *accel, "-nodefaults", "-no-user-config", "-nographic",
         "-m", "512", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", KERNEL_CMDLINE,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", BASE_KERNEL_PARAMS,
         "-serial", f"file:{work / 'console.log'}",
         "-device", "virtio-rng-pci",
         "-device", "virtio-serial-pci",

@@ -28,14 +28,15 @@ from pathlib import Path
 
 import trio
 
-from shim import busybox_image, config, registry
-from shim.agent_client import wait_ready
+from shim import config, registry
+from shim.agent.client import wait_ready
+from shim.cli import local_images
 from shim.host import HostFacts
 from shim.hypervisor import VmSpec
-from shim.state import SandboxState
+from shim.sandbox.state import SandboxState
 from tests.integration.containerd import Containerd
 
-IMAGE = busybox_image.REFERENCE
+IMAGE = local_images.REFERENCE
 
 
 def timed_run(daemon: Containerd, *runtime: str) -> float:
@@ -120,7 +121,7 @@ def main() -> int:
     daemon = Containerd(base / "ctd", {"HUSK_CONFIG": str(husk_config)})
     try:
         tarball = base / "busybox.tar"
-        busybox_image.build(tarball)
+        local_images.build(tarball)
         daemon.ctr("image", "import", str(tarball))
         timed_run(daemon)  # warm containerd's caches for both runtimes alike
         boots, husks, runcs = [], [], []

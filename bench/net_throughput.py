@@ -112,11 +112,11 @@ def private_containerd(workdir: Path) -> Iterator[list[str]]:
 
 def import_busybox(ctr: list[str], workdir: Path) -> str:
     """Import the local busybox image; its reference."""
-    from shim import busybox_image
+    from shim.cli import local_images
 
-    tarball = busybox_image.build(workdir / "busybox.tar")
+    tarball = local_images.build(workdir / "busybox.tar")
     subprocess.run([*ctr, "image", "import", str(tarball)], check=True, capture_output=True)
-    return busybox_image.REFERENCE
+    return local_images.REFERENCE
 
 
 def _wait_listening(pod: Pod, timeout: float) -> None:

@@ -33,8 +33,8 @@ from pathlib import Path
 import trio
 from google.protobuf import wrappers_pb2
 
-from shim.ttrpc import Client, Server
 from tests.conformance import echo_service, gopeer
+from ttrpc import Client, Server
 
 REPO = Path(__file__).resolve().parent.parent
 PAYLOAD_SIZE = 16

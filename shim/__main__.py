@@ -2,6 +2,6 @@
 
 import sys
 
-from shim.cli import main
+from shim.cli.main import main
 
 sys.exit(main())

@@ -1,11 +1,8 @@
-"""The husk exception tree.
+"""The host side's exception tree: ``common.errors`` plus what only the shim raises.
 
-Every failure a user can see is one of these, with a one-line message that says
-what failed, on which object, and what to do. Each class carries the gRPC code
-the ttrpc server answers with (the mapping itself lives in one place:
-``shim.ttrpc.status``, which reads ``code`` and knows nothing else of husk)::
+Plugins and the rest of ``shim`` import every error from here::
 
-    HuskError                          INTERNAL
+    HuskError                          INTERNAL          (common.errors)
      ├── ConfigError                   INVALID_ARGUMENT  bad or unknown config key
      ├── InvalidArgumentError          INVALID_ARGUMENT
      ├── NotFoundError                 NOT_FOUND
@@ -13,6 +10,7 @@ the ttrpc server answers with (the mapping itself lives in one place:
      ├── FailedPreconditionError       FAILED_PRECONDITION
      │    └── HostError                host lacks what a sandbox needs
      ├── DeadlineExceededError         DEADLINE_EXCEEDED
+     ├── ResourceExhaustedError        RESOURCE_EXHAUSTED
      ├── UnimplementedError            UNIMPLEMENTED
      │    └── NotSupportedError        a plugin lacks a capability (names plugin + op)
      └── HypervisorError               INTERNAL          the VMM failed
@@ -23,15 +21,33 @@ Messages carry no "error:" prefix; whoever prints them adds context.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from common.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    HuskError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnimplementedError,
+)
+from ttrpc.codes import Code
 
-from shim.ttrpc.codes import Code
-
-
-class HuskError(Exception):
-    """Base of every husk error; ``code`` is the gRPC status code it maps to."""
-
-    code: ClassVar[Code] = Code.INTERNAL
+__all__ = [
+    "AlreadyExistsError",
+    "ConfigError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "HostError",
+    "HuskError",
+    "HypervisorError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "NotSupportedError",
+    "ResourceExhaustedError",
+    "UnimplementedError",
+    "VmmExitedError",
+]
 
 
 class ConfigError(HuskError):
@@ -40,44 +56,8 @@ class ConfigError(HuskError):
     code = Code.INVALID_ARGUMENT
 
 
-class InvalidArgumentError(HuskError):
-    """A request carried a value husk cannot use."""
-
-    code = Code.INVALID_ARGUMENT
-
-
-class NotFoundError(HuskError):
-    """The named object (sandbox, container, process, device) does not exist."""
-
-    code = Code.NOT_FOUND
-
-
-class AlreadyExistsError(HuskError):
-    """An object with that id already exists."""
-
-    code = Code.ALREADY_EXISTS
-
-
-class FailedPreconditionError(HuskError):
-    """The object is not in a state that allows the operation."""
-
-    code = Code.FAILED_PRECONDITION
-
-
 class HostError(FailedPreconditionError):
     """The host lacks something a sandbox needs (binary, device, image)."""
-
-
-class DeadlineExceededError(HuskError):
-    """An operation did not finish within its configured timeout."""
-
-    code = Code.DEADLINE_EXCEEDED
-
-
-class UnimplementedError(HuskError):
-    """The operation is not implemented."""
-
-    code = Code.UNIMPLEMENTED
 
 
 class NotSupportedError(UnimplementedError):

@@ -1,7 +1,7 @@
 """Cheap facts about this host that config defaults depend on.
 
 ``HostFacts.probe()`` reads only files (no subprocess), so loading the config
-stays fast; ``shim.check`` runs the slower probes (binary versions) for
+stays fast; ``shim.cli.check`` runs the slower probes (binary versions) for
 ``husk check``.
 """
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from shim.errors import NotSupportedError
 
 if TYPE_CHECKING:
+    from shim.config.schema import Key
     from shim.host import HostFacts
-    from shim.schema import Key
 
 
 class VmState(enum.Enum):

@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from guest.agent.host_sessions import HostSessions
-from shim.ttrpc.server import Server
+from ttrpc.server import Server
 
 log = logging.getLogger("husk.agent.channel")
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import trio
 
+from common.errors import HuskError
 from guest.agent.reaper import ExitWatch, Reaper
-from shim.errors import HuskError
 
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 """Python ignores these; a child must start with the default disposition."""

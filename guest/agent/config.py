@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import InvalidArgumentError
 from guest.agent.storage import SysfsLayout
-from shim.errors import InvalidArgumentError
 
 KATA_SHARED_DIR = Path("/run/kata-containers/shared/containers")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -13,7 +13,7 @@ import socket
 
 import trio
 
-from shim.errors import HuskError
+from common.errors import HuskError
 
 
 class ConsoleSocket:

@@ -15,18 +15,18 @@ from pathlib import Path
 import trio
 
 from agent_proto import agent_pb2, oci_pb2
+from common.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from guest.agent import oci, storage
 from guest.agent.config import AgentConfig, check_id
 from guest.agent.console import ConsoleSocket
 from guest.agent.process import Process, ProcessIO, process_label
 from guest.agent.reaper import Reaper
 from guest.agent.runc import Runc, RuncError, read_pid, remove_quietly
-from shim.errors import (
-    AlreadyExistsError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-)
 
 log = logging.getLogger("husk.agent.container")
 

@@ -10,8 +10,8 @@ a code of its own, so a client can tell EOF from a failure without parsing text.
 
 from __future__ import annotations
 
-from shim.errors import HuskError
-from shim.ttrpc.codes import Code
+from common.errors import HuskError
+from ttrpc.codes import Code
 
 
 class StreamClosedError(HuskError):

@@ -17,9 +17,9 @@ import re
 import trio
 
 from agent_proto import agent_pb2, types_pb2
+from common.errors import InvalidArgumentError, NotFoundError
 from guest.agent import command, netlink
 from guest.agent.reaper import Reaper
-from shim.errors import InvalidArgumentError, NotFoundError
 
 log = logging.getLogger("husk.agent.network")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent_proto import oci_pb2
-from shim.errors import InvalidArgumentError
+from common.errors import InvalidArgumentError
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

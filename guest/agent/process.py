@@ -16,9 +16,9 @@ import termios
 
 import trio
 
+from common.errors import FailedPreconditionError
 from guest.agent.errors import StreamClosedError
 from guest.agent.reaper import ExitWatch
-from shim.errors import FailedPreconditionError
 
 DEFAULT_READ = 32 * 1024
 MAX_READ = 1024 * 1024

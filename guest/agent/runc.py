@@ -14,10 +14,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.errors import HuskError, NotFoundError
 from guest.agent import command
 from guest.agent.command import CommandError
 from guest.agent.reaper import Reaper
-from shim.errors import HuskError, NotFoundError
 
 log = logging.getLogger("husk.agent.runc")
 

@@ -9,12 +9,12 @@ import socket
 import trio
 
 from agent_proto import agent_pb2
+from common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from guest.agent import cgroups, storage
 from guest.agent.config import AgentConfig, check_id
 from guest.agent.container import Container, Runtime
 from guest.agent.process import Process
 from guest.agent.reaper import Reaper
-from shim.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 
 log = logging.getLogger("husk.agent.sandbox")
 

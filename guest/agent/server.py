@@ -2,7 +2,7 @@
 
     reaper ─ SIGCHLD ─▶ ExitWatch ◀─ Process ◀─ Container ◀─ Sandbox ◀─ AgentService
                                                                          │
-    channel (vsock | virtio-serial | unix) ─▶ shim.ttrpc Server ─────────┘
+    channel (vsock | virtio-serial | unix) ─▶ ttrpc Server ─────────┘
 
 The agent stops when DestroySandbox has run or on SIGTERM/SIGINT (after
 removing every container); then the power-off action decides what happens to
@@ -26,7 +26,7 @@ from guest.agent.network import Network
 from guest.agent.reaper import Reaper, become_subreaper
 from guest.agent.sandbox import Sandbox
 from guest.agent.service import AgentService
-from shim.ttrpc.server import Server
+from ttrpc.server import Server
 
 log = logging.getLogger("husk.agent")
 

@@ -16,11 +16,11 @@ import trio
 from google.protobuf import empty_pb2
 
 from agent_proto import agent_pb2, types_pb2
+from common.errors import FailedPreconditionError, UnimplementedError
 from guest.agent import system
 from guest.agent.network import Network
 from guest.agent.process import Process
 from guest.agent.sandbox import Sandbox
-from shim.errors import FailedPreconditionError, UnimplementedError
 
 log = logging.getLogger("husk.agent.service")
 

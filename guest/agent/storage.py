@@ -25,8 +25,8 @@ from pathlib import Path
 import trio
 
 from agent_proto import agent_pb2
-from shim.errors import DeadlineExceededError, InvalidArgumentError
-from shim.mounts import MountError, mount, unmount
+from common.errors import DeadlineExceededError, InvalidArgumentError
+from common.mounts import MountError, mount, unmount
 
 log = logging.getLogger("husk.agent.storage")
 

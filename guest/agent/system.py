@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from agent_proto import agent_pb2
+from common.errors import InvalidArgumentError, NotFoundError
 from guest.agent import storage
 from guest.agent.storage import SysfsLayout
-from shim.errors import InvalidArgumentError, NotFoundError
 
 log = logging.getLogger("husk.agent.system")
 

@@ -26,12 +26,10 @@ from guest.image.manifest import (
     find_image,
     image_paths,
 )
-from guest.image.recipe import KERNEL_CMDLINE
 
 __all__ = [
     "DEFAULT_IMAGE_DIR",
     "INITRD_NAME",
-    "KERNEL_CMDLINE",
     "KERNEL_NAME",
     "MANIFEST_NAME",
     "AptError",

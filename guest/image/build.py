@@ -264,7 +264,6 @@ def _build(
     }
     manifest = ImageManifest(
         kernel_version=kernel_version,
-        kernel_cmdline=recipe.KERNEL_CMDLINE,
         compression=compression,
         inputs_digest=digest,
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),

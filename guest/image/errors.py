@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from shim.errors import HostError
+from common.errors import FailedPreconditionError
 
 
-class ImageBuildError(HostError):
+class ImageBuildError(FailedPreconditionError):
     """Building the guest kernel + initrd failed; partial output has been removed."""
 
 

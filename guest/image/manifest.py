@@ -27,7 +27,6 @@ class ImageManifest:
     """What an image was built from and what it holds."""
 
     kernel_version: str
-    kernel_cmdline: str
     compression: str
     inputs_digest: str
     built_at: str

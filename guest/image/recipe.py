@@ -100,26 +100,18 @@ PYTHON_DISTRIBUTIONS: tuple[str, ...] = (
 # Top-level directories of a distribution that are never needed in the guest.
 DIST_EXCLUDE_DIRS: frozenset[str] = frozenset({"_tests", "tests", "testing", "__pycache__"})
 
-# husk's own code the agent imports, relative to the repository / site-packages root.
-HUSK_SOURCES: tuple[str, ...] = (
-    "guest",
-    "agent_proto",
-    "shim/__init__.py",
-    "shim/errors.py",
-    "shim/mounts.py",
-    "shim/ttrpc",
-)
+# husk's own code in the guest: the agent's package and every first-party package
+# its import graph reaches (``imports.package_closure``), each carried whole. The
+# agent may reach only the packages listed as carried; a package listed as never
+# carried (the host program, the plugins, this builder) is a recipe error.
+AGENT_PACKAGE = "guest.agent"
+CARRIED_PACKAGES: tuple[str, ...] = ("guest.agent", "agent_proto", "ttrpc", "common")
+NEVER_CARRIED: tuple[str, ...] = ("shim", "plugins", "guest.image", "bench", "tests")
 
 # Where things live inside the initrd.
 GUEST_HUSK_DIR = "usr/lib/husk"
 GUEST_DIST_DIR = "usr/lib/python3/dist-packages"
 GUEST_MODULE_LIST = "etc/husk/modules"
-
-# Kernel command line the image is tested with; the qemu plugin may add to it.
-KERNEL_CMDLINE = (
-    "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp "
-    "i8042.dumbkbd tsc=reliable no_timer_check noreplace-smp cryptomgr.notests"
-)
 
 # initrd compression: "none" boots fastest under TCG (measured: 0.4 s faster than
 # zstd -19 for a 46 MiB initrd), "zstd" is 3.5x smaller on disk and in guest memory.

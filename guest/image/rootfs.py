@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from struct import error as struct_error
 
-from guest.image import recipe
+from guest.image import imports, recipe
 from guest.image.cpio import Entry
 from guest.image.elf import ElfFile, NotElfError, is_elf
 from guest.image.errors import RecipeError
@@ -217,21 +217,11 @@ def add_distributions(tree: Tree, names: Iterable[str]) -> dict[str, str]:
 
 
 def husk_source_files(repo_root: Path) -> list[tuple[Path, str]]:
-    """(host file, path relative to the python root) of husk code the guest imports."""
-    out: list[tuple[Path, str]] = []
-    for item in recipe.HUSK_SOURCES:
-        src = repo_root / item
-        if src.is_file():
-            out.append((src, item))
-        elif src.is_dir():
-            for f in _walk(src):
-                rel = f.relative_to(repo_root).as_posix()
-                if "__pycache__" in f.parts or f.suffix in (".pyc",) or f.is_symlink():
-                    continue
-                out.append((f, rel))
-        else:
-            raise RecipeError(f"husk source '{item}' not found under {repo_root}")
-    return out
+    """(host file, path relative to the python root) of the husk packages the agent needs."""
+    needed = imports.package_closure(
+        repo_root, recipe.AGENT_PACKAGE, recipe.CARRIED_PACKAGES, recipe.NEVER_CARRIED
+    )
+    return imports.package_files(repo_root, needed)
 
 
 def add_husk(tree: Tree, files: Iterable[tuple[Path, str]]) -> None:

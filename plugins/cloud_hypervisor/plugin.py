@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shim.config.hypervisor_keys import common_keys
+from shim.config.schema import Key
 from shim.errors import NotSupportedError
 from shim.hypervisor import HybridVsockKvmPlugin, Hypervisor
-from shim.hypervisor_keys import common_keys
-from shim.schema import Key
 
 KEYS: tuple[Key, ...] = (
     *common_keys("/usr/bin/cloud-hypervisor"),

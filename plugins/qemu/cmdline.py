@@ -16,10 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guest.image import KERNEL_CMDLINE
 from shim.errors import InvalidArgumentError, NotSupportedError
 from shim.hypervisor import BlockDevice, Device, NetDevice, SharedFsDevice, VmSpec, VsockDevice
 
+#: the guest kernel's own parameters on a QEMU machine, before the spec's and the config's:
+#: the serial console, no reboot loop on panic, no probing of the PS/2 controller
+#: and no TSC calibration (both slow under TCG), no crypto self-tests at boot
+BASE_KERNEL_PARAMS = (
+    "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp "
+    "i8042.dumbkbd tsc=reliable no_timer_check noreplace-smp cryptomgr.notests"
+)
 #: the 9p tag the guest agent mounts the sandbox's shared dir from
 SHARED_TAG = "kataShared"
 #: the virtio-serial port name the guest agent opens
@@ -131,7 +137,7 @@ class Placed:
 
 def kernel_append(spec: VmSpec, settings: QemuSettings) -> str:
     """The guest kernel command line: the image's own, then the spec's and config's extras."""
-    parts = [KERNEL_CMDLINE]
+    parts = [BASE_KERNEL_PARAMS]
     if spec.kernel_params:
         parts.append(spec.kernel_params)
     if settings.kernel_params and settings.kernel_params not in spec.kernel_params:

@@ -36,7 +36,6 @@ from plugins.qemu.process import QemuProcess
 from plugins.qemu.qmp import QmpClient, open_qmp
 from plugins.qemu.qmp_errors import QmpCommandError, QmpError
 from plugins.qemu.resources import ResourceRecord
-from shim.devices import SlotAllocator, guest_cid
 from shim.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -59,7 +58,8 @@ from shim.hypervisor import (
     VsockDevice,
     VsockEndpoint,
 )
-from shim.state import DIR, FILE, PROCESS, SOCKET_FILE, Resource, process_start_time
+from shim.sandbox.devices import SlotAllocator, guest_cid
+from shim.sandbox.state import DIR, FILE, PROCESS, SOCKET_FILE, Resource, process_start_time
 
 AGENT_VSOCK_PORT = 1024
 #: seconds the guest has to release a hot-removed device (ACPI hot-plug under TCG is slow)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shim.config.hypervisor_keys import common_keys
+from shim.config.schema import Key
 from shim.host import HostFacts
 from shim.hypervisor import Hypervisor, HypervisorPlugin
-from shim.hypervisor_keys import common_keys
-from shim.schema import Key
 
 KEYS: tuple[Key, ...] = (
     *common_keys("/usr/bin/qemu-system-x86_64"),

@@ -1,6 +1,6 @@
 """The driver's own record of the host resources it creates.
 
-``<state_dir>/qemu/resources.json`` is a JSON list of ``shim.state.Resource``
+``<state_dir>/qemu/resources.json`` is a JSON list of ``shim.sandbox.state.Resource``
 dicts (``{"kind": "socket", "path": ...}``, ``{"kind": "process", "pid": ...,
 "start": ..., "name": "qemu"}``), appended to *before* each resource is created
 and replaced atomically (write + rename). It is separate from the shim's
@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from shim.state import Resource
+from shim.sandbox.state import Resource
 
 
 class ResourceRecord:

@@ -21,9 +21,9 @@ import trio
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, wrappers_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 
-from shim.ttrpc.codes import Code
-from shim.ttrpc.errors import RpcError
-from shim.ttrpc.service import CallContext
+from ttrpc.codes import Code
+from ttrpc.errors import RpcError
+from ttrpc.service import CallContext
 
 SERVICE = "husk.test.Echo"
 

@@ -38,7 +38,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
 from agent_proto import events_pb2, events_ttrpc_pb2, task_pb2, task_types_pb2
-from shim.ttrpc import (
+from ttrpc import (
     CallContext,
     Client,
     Code,

@@ -23,7 +23,8 @@ import trio
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from agent_proto import ttrpc_pb2
-from shim.ttrpc import (
+from tests.conformance import echo_service, gopeer
+from ttrpc import (
     MAX_MESSAGE_SIZE,
     Client,
     Code,
@@ -32,7 +33,6 @@ from shim.ttrpc import (
     RpcError,
     Server,
 )
-from tests.conformance import echo_service, gopeer
 
 pytestmark = pytest.mark.conformance
 

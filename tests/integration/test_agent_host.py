@@ -24,9 +24,9 @@ import pytest
 import trio
 
 from agent_proto import agent_pb2, health_pb2, oci_pb2
-from shim.ttrpc.client import Client
-from shim.ttrpc.codes import Code
-from shim.ttrpc.errors import RpcError
+from ttrpc.client import Client
+from ttrpc.codes import Code
+from ttrpc.errors import RpcError
 
 RUNC = os.environ.get("HUSK_TEST_RUNTIME") or shutil.which("runc") or "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"

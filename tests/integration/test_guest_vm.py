@@ -24,12 +24,13 @@ import pytest
 import trio
 
 from agent_proto import agent_pb2, health_pb2
-from guest.image import DEFAULT_IMAGE_DIR, KERNEL_CMDLINE, build_image, image_paths
+from guest.image import DEFAULT_IMAGE_DIR, build_image, image_paths
+from plugins.qemu.cmdline import BASE_KERNEL_PARAMS
+from shim.agent.transport import connect
 from shim.hypervisor import SerialEndpoint
-from shim.rootfs import shared_storage
-from shim.transport import connect
-from shim.ttrpc import Client, Code, RpcError
+from shim.sandbox.rootfs import shared_storage
 from tests.integration.test_agent_host import make_rootfs, make_spec
+from ttrpc import Client, Code, RpcError
 
 pytestmark = [pytest.mark.integration]
 
@@ -142,7 +143,7 @@ def qemu_argv(kernel: Path, initrd: Path, work: Path, shared: Path) -> list[str]
     return [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-nodefaults", "-no-user-config",
         "-nographic", "-m", "512", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", KERNEL_CMDLINE,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", BASE_KERNEL_PARAMS,
         "-serial", f"file:{work / 'console.log'}",
         "-device", "virtio-rng-pci",
         "-fsdev", f"local,id=share,path={shared},security_model=none",

@@ -19,11 +19,11 @@ import pytest
 from guest.image import (
     DEFAULT_IMAGE_DIR,
     INITRD_NAME,
-    KERNEL_CMDLINE,
     KERNEL_NAME,
     build_image,
 )
 from guest.image.manifest import VMLINUX_NAME
+from plugins.qemu.cmdline import BASE_KERNEL_PARAMS
 
 pytestmark = [
     pytest.mark.integration,
@@ -53,7 +53,7 @@ def boot(kernel: Path, initrd: Path, workdir: Path) -> tuple[float, str]:
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-no-user-config",
         "-nographic", "-m", "512", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", KERNEL_CMDLINE,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", BASE_KERNEL_PARAMS,
         "-serial", f"file:{log}",
         "-device", "virtio-rng-pci",
         "-device", "virtio-serial-pci",

@@ -27,10 +27,9 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from agent_proto import agent_pb2, types_pb2
-from shim.agent_client import AGENT_SERVICE
+from shim.agent.client import AGENT_SERVICE
+from shim.agent.transport import connect
 from shim.network import NetworkPlan, open_tap_fds, setup, teardown
-from shim.transport import connect
-from shim.ttrpc import Client, RpcError
 from tests.integration.test_network import Pod, links, pod, veth_state
 from tests.integration.test_qemu_vm import (
     AGENT_MARKER,
@@ -41,6 +40,7 @@ from tests.integration.test_qemu_vm import (
     wait_console,
     workdir,
 )
+from ttrpc import Client, RpcError
 
 __all__ = ["image", "pod", "workdir"]  # fixtures used by name
 

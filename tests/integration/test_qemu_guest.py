@@ -45,12 +45,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from agent_proto import agent_pb2, health_pb2
 from plugins.qemu.driver import QemuHypervisor
-from shim.busybox_image import BUSYBOX, applets
+from shim.agent.transport import connect
+from shim.cli.local_images import BUSYBOX, applets
 from shim.errors import HypervisorError
 from shim.hypervisor import BlockDevice, NetDevice, VmState
-from shim.rootfs import shared_storage
-from shim.transport import connect
-from shim.ttrpc import Client, Code, RpcError
+from shim.sandbox.rootfs import shared_storage
 from tests.integration.test_agent_host import make_spec
 from tests.integration.test_qemu_vm import (
     AGENT_MARKER,
@@ -61,6 +60,7 @@ from tests.integration.test_qemu_vm import (
     spec_for,
     wait_console,
 )
+from ttrpc import Client, Code, RpcError
 
 __all__ = ["image"]  # a fixture, used by name
 

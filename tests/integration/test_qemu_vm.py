@@ -18,13 +18,13 @@ import pytest
 import trio
 
 from plugins.qemu.driver import QemuHypervisor
-from shim.agent_client import AgentClient
+from shim.agent.client import AgentClient
+from shim.agent.transport import connect
 from shim.errors import HostError, VmmExitedError
 from shim.host import HostFacts
 from shim.hypervisor import BlockDevice, NetDevice, VmSpec, VmState
-from shim.state import process_alive
-from shim.transport import connect
-from shim.ttrpc import DeadlineExceeded
+from shim.sandbox.state import process_alive
+from ttrpc import DeadlineExceeded
 
 pytestmark = pytest.mark.integration
 

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from shim import busybox_image, cleanup, config, registry
+from shim import config, registry
+from shim.cli import local_images
 from shim.errors import NotSupportedError
 from shim.host import HostFacts
-from shim.state import SandboxState
+from shim.sandbox import cleanup
+from shim.sandbox.state import SandboxState
 from tests.integration.containerd import Containerd
 
-IMAGE = busybox_image.REFERENCE
+IMAGE = local_images.REFERENCE
 RUNTIME = ["--runtime", "io.containerd.husk.v2"]
 
 
@@ -79,7 +81,7 @@ def ctd(husk_config: Path) -> Iterator[Containerd]:
     base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
     daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)})
     tarball = base / "busybox.tar"
-    busybox_image.build(tarball)
+    local_images.build(tarball)
     daemon.ctr("image", "import", str(tarball))
     yield daemon
     daemon.stop()
@@ -261,7 +263,7 @@ def test_missing_kernel_fails_in_one_line_and_leaves_nothing(
     )
     daemon: Containerd = containerd_factory({"HUSK_CONFIG": str(cfg)})  # type: ignore[operator]
     tarball = daemon.base / "busybox.tar"
-    busybox_image.build(tarball)
+    local_images.build(tarball)
     daemon.ctr("image", "import", str(tarball))
     proc = daemon.ctr("run", *RUNTIME, "--rm", IMAGE, cid(), "true", check=False)
     message = proc.stderr.decode()

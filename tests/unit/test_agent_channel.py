@@ -12,8 +12,8 @@ import trio
 from agent_proto import health_pb2
 from guest.agent import build_server
 from guest.agent.channel import ListenAddress, detect, parse_listen, serve_serial
-from shim.ttrpc.client import Client
 from tests.unit.test_agent_service import make_service
+from ttrpc.client import Client
 
 
 def test_parse_listen() -> None:

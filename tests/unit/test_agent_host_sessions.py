@@ -13,8 +13,8 @@ from agent_proto import health_pb2
 from guest.agent import build_server
 from guest.agent.channel import serve_serial
 from guest.agent.host_sessions import HEADER, REQUEST, HostSession, HostSessions
-from shim.ttrpc.client import Client
 from tests.unit.test_agent_service import make_service
+from ttrpc.client import Client
 
 DATA = 3
 

@@ -12,7 +12,7 @@ from guest.agent.errors import StreamClosedError
 from guest.agent.process import ProcessIO
 from guest.agent.reaper import Reaper
 from shim.errors import FailedPreconditionError
-from shim.ttrpc.codes import Code
+from ttrpc.codes import Code
 
 
 async def read_to_eof(io: ProcessIO, which: str) -> bytes:

@@ -20,9 +20,9 @@ from guest.agent.reaper import ExitWatch, Reaper
 from guest.agent.sandbox import Sandbox
 from guest.agent.storage import SysfsLayout
 from shim.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
-from shim.ttrpc.client import Client
-from shim.ttrpc.codes import Code
-from shim.ttrpc.errors import RpcError
+from ttrpc.client import Client
+from ttrpc.codes import Code
+from ttrpc.errors import RpcError
 
 
 def make_service(tmp_path: Path, *, host_mode: bool = True) -> AgentService:

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from agent_proto import agent_pb2
+from common.mounts import split_options
 from guest.agent.storage import (
     SysfsLayout,
     find_block_by_pci_path,
@@ -17,7 +18,6 @@ from guest.agent.storage import (
     wait_for_block_device,
 )
 from shim.errors import DeadlineExceededError, InvalidArgumentError
-from shim.mounts import split_options
 
 
 def test_mount_options_split_flags_from_data() -> None:

@@ -6,7 +6,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from shim import check, config
+from shim import config
+from shim.cli import check
 from shim.host import HostFacts
 
 

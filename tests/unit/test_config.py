@@ -147,7 +147,7 @@ def test_lookup_uses_husk_config_before_etc(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     etc = write(tmp_path, "")
-    monkeypatch.setattr(config, "ETC_CONFIG", etc)
+    monkeypatch.setattr(config.loader, "ETC_CONFIG", etc)
     assert config.locate(None, {"HUSK_CONFIG": "/x/y.toml"}) == Path("/x/y.toml")
 
 
@@ -155,14 +155,14 @@ def test_lookup_uses_etc_before_packaged_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     etc = write(tmp_path, "")
-    monkeypatch.setattr(config, "ETC_CONFIG", etc)
+    monkeypatch.setattr(config.loader, "ETC_CONFIG", etc)
     assert config.locate(None, {}) == etc
 
 
 def test_lookup_falls_back_to_packaged_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(config, "ETC_CONFIG", tmp_path / "absent.toml")
+    monkeypatch.setattr(config.loader, "ETC_CONFIG", tmp_path / "absent.toml")
     assert config.locate(None, {}) == config.packaged_default()
 
 

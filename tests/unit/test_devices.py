@@ -6,16 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from shim.devices import (
-    CID_MAX,
-    CID_MIN,
-    SERIAL_MAX,
-    DeviceManager,
-    SlotAllocator,
-    disk_serial,
-    guest_cid,
-    mac_address,
-)
 from shim.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -32,6 +22,16 @@ from shim.hypervisor import (
     VmSpec,
     VmState,
     VsockDevice,
+)
+from shim.sandbox.devices import (
+    CID_MAX,
+    CID_MIN,
+    SERIAL_MAX,
+    DeviceManager,
+    SlotAllocator,
+    disk_serial,
+    guest_cid,
+    mac_address,
 )
 
 

@@ -16,7 +16,7 @@ from shim.hypervisor import (
     VmSpec,
     VmState,
 )
-from shim.ttrpc.codes import Code
+from ttrpc.codes import Code
 
 
 class Minimal(Hypervisor):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import FailedPreconditionError
 from guest.image import (
     AptError,
     DiskSpaceError,
@@ -29,7 +30,6 @@ from guest.image.manifest import (
     ImageManifest,
 )
 from guest.image.packages import parse_print_uris, subprocess_runner
-from shim.errors import HostError
 
 FAKE_APT_GET = r"""#!/bin/sh
 # fake apt-get: FAKE_APT_MODE=ok|network; real downloads always fail (and are logged)
@@ -102,7 +102,7 @@ def test_no_apt_get(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "images"
     with pytest.raises(ToolMissingError) as info:
         build_image(out, progress=lambda _: None)
-    assert isinstance(info.value, HostError)
+    assert isinstance(info.value, FailedPreconditionError)
     msg = _one_line(info.value)
     assert "apt-get" in msg and "install the Debian package 'apt'" in msg
     assert not out.exists()
@@ -115,7 +115,7 @@ def test_apt_network_failure_removes_partial_output(
     out = tmp_path / "images"
     with pytest.raises(AptError) as info:
         build_image(out, progress=lambda _: None)
-    assert isinstance(info.value, HostError)
+    assert isinstance(info.value, FailedPreconditionError)
     assert "cache broken" in _one_line(info.value)
     assert not out.exists()
 
@@ -159,7 +159,6 @@ def _write_current_image(out: Path, digest: str) -> dict[str, bytes]:
         (out / name).write_bytes(data)
     manifest = ImageManifest(
         kernel_version="6.1.0-99-amd64",
-        kernel_cmdline="console=ttyS0",
         compression="none",
         inputs_digest=digest,
         built_at="2025-01-01T00:00:00+00:00",

@@ -31,7 +31,6 @@ def write_image(d: Path, digest: str, *, vmlinux: bool = False) -> ImageManifest
         (d / name).write_bytes(data)
     manifest = ImageManifest(
         kernel_version="6.1.0-56-amd64",
-        kernel_cmdline="console=ttyS0",
         compression="none",
         inputs_digest=digest,
         built_at="2025-01-01T00:00:00+00:00",

@@ -304,7 +304,7 @@ def test_a_file_that_is_not_a_netns_is_refused(tmp_path: Any) -> None:
 
 
 def test_network_records_round_trip_through_the_sandbox_state() -> None:
-    from shim import cleanup
+    from shim.sandbox import cleanup
 
     entry = {"kind": "ingress", "netns": "/run/netns/p", "name": "eth0", "ifindex": 2}
     resource = cleanup.network_resource(entry)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from guest.image import KERNEL_CMDLINE
 from plugins.qemu.cmdline import (
+    BASE_KERNEL_PARAMS,
     Placed,
     QemuSettings,
     VmPaths,
@@ -48,7 +48,7 @@ def test_q35_tcg_virtio_serial_argv() -> None:
         "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "256M",
         "-pidfile", f"{D}/qemu.pid",
         "-kernel", "/img/vmlinuz", "-initrd", "/img/initrd.img",
-        "-append", KERNEL_CMDLINE + " debug",
+        "-append", BASE_KERNEL_PARAMS + " debug",
         "-chardev", f"file,id=console,path={D}/console.log,append=on", "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,fd=7,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
         "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
@@ -109,8 +109,8 @@ def test_commas_in_paths_are_doubled() -> None:
 
 def test_kernel_params_not_repeated() -> None:
     settings = QemuSettings(kernel_params="foo=1")
-    assert kernel_append(spec(kernel_params="foo=1"), settings) == KERNEL_CMDLINE + " foo=1"
-    assert kernel_append(spec(kernel_params="x"), settings) == KERNEL_CMDLINE + " x foo=1"
+    assert kernel_append(spec(kernel_params="foo=1"), settings) == BASE_KERNEL_PARAMS + " foo=1"
+    assert kernel_append(spec(kernel_params="x"), settings) == BASE_KERNEL_PARAMS + " x foo=1"
 
 
 def test_cold_plugged_disk_and_nic_use_the_qmp_dicts(tmp_path: Path) -> None:

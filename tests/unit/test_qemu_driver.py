@@ -30,7 +30,7 @@ from shim.hypervisor import (
     VmState,
     VsockDevice,
 )
-from shim.state import process_alive
+from shim.sandbox.state import process_alive
 
 FAKE_QEMU = r'''
 import json, os, signal, socket, sys, time

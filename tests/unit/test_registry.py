@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from shim import registry
+from shim.config.schema import Key
 from shim.errors import ConfigError, HuskError
 from shim.hypervisor import Hypervisor, HypervisorPlugin
-from shim.schema import Key
 
 
 def test_builtin_plugins_are_registered() -> None:

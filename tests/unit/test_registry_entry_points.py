@@ -20,7 +20,7 @@ from typing import Any
 
 from shim.errors import NotSupportedError
 from shim.hypervisor import Hypervisor, HypervisorPlugin
-from shim.schema import Key
+from shim.config.schema import Key
 
 
 class TinyPlugin(HypervisorPlugin):

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent_proto import oci_pb2, task_pb2
-from shim import cleanup, oci, shim_main
-from shim.annotations import CONTAINER_TYPE, SANDBOX_ID, placement
-from shim.state import PROCESS, Resource, SandboxState, find_container, process_start_time
+from shim.containerd import main as shim_main
+from shim.sandbox import cleanup, oci
+from shim.sandbox.annotations import CONTAINER_TYPE, SANDBOX_ID, placement
+from shim.sandbox.state import PROCESS, Resource, SandboxState, find_container, process_start_time
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +37,7 @@ def test_delete_prints_a_delete_response_with_137(tmp_path: Path) -> None:
     config = tmp_path / "husk.toml"
     config.write_text(f'[runtime]\nstate_dir = "{tmp_path / "state"}"\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "shim.shim_main", "-namespace", "default", "-id", "gone",
+        [sys.executable, "-m", "shim.containerd.main", "-namespace", "default", "-id", "gone",
          "-bundle", str(tmp_path), "delete"],
         cwd=ROOT, capture_output=True, check=True,
         env={"HUSK_CONFIG": str(config), "PATH": "/usr/bin:/bin"},

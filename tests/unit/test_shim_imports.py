@@ -13,7 +13,7 @@ def loaded_after(statement: str, module: str) -> bool:
 
 
 def test_serving_shim_does_not_load_pyroute2_until_a_netns_needs_it() -> None:
-    assert not loaded_after("import shim.serve", "pyroute2")
+    assert not loaded_after("import shim.containerd.serve", "pyroute2")
 
 
 def test_network_setup_loads_pyroute2_when_used() -> None:

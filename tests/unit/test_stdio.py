@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trio
 
-from shim.stdio import StdioPaths, StdioPump
+from shim.containerd.stdio import StdioPaths, StdioPump
 
 
 class RecordingAgent:

@@ -17,9 +17,9 @@ import trio.testing
 from google.protobuf import any_pb2, empty_pb2
 
 from agent_proto import agent_pb2, events_pb2, health_pb2, mount_pb2, task_pb2, types_pb2
-from shim.annotations import CONTAINER_TYPE, SANDBOX_ID
+from shim.containerd.events import RecordingPublisher, envelope, topic_of
+from shim.containerd.task_service import TaskService
 from shim.errors import HuskError
-from shim.events import RecordingPublisher, envelope, topic_of
 from shim.hypervisor import (
     AgentEndpoint,
     BlockDevice,
@@ -34,11 +34,11 @@ from shim.hypervisor import (
 from shim.network import Endpoint, LinkInfo, Neighbor, NetworkNotFoundError, NetworkPlan, Route
 from shim.network.model import Address
 from shim.network.tcfilter import Recorder
-from shim.sandbox import Sandbox
-from shim.sandbox_network import SandboxNetwork
-from shim.state import SandboxState
-from shim.task_service import TaskService
-from shim.ttrpc import Code, RpcError, Server
+from shim.sandbox.annotations import CONTAINER_TYPE, SANDBOX_ID
+from shim.sandbox.pod_network import SandboxNetwork
+from shim.sandbox.sandbox import Sandbox
+from shim.sandbox.state import SandboxState
+from ttrpc import Code, RpcError, Server
 
 Empty = empty_pb2.Empty
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from shim import transport
+from shim.agent import transport
 from shim.hypervisor import HybridVsockEndpoint, SerialEndpoint, VsockEndpoint
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent_proto import status_pb2, ttrpc_pb2
-from shim.ttrpc.envelope import encode_ok_response, encode_request, ok_response_payload
+from ttrpc.envelope import encode_ok_response, encode_request, ok_response_payload
 
 _text = st.one_of(st.text(max_size=40), st.sampled_from(["", "husk.test.Echo", "Echo", "é☃"]))
 _payload = st.one_of(st.binary(max_size=40), st.binary(min_size=120, max_size=300))

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from shim.ttrpc import Code, ConnectionClosed, FrameTooLarge, MessageTooLarge, TruncatedFrame
-from shim.ttrpc.frame import (
+from ttrpc import Code, ConnectionClosed, FrameTooLarge, MessageTooLarge, TruncatedFrame
+from ttrpc.frame import (
     HEADER_SIZE,
     MAX_MESSAGE_SIZE,
     Flags,
@@ -18,7 +18,7 @@ from shim.ttrpc.frame import (
     decode_header,
     encode_header,
 )
-from shim.ttrpc.writer import FrameWriter
+from ttrpc.writer import FrameWriter
 
 
 def test_header_encodes_big_endian_fields_in_wire_order() -> None:

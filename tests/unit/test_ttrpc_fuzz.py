@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_proto import ttrpc_pb2
-from shim.ttrpc import Client
-from shim.ttrpc.frame import FrameReader, MessageType, encode_header
 from tests.unit.test_ttrpc_support import SERVICE, probe_server
+from ttrpc import Client
+from ttrpc.frame import FrameReader, MessageType, encode_header
 
 _METHODS = ["Echo", "Meta", "Sleep", "Fail", "Big", "Split", "Join", "Chat", "Nope"]
 

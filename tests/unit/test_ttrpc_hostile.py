@@ -10,9 +10,9 @@ import trio.testing
 from google.protobuf import wrappers_pb2
 
 from agent_proto import ttrpc_pb2
-from shim.ttrpc import Client, Code, Server
-from shim.ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_header
 from tests.unit.test_ttrpc_support import SERVICE, connected, probe_server, raw_connection
+from ttrpc import Client, Code, Server
+from ttrpc.frame import MAX_MESSAGE_SIZE, MessageType, encode_header
 
 
 @pytest.fixture

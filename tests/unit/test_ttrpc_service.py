@@ -6,8 +6,8 @@ import pytest
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from agent_proto import task_pb2
-from shim.ttrpc import ServiceRegistry, UnknownMethod
 from tests.unit.test_ttrpc_support import PROBE, SERVICE, ProbeService
+from ttrpc import ServiceRegistry, UnknownMethod
 
 TASK = task_pb2.DESCRIPTOR.services_by_name["Task"]
 

@@ -6,7 +6,7 @@ import trio
 
 from agent_proto import status_pb2
 from shim.errors import HostError, NotFoundError, NotSupportedError
-from shim.ttrpc import (
+from ttrpc import (
     Code,
     DeadlineExceeded,
     RpcError,

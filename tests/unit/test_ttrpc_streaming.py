@@ -7,9 +7,9 @@ import trio
 import trio.testing
 from google.protobuf import wrappers_pb2
 
-from shim.ttrpc import Code, DeadlineExceeded, RpcError
-from shim.ttrpc.frame import Flags, MessageType
 from tests.unit.test_ttrpc_support import PROBE, SERVICE, connected, probe_server, raw_connection
+from ttrpc import Code, DeadlineExceeded, RpcError
+from ttrpc.frame import Flags, MessageType
 
 
 def _words(values: list[wrappers_pb2.StringValue]) -> list[str]:

@@ -27,8 +27,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from agent_proto import ttrpc_pb2
 from shim.errors import NotFoundError
-from shim.ttrpc import CallContext, Client, Server, ServerStream
-from shim.ttrpc.frame import Frame, FrameReader, MessageType, encode_header
+from ttrpc import CallContext, Client, Server, ServerStream
+from ttrpc.frame import Frame, FrameReader, MessageType, encode_header
 
 SERVICE = "husk.ttrpctest.Probe"
 

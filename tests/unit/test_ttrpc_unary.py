@@ -13,7 +13,8 @@ import trio.testing
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from agent_proto import task_pb2
-from shim.ttrpc import (
+from tests.unit.test_ttrpc_support import PROBE, SERVICE, connected, probe_server
+from ttrpc import (
     CallContext,
     Client,
     Code,
@@ -23,8 +24,7 @@ from shim.ttrpc import (
     RpcError,
     Server,
 )
-from shim.ttrpc.frame import MAX_MESSAGE_SIZE
-from tests.unit.test_ttrpc_support import PROBE, SERVICE, connected, probe_server
+from ttrpc.frame import MAX_MESSAGE_SIZE
 
 TASK = task_pb2.DESCRIPTOR.services_by_name["Task"]
 

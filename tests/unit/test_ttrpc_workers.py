@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from shim.ttrpc.workers import WorkerPool
+from ttrpc.workers import WorkerPool
 
 
 async def test_jobs_run_and_workers_are_reused() -> None:

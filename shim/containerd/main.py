@@ -1,0 +1,133 @@
+"""``containerd-shim-husk-v2``: the binary containerd runs for ``io.containerd.husk.v2``.
+
+containerd (1.6, 1.7) invokes it with Go-style flags and the bundle as cwd::
+
+    containerd-shim-husk-v2 -namespace NS -address ADDR -publish-binary BIN -id ID [-debug] start
+    containerd-shim-husk-v2 -namespace NS -address ADDR -publish-binary BIN -id ID \\
+        -bundle BUNDLE [-debug] delete
+
+and ``TTRPC_ADDRESS`` in the environment. ``start`` prints the serving shim's
+address; ``delete`` prints a ``DeleteResponse`` protobuf; with no action the
+process is the serving shim itself (launched by ``start``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from shim.containerd.launch import ShimArgs
+from shim.errors import HuskError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="containerd-shim-husk-v2", allow_abbrev=False)
+    p.add_argument("-namespace", default="default")
+    p.add_argument("-address", default="")
+    p.add_argument("-publish-binary", dest="publish_binary", default="")
+    p.add_argument("-id", default="")
+    p.add_argument("-bundle", default="")
+    p.add_argument("-socket", default="")
+    p.add_argument("-debug", action="store_true")
+    p.add_argument("-v", "-version", dest="version", action="store_true")
+    p.add_argument("action", nargs="?", default="", choices=("", "start", "delete"))
+    return p
+
+
+def parse(argv: Sequence[str]) -> tuple[ShimArgs, str, bool]:
+    """containerd's flags → (args, action, version wanted); unknown flags are ignored."""
+    ns, _ = _parser().parse_known_args(list(argv))
+    args = ShimArgs(
+        namespace=ns.namespace,
+        address=ns.address,
+        publish_binary=ns.publish_binary,
+        id=ns.id,
+        bundle=ns.bundle or os.getcwd(),
+        debug=ns.debug,
+    )
+    return args, ns.action, ns.version
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``containerd-shim-husk-v2``."""
+    from shim import config as config_mod
+
+    args, action, version = parse(sys.argv[1:] if argv is None else argv)
+    if version:
+        from importlib.metadata import version as dist_version
+
+        print(f"containerd-shim-husk-v2 {dist_version('husk-runtime')}")
+        return 0
+    try:
+        cfg: config_mod.Config | HuskError = config_mod.load()
+    except HuskError as e:
+        cfg = e
+    if action == "start":
+        return _start(args, cfg)
+    if action == "delete":
+        return _delete(args, cfg)
+    if not args.id:
+        print("containerd-shim-husk-v2: -id is required", file=sys.stderr)
+        return 2
+    from shim.containerd import serve
+
+    return serve.main(args, cfg)
+
+
+def _start(args: ShimArgs, cfg: object) -> int:
+    from shim.config import Config
+    from shim.containerd import launch
+
+    if not isinstance(cfg, Config):
+        print(f"husk: {cfg}", file=sys.stderr)
+        return 1
+    if not args.id:
+        print("husk: start needs -id", file=sys.stderr)
+        return 2
+
+    def serve_forever() -> int:
+        from shim.containerd import serve
+
+        return serve.main(args, cfg)
+
+    try:
+        address = launch.start(
+            args, cfg.runtime.state_dir, cfg.runtime.sandbox_model, serve_forever
+        )
+    except (HuskError, OSError) as e:
+        print(f"husk: cannot start the shim for {args.id}: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def _delete(args: ShimArgs, cfg: object) -> int:
+    from google.protobuf import timestamp_pb2
+
+    from agent_proto import task_pb2
+    from shim.config import RUNTIME_KEYS, Config
+    from shim.containerd import launch
+
+    if isinstance(cfg, Config):
+        root = cfg.runtime.state_dir
+    else:
+        # a broken config must not stop the cleanup of what an older config made
+        from pathlib import Path
+
+        root = Path(next(k.default for k in RUNTIME_KEYS if k.name == "state_dir"))
+    status, when, problems = launch.delete(args, root)
+    for problem in problems:
+        print(f"husk: {problem}", file=sys.stderr)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(when * 1e9))
+    response = task_pb2.DeleteResponse(pid=0, exit_status=status, exited_at=stamp)
+    sys.stdout.buffer.write(response.SerializeToString())
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

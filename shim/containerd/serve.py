@@ -1,0 +1,173 @@
+"""The long-lived shim process: the task service on the socket ``start`` bound.
+
+It listens on fd 3 (passed by ``start``), logs to the bundle's ``log`` FIFO that
+containerd reads, publishes events to ``TTRPC_ADDRESS`` and, as soon as it
+runs, begins booting the sandbox its bundle names, so the VM boots while
+containerd prepares the ``Create`` call. It exits after ``Shutdown`` (or
+SIGTERM) once the sandbox and every host resource it recorded are gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from agent_proto import task_pb2
+from shim import network, registry
+from shim.config import Config
+from shim.containerd.events import Publisher, RecordingPublisher, TtrpcPublisher
+from shim.containerd.launch import SERVE_FD, ShimArgs
+from shim.containerd.task_service import TaskService
+from shim.errors import HostError, HuskError
+from shim.host import HostFacts
+from shim.hypervisor import VmSpec
+from shim.sandbox import cleanup, oci
+from shim.sandbox.annotations import placement
+from shim.sandbox.pod_network import SandboxNetwork
+from shim.sandbox.sandbox import Sandbox
+from shim.sandbox.state import SandboxState
+from ttrpc import Server
+
+log = logging.getLogger("husk.shim")
+
+TASK_SERVICE = task_pb2.DESCRIPTOR.services_by_name["Task"]
+SHUTDOWN_GRACE = 2.0
+
+
+def setup_logging(bundle: str, debug: bool) -> None:
+    """Log to containerd's ``log`` FIFO in the bundle (its reader is containerd)."""
+    try:
+        fd = os.open(Path(bundle) / "log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError as e:
+        if e.errno not in (errno.ENXIO, errno.ENOENT):
+            raise
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s.%(msecs)03d husk-shim[%(process)d] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def sandbox_factory(config: Config, namespace: str) -> Callable[[str, str | None], Sandbox]:
+    """Return ``make(sandbox_id, netns) -> Sandbox`` for the configured hypervisor."""
+
+    def make(sandbox_id: str, netns: str | None) -> Sandbox:
+        plugin = registry.lookup(config.runtime.hypervisor)
+        section = config.hypervisor
+        problems = plugin.unmet_requirements(section, HostFacts.probe())
+        if problems:
+            raise HostError(f"cannot start sandbox {sandbox_id}: " + "; ".join(problems))
+        hypervisor = plugin.create(section)
+        state = SandboxState.create(config.runtime.state_dir, sandbox_id, namespace)
+        state.claim(os.getpid())
+        state.shared_dir.mkdir(exist_ok=True)
+        initrd = section.get("initrd") or ""
+        spec = VmSpec(
+            sandbox_id=sandbox_id,
+            state_dir=state.dir,
+            vcpus=int(section.get("default_vcpus", 1)),
+            memory_mib=int(section.get("default_memory", 512)),
+            kernel=Path(section["kernel"]),
+            initrd=Path(initrd) if initrd else None,
+            kernel_params=str(section.get("kernel_params", "")),
+            shared_dir=state.shared_dir,
+            agent_transport=config.agent.transport,
+        )
+        return Sandbox(
+            state,
+            hypervisor,
+            spec,
+            boot_timeout=float(section.get("boot_timeout", 30.0)),
+            dial_timeout=config.agent.dial_timeout,
+            request_timeout=config.agent.request_timeout,
+            shared_fs=str(section.get("shared_fs", "9p")),
+            network=SandboxNetwork(netns, state),
+        )
+
+    return make
+
+
+async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskError) -> None:
+    """Serve until Shutdown or SIGTERM, then tear everything down."""
+    ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
+    publisher: Publisher = (
+        TtrpcPublisher(ttrpc_address, args.namespace) if ttrpc_address else RecordingPublisher()
+    )
+    state_root = config.runtime.state_dir if isinstance(config, Config) else None
+
+    def make(sandbox_id: str, netns: str | None) -> Sandbox:
+        if isinstance(config, HuskError):
+            raise config
+        return sandbox_factory(config, args.namespace)(sandbox_id, netns)
+
+    model = config.runtime.sandbox_model if isinstance(config, Config) else "pod"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publisher.run)
+        service = TaskService(nursery, make, publisher, sandbox_model=model)
+        server = Server()
+        server.register(TASK_SERVICE, service)
+        socket_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+        await nursery.start(server.serve_listener, socket_listener)
+        _preboot(service, args, model)
+        nursery.start_soon(_on_signals, service)
+        await service.shutdown_requested.wait()
+        log.info("shutting down")
+        await service.teardown()
+        await publisher.drain(SHUTDOWN_GRACE)
+        await server.shutdown(SHUTDOWN_GRACE)
+        nursery.cancel_scope.cancel()
+    if state_root is not None:
+        _reclaim_leftovers(state_root / args.id)
+
+
+def _preboot(service: TaskService, args: ShimArgs, model: str) -> None:
+    """Boot the VM now if the bundle's container owns its sandbox."""
+    try:
+        spec = oci.read_bundle_spec(args.bundle)
+        place = placement(args.id, spec, model)
+        if place.owner:
+            service.boot(place.sandbox_id, network.netns_path(spec))
+    except HuskError as e:
+        log.info("not booting ahead of Create: %s", e)
+
+
+async def _on_signals(service: TaskService) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: shutting down", signum)
+            service.shutdown_requested.set()
+            return
+
+
+def _reclaim_leftovers(directory: Path) -> None:
+    """The state dir ``start`` made, when no sandbox ever took it over."""
+    if directory.exists():
+        for problem in cleanup.reclaim(SandboxState.load(directory)):
+            log.warning("%s", problem)
+
+
+def main(args: ShimArgs, config: Config | HuskError) -> int:
+    """Entry of the serving process (no action on the command line)."""
+    setup_logging(args.bundle, args.debug)
+    try:
+        listener = socket.socket(fileno=SERVE_FD)
+    except OSError as e:
+        log.error("no listening socket on fd %d: %s (start the shim with `start`)", SERVE_FD, e)
+        return 1
+    if isinstance(config, HuskError):
+        log.error("%s", config)
+    log.info("serving %s in namespace %s", args.id, args.namespace)
+    trio.run(serve, args, listener, config)
+    return 0

@@ -1,0 +1,199 @@
+"""Getting a container's root filesystem (and host bind mounts) into the guest.
+
+- An overlay (or bind) from containerd's snapshotter is mounted on the host
+  under the sandbox's shared dir, ``<shared>/<cid>/rootfs``; the VMM exports the
+  shared dir (9p tag ``kataShared``) and the agent mounts it at
+  ``/run/kata-containers/shared/containers``, so the guest sees the rootfs at
+  ``/run/kata-containers/shared/containers/<cid>/rootfs``, as in Kata.
+- A rootfs on a block device (devmapper and friends) is hot-added as a disk;
+  the agent mounts it, found by its virtio serial, at
+  ``/run/kata-containers/<cid>/rootfs``.
+- A bundle without rootfs mounts (``ctr run --rootfs``) shares its ``root.path``.
+
+Each host mount is recorded in the sandbox state before it is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_proto import agent_pb2, mount_pb2, oci_pb2
+from common import mounts
+from shim.errors import InvalidArgumentError
+from shim.hypervisor import BlockDevice, Hypervisor
+from shim.sandbox.state import MOUNT, Resource, SandboxState
+
+SHARED_TAG = "kataShared"
+GUEST_SHARED = "/run/kata-containers/shared/containers"
+GUEST_CONTAINERS = "/run/kata-containers"
+_SHARED_TYPES = {"overlay", "bind", "rbind"}
+_BLOCK_FSTYPES = {"ext4", "ext3", "ext2", "xfs", "btrfs"}
+
+
+@dataclass
+class SharedRootfs:
+    """How one container's rootfs and bind mounts reach the guest."""
+
+    #: the spec's ``root.path`` for the agent: relative means below its shared dir
+    guest_path: str
+    storages: list[agent_pb2.Storage] = field(default_factory=list)
+    mounts: list[Resource] = field(default_factory=list)
+    device: BlockDevice | None = None
+
+
+def shared_storage(kind: str) -> agent_pb2.Storage | None:
+    """The sandbox-wide share ``CreateSandbox`` mounts, for a ``shared_fs`` kind.
+
+    None for a kind the agent needs not mount (``none``: block rootfs only, or
+    an agent that sees the shared dir directly).
+    """
+    if kind == "9p":
+        return agent_pb2.Storage(
+            driver="9p",
+            source=SHARED_TAG,
+            fstype="9p",
+            options=["trans=virtio", "version=9p2000.L", "msize=262144", "nodev"],
+            mount_point=GUEST_SHARED,
+        )
+    if kind == "virtio-fs":
+        return agent_pb2.Storage(
+            driver="virtio-fs", source=SHARED_TAG, fstype="virtiofs", mount_point=GUEST_SHARED
+        )
+    return None
+
+
+def disk_serial(container_id: str) -> str:
+    """A virtio-blk serial (at most 20 bytes) that names the container's disk."""
+    return "husk" + hashlib.sha256(container_id.encode()).hexdigest()[:16]
+
+
+def _is_block(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+async def attach(
+    container_id: str,
+    bundle: str,
+    spec: dict[str, Any],
+    rootfs: Sequence[mount_pb2.Mount],
+    state: SandboxState,
+    hypervisor: Hypervisor,
+) -> SharedRootfs:
+    """Make the rootfs available in the guest; returns where and with which storages."""
+    if len(rootfs) > 1:
+        raise InvalidArgumentError(
+            f"container {container_id}: {len(rootfs)} rootfs mounts; husk takes one "
+            "(an overlay, a bind or a block device)"
+        )
+    host = state.shared_dir / container_id / "rootfs"
+    # relative: the agent resolves it below its shared mount, <shared>/<cid>/rootfs
+    shared = SharedRootfs(guest_path="rootfs")
+    if not rootfs:
+        root = (spec.get("root") or {}).get("path", "rootfs")
+        source = root if os.path.isabs(root) else os.path.join(bundle, root)
+        _mount(shared, state, host, source, "bind", ["rbind"])
+        return shared
+    m = rootfs[0]
+    if m.type in _SHARED_TYPES:
+        _mount(shared, state, host, m.source, m.type, list(m.options))
+        return shared
+    if _is_block(m.source) or m.type in _BLOCK_FSTYPES:
+        serial = disk_serial(container_id)
+        device = BlockDevice(
+            id=f"rootfs-{serial[4:12]}",
+            path=Path(m.source),
+            readonly="ro" in m.options,
+            serial=serial,
+        )
+        await hypervisor.add_device(device)
+        shared.device = device
+        shared.guest_path = f"{GUEST_CONTAINERS}/{container_id}/rootfs"
+        shared.storages.append(
+            agent_pb2.Storage(
+                driver="blk",
+                source=serial,
+                fstype=m.type,
+                options=list(m.options),
+                mount_point=shared.guest_path,
+            )
+        )
+        return shared
+    raise InvalidArgumentError(
+        f"container {container_id}: rootfs mount type {m.type!r} from {m.source} is not "
+        "supported (overlay, bind or a block device)"
+    )
+
+
+def share_bind_mounts(
+    container_id: str, spec: oci_pb2.Spec, shared: SharedRootfs, state: SandboxState
+) -> None:
+    """Share host bind-mount sources into the guest and point the spec at them."""
+    for i, m in enumerate(spec.Mounts):
+        if m.type != "bind" and "bind" not in m.options and "rbind" not in m.options:
+            continue
+        if not os.path.exists(m.source):
+            continue
+        name = f"{i}-{os.path.basename(m.source.rstrip('/')) or 'root'}"
+        host = state.shared_dir / container_id / "mounts" / name
+        options = ["rbind"] + (["ro"] if "ro" in m.options else [])
+        _mount(shared, state, host, m.source, "bind", options)
+        m.source = f"{GUEST_SHARED}/{container_id}/mounts/{name}"
+
+
+def _mount(
+    shared: SharedRootfs,
+    state: SandboxState,
+    target: Path,
+    source: str,
+    fstype: str,
+    options: list[str],
+) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.isdir(source) or fstype == "overlay":
+        target.mkdir(exist_ok=True)
+    else:
+        target.touch(exist_ok=True)
+    resource = state.record(Resource(kind=MOUNT, path=str(target)))
+    shared.mounts.append(resource)
+    if fstype in ("bind", "rbind"):
+        flags = {"bind", "rbind"}
+        options = [o for o in options if o not in flags]
+        options.insert(0, "rbind")
+        mounts.mount(source, target, "", options)
+    else:
+        mounts.mount(fstype, target, fstype, options)
+
+
+async def detach(
+    container_id: str, shared: SharedRootfs, state: SandboxState, hypervisor: Hypervisor
+) -> None:
+    """Undo ``attach``: unmount, remove the directories, hot-remove the disk."""
+    for resource in reversed(shared.mounts):
+        mounts.unmount(resource.path)
+        state.forget(resource)
+    shared.mounts.clear()
+    if shared.device is not None:
+        await hypervisor.remove_device(shared.device)
+        shared.device = None
+    _remove_tree(state.shared_dir / container_id)
+
+
+def _remove_tree(directory: Path) -> None:
+    """Remove the emptied mount points; never follows into a mount still there."""
+    if not directory.exists() or mounts.mounts_under(directory):
+        return
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in dirs:
+            os.rmdir(os.path.join(root, name))
+    os.rmdir(directory)

@@ -1,0 +1,337 @@
+"""A sandbox: one VM, its guest agent, and the containers running in it.
+
+``Sandbox.run`` owns the sandbox's whole life in one task of the shim's
+nursery: it plumbs the pod network's taps (:class:`SandboxNetwork`), boots the
+VM through the injected :class:`Hypervisor`, connects to the agent, calls
+``CreateSandbox``, hot-adds the pod's NICs and configures them in the guest,
+then hosts the background work of its containers (exit waiters, stdio pumps)
+in its own nursery until ``stop()``; on the way out it destroys the VM,
+removes the taps and reclaims every recorded host resource.
+The task service awaits ``ready()`` before using it; a boot failure is raised
+there, once, as the one-line error it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from agent_proto import agent_pb2, mount_pb2
+from shim.agent.client import AgentClient, wait_ready
+from shim.agent.transport import connect
+from shim.containerd.stdio import StdioPaths, StdioPump
+from shim.errors import FailedPreconditionError, HuskError, NotFoundError
+from shim.hypervisor import AgentEndpoint, Hypervisor, VmSpec
+from shim.sandbox import cleanup, oci, rootfs
+from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
+from shim.sandbox.pod_network import SandboxNetwork
+from shim.sandbox.state import SandboxState
+from ttrpc import Code, ConnectionClosed, RpcError
+
+log = logging.getLogger("husk.sandbox")
+
+Dial = Callable[[AgentEndpoint, float], Awaitable[trio.abc.Stream]]
+ExitCallback = Callable[[Process], None]
+OomCallback = Callable[[str], None]
+
+DESTROY_TIMEOUT = 15.0
+#: how long the guest gets to stop its containers and power off by itself
+AGENT_POWEROFF_TIMEOUT = 5.0
+#: how long an exited process's output may still drain before Wait returns
+IO_DRAIN_TIMEOUT = 10.0
+
+
+class Sandbox:
+    """One sandbox VM and its containers."""
+
+    def __init__(
+        self,
+        state: SandboxState,
+        hypervisor: Hypervisor,
+        vm_spec: VmSpec,
+        *,
+        boot_timeout: float,
+        dial_timeout: float,
+        request_timeout: float,
+        shared_fs: str = "9p",
+        network: SandboxNetwork | None = None,
+        dial: Dial = connect,
+    ) -> None:
+        self.id = state.id
+        self.state = state
+        self.hypervisor = hypervisor
+        self.vm_spec = vm_spec
+        self.boot_timeout = boot_timeout
+        self.dial_timeout = dial_timeout
+        self.request_timeout = request_timeout
+        self.shared_fs = shared_fs
+        #: the pod network; without one the guest has only loopback
+        self.network = network if network is not None else SandboxNetwork(None, state)
+        self._dial = dial
+        self.containers: dict[str, Container] = {}
+        self.on_exit: ExitCallback = lambda process: None
+        self.on_oom: OomCallback = lambda container_id: None
+        self.boot_seconds = 0.0
+        self._agent: AgentClient | None = None
+        self._nursery: trio.Nursery | None = None
+        self._ready = trio.Event()
+        self._stop = trio.Event()
+        self.stopped = trio.Event()
+        self._error: BaseException | None = None
+
+    # -- life -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Boot, serve until ``stop()``, tear down. Never raises a boot error."""
+        started = trio.current_time()
+        try:
+            await self._boot_and_serve(started)
+        except Exception as e:
+            if self._ready.is_set():
+                log.error("sandbox %s failed: %s", self.id, e)
+            else:
+                log.error("sandbox %s did not start: %s", self.id, e)
+            self._error = e
+            log.debug("sandbox %s", self.id, exc_info=True)
+        finally:
+            self._ready.set()
+            with trio.CancelScope(shield=True):
+                await self._teardown()
+            self.stopped.set()
+
+    async def _boot_and_serve(self, started: float) -> None:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            await self.network.prepare()
+            await self.hypervisor.prepare(self.vm_spec)
+            await self.hypervisor.start(self.boot_timeout)
+            async with wait_ready(
+                self.hypervisor.agent_endpoint(),
+                self.dial_timeout,
+                request_timeout=self.request_timeout,
+                dial=self._dial,
+            ) as agent:
+                self.boot_seconds = trio.current_time() - started
+                log.info("sandbox %s: agent ready after %.2f s", self.id, self.boot_seconds)
+                share = rootfs.shared_storage(self.shared_fs)
+                await agent.create_sandbox(
+                    agent_pb2.CreateSandboxRequest(
+                        hostname=self.id[:63],
+                        storages=[share] if share is not None else [],
+                        sandbox_id=self.id,
+                    )
+                )
+                await self.network.attach(self.hypervisor, agent)
+                self._agent = agent
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._watch_oom, agent)
+                    self._ready.set()
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+                await self._power_off_guest(agent)
+
+    async def _power_off_guest(self, agent: AgentClient) -> None:
+        # The guest ignores ACPI powerdown; DestroySandbox makes it stop its
+        # containers and power itself off, so the VMM's stop finds it gone
+        # instead of waiting out each of its escalation timeouts.
+        self._agent = None
+        with trio.move_on_after(AGENT_POWEROFF_TIMEOUT):
+            try:
+                await agent.destroy_sandbox()
+            except (RpcError, HuskError) as e:
+                log.debug("sandbox %s: DestroySandbox: %s", self.id, e)
+
+    async def ready(self) -> None:
+        """Wait for the boot to finish; raise its error if it failed."""
+        await self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        if self._agent is None:
+            raise FailedPreconditionError(f"sandbox {self.id} is shutting down")
+
+    def stop(self) -> None:
+        """Ask ``run`` to tear the sandbox down (also cancels a boot in progress)."""
+        self._stop.set()
+        if not self._ready.is_set() and hasattr(self, "_scope"):
+            self._scope.cancel()
+
+    async def _teardown(self) -> None:
+        self._agent = None
+        for container in list(self.containers.values()):
+            self._mark_all_exited(container)
+            try:
+                await rootfs.detach(container.id, container.shared, self.state, self.hypervisor)
+            except HuskError as e:
+                log.warning("sandbox %s: %s", self.id, e)
+        with trio.move_on_after(DESTROY_TIMEOUT) as scope:
+            try:
+                await self.hypervisor.destroy()
+            except Exception as e:
+                log.warning("sandbox %s: destroying the VM: %s", self.id, e)
+        if scope.cancelled_caught:
+            log.warning("sandbox %s: the VM did not stop in %g s", self.id, DESTROY_TIMEOUT)
+        await self.network.teardown()
+        problems = await trio.to_thread.run_sync(cleanup.reclaim, self.state)
+        for problem in problems:
+            log.warning("%s", problem)
+
+    @property
+    def agent(self) -> AgentClient:
+        """The connected agent; FailedPrecondition once the sandbox is going away."""
+        if self._agent is None:
+            raise FailedPreconditionError(f"sandbox {self.id} is not running")
+        return self._agent
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """Where the containers' background tasks run."""
+        if self._nursery is None:
+            raise FailedPreconditionError(f"sandbox {self.id} is not running")
+        return self._nursery
+
+    # -- containers -------------------------------------------------------------
+
+    def container(self, container_id: str) -> Container:
+        """A container of this sandbox; NotFound otherwise."""
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise NotFoundError(
+                f"container {container_id} not found in sandbox {self.id}"
+            ) from None
+
+    async def create_container(
+        self,
+        container_id: str,
+        bundle: str,
+        spec: dict[str, Any],
+        mounts: list[mount_pb2.Mount],
+        stdio: StdioPaths,
+    ) -> Container:
+        """Share the rootfs, then ``CreateContainer`` in the guest."""
+        agent = self.agent
+        self.state.add_container(container_id)
+        shared = await rootfs.attach(
+            container_id, bundle, spec, mounts, self.state, self.hypervisor
+        )
+        try:
+            oci_spec = oci.spec_from_json(spec)
+            oci_spec.Root.Path = shared.guest_path
+            oci_spec.Process.Terminal = stdio.terminal
+            oci_spec.ClearField("Hooks")
+            rootfs.share_bind_mounts(container_id, oci_spec, shared, self.state)
+            await agent.create_container(
+                agent_pb2.CreateContainerRequest(
+                    container_id=container_id, storages=shared.storages, OCI=oci_spec
+                )
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await rootfs.detach(container_id, shared, self.state, self.hypervisor)
+            self.state.remove_container(container_id)
+            raise
+        init = Process(container_id, "", stdio)
+        container = Container(container_id, bundle, mounts, init, shared)
+        self.containers[container_id] = container
+        return container
+
+    async def start(self, container: Container, process: Process) -> None:
+        """Run a created process: the init process, or an exec'd one."""
+        if process.status != Status.CREATED:
+            raise FailedPreconditionError(f"process {process.label} is not in the created state")
+        agent = self.agent
+        if process.exec_id:
+            assert process.spec is not None
+            await agent.exec_process(
+                agent_pb2.ExecProcessRequest(
+                    container_id=container.id, exec_id=process.exec_id, process=process.spec
+                )
+            )
+        else:
+            await agent.start_container(container.id)
+        process.status = Status.RUNNING
+        self._watch(process)
+
+    def _watch(self, process: Process) -> None:
+        """Start the stdio pump and the exit waiter of a process."""
+        if process.waiting:
+            return
+        process.waiting = True
+        agent = self.agent
+        pump = StdioPump(agent, process.container_id, process.exec_id, process.stdio)
+        process.pump = pump
+        self.nursery.start_soon(pump.run)
+        self.nursery.start_soon(self._wait, agent, process)
+
+    async def _wait(self, agent: AgentClient, process: Process) -> None:
+        try:
+            status = await agent.wait_process(process.container_id, process.exec_id)
+        except ConnectionClosed as e:
+            log.warning("%s: lost the agent (%s); reporting it killed", process.label, e)
+            status = KILLED_STATUS
+        except RpcError as e:
+            log.warning("%s: WaitProcess: %s", process.label, e)
+            status = KILLED_STATUS
+        if process.pump is not None:
+            with trio.move_on_after(IO_DRAIN_TIMEOUT):
+                await process.pump.output_done.wait()
+        self._exited(process, status)
+
+    def _exited(self, process: Process, status: int) -> None:
+        if process.exited.is_set():
+            return
+        process.set_exited(status)
+        log.info("%s exited with status %d", process.label, status)
+        self.on_exit(process)
+
+    def _mark_all_exited(self, container: Container) -> None:
+        for process in container.processes():
+            if process.status != Status.CREATED or process.waiting:
+                self._exited(process, KILLED_STATUS)
+
+    async def kill(self, process: Process, signal: int, all_processes: bool) -> None:
+        """Signal a process (or, with ``all_processes``, the whole container)."""
+        if process.exited.is_set():
+            raise NotFoundError(f"process {process.label} already finished")
+        exec_id = "" if all_processes else process.exec_id
+        await self.agent.signal_process(process.container_id, exec_id, signal)
+        # a created, never started process exits too: wait for it to report that
+        self._watch(process)
+
+    async def delete_exec(self, container: Container, process: Process) -> None:
+        """Forget an exec'd process that has exited (or never started)."""
+        if process.status in (Status.RUNNING, Status.PAUSED):
+            raise FailedPreconditionError(f"process {process.label} is still running")
+        container.execs.pop(process.exec_id, None)
+
+    async def delete_container(self, container: Container) -> None:
+        """``RemoveContainer`` in the guest, then undo the rootfs share."""
+        init = container.init
+        if init.status in (Status.RUNNING, Status.PAUSED):
+            raise FailedPreconditionError(f"container {container.id} is still running")
+        try:
+            await self.agent.remove_container(container.id)
+        except (RpcError, ConnectionClosed) as e:
+            if getattr(e, "code", None) not in (Code.NOT_FOUND, Code.UNAVAILABLE):
+                raise
+            log.info("container %s: RemoveContainer: %s", container.id, e)
+        except FailedPreconditionError:
+            pass  # the sandbox is going away: teardown reclaims the share
+        if not init.exited.is_set():
+            init.set_exited(KILLED_STATUS)
+        await rootfs.detach(container.id, container.shared, self.state, self.hypervisor)
+        self.containers.pop(container.id, None)
+        self.state.remove_container(container.id)
+
+    async def _watch_oom(self, agent: AgentClient) -> None:
+        while True:
+            try:
+                container_id = await agent.get_oom_event()
+            except (RpcError, ConnectionClosed) as e:
+                log.debug("sandbox %s: no OOM events: %s", self.id, e)
+                return
+            self.on_oom(container_id)

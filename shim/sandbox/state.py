@@ -1,0 +1,219 @@
+"""The record of a sandbox's host resources, kept in its state directory.
+
+Each sandbox owns ``<state_dir>/<sandbox_id>/`` and a ``sandbox.json`` in it::
+
+    {"id": "...", "namespace": "default", "shim_pid": 1234, "shim_start": 5678,
+     "containers": ["c1"], "resources": [{"kind": "mount", "path": "..."}, ...]}
+
+A resource is written to the record **before** it is created and dropped only
+after it is gone, so ``delete``, ``Shutdown`` and ``husk cleanup`` can reclaim
+everything a crashed shim left (see :mod:`shim.sandbox.cleanup`). The file is replaced
+atomically (write + rename), so a crash never leaves half a record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECORD = "sandbox.json"
+SOCKET = "shim.sock"
+SHARED = "shared"
+
+# Resource kinds, reclaimed in this order (processes first: they hold the rest).
+PROCESS = "process"
+MOUNT = "mount"
+TAP = "tap"
+#: a tap in the pod's network namespace (``path`` is the netns, as ``shim.network`` records it)
+NET_TAP = "net-tap"
+#: an ingress qdisc + redirect husk put on a pod interface (``path`` is the netns)
+NET_INGRESS = "net-ingress"
+SOCKET_FILE = "socket"
+FILE = "file"
+DIR = "dir"
+KINDS = (PROCESS, MOUNT, TAP, NET_TAP, NET_INGRESS, SOCKET_FILE, FILE, DIR)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One host resource: a process, a mount, a tap, a socket, a file or a directory.
+
+    The network kinds (``net-tap``, ``net-ingress``) live in a pod's namespace:
+    ``path`` is that namespace and ``name`` the link.
+    """
+
+    kind: str
+    path: str = ""
+    pid: int = 0
+    #: the process's start time (clock ticks since boot): guards against pid reuse
+    start: int = 0
+    name: str = ""
+
+    def describe(self) -> str:
+        """The resource in words, for logs and ``husk cleanup``."""
+        if self.kind == PROCESS:
+            return f"process {self.pid}" + (f" ({self.name})" if self.name else "")
+        if self.kind == TAP:
+            return f"tap {self.name}"
+        if self.kind in (NET_TAP, NET_INGRESS):
+            what = "tap" if self.kind == NET_TAP else "ingress redirect on"
+            return f"{what} {self.name} in netns {self.path}"
+        return f"{self.kind} {self.path}"
+
+
+def process_start_time(pid: int) -> int:
+    """Field 22 of ``/proc/<pid>/stat``, or 0 when the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # the command name (field 2) may hold spaces and parentheses: split after it
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def process_alive(pid: int, start: int = 0) -> bool:
+    """Whether ``pid`` runs and (if ``start`` is known) is still the same process."""
+    if pid <= 0:
+        return False
+    now = process_start_time(pid)
+    if now == 0:
+        return False
+    if _is_zombie(pid):
+        return False
+    return start == 0 or now == start
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+@dataclass
+class SandboxState:
+    """The state directory of one sandbox and its resource record."""
+
+    dir: Path
+    id: str
+    namespace: str = ""
+    shim_pid: int = 0
+    shim_start: int = 0
+    containers: list[str] = field(default_factory=list)
+    resources: list[Resource] = field(default_factory=list)
+
+    @property
+    def socket(self) -> Path:
+        """Where the sandbox's shim serves containerd."""
+        return self.dir / SOCKET
+
+    @property
+    def shared_dir(self) -> Path:
+        """The host directory shared into the guest (container rootfs mounts)."""
+        return self.dir / SHARED
+
+    @classmethod
+    def create(cls, root: Path, sandbox_id: str, namespace: str = "") -> SandboxState:
+        """Make ``root/<sandbox_id>`` and its record (an existing record is reused)."""
+        directory = root / sandbox_id
+        if (directory / RECORD).exists():
+            state = cls.load(directory)
+            state.namespace = namespace or state.namespace
+            return state
+        directory.mkdir(parents=True, exist_ok=True, mode=0o711)
+        state = cls(dir=directory, id=sandbox_id, namespace=namespace)
+        state.save()
+        return state
+
+    @classmethod
+    def load(cls, directory: Path) -> SandboxState:
+        """Read a record; a missing or garbled one yields an empty record for ``directory``."""
+        try:
+            raw: dict[str, Any] = json.loads((directory / RECORD).read_text())
+        except (OSError, ValueError):
+            return cls(dir=directory, id=directory.name)
+        return cls(
+            dir=directory,
+            id=str(raw.get("id", directory.name)),
+            namespace=str(raw.get("namespace", "")),
+            shim_pid=int(raw.get("shim_pid", 0)),
+            shim_start=int(raw.get("shim_start", 0)),
+            containers=[str(c) for c in raw.get("containers", [])],
+            resources=[Resource(**r) for r in raw.get("resources", [])],
+        )
+
+    def save(self) -> None:
+        """Atomically rewrite the record."""
+        data = {
+            "id": self.id,
+            "namespace": self.namespace,
+            "shim_pid": self.shim_pid,
+            "shim_start": self.shim_start,
+            "containers": self.containers,
+            "resources": [asdict(r) for r in self.resources],
+        }
+        tmp = self.dir / f".{RECORD}.{os.getpid()}"
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.dir / RECORD)
+
+    def claim(self, pid: int) -> None:
+        """Note ``pid`` as the shim serving this sandbox."""
+        self.shim_pid = pid
+        self.shim_start = process_start_time(pid)
+        self.save()
+
+    def shim_alive(self) -> bool:
+        """Whether the recorded shim process still runs."""
+        return process_alive(self.shim_pid, self.shim_start)
+
+    def record(self, resource: Resource) -> Resource:
+        """Add ``resource`` to the record (call before creating it)."""
+        if resource not in self.resources:
+            self.resources.append(resource)
+            self.save()
+        return resource
+
+    def forget(self, resource: Resource) -> None:
+        """Drop ``resource`` from the record (call after it is gone)."""
+        if resource in self.resources:
+            self.resources.remove(resource)
+            self.save()
+
+    def add_container(self, container_id: str) -> None:
+        """Note a container served in this sandbox."""
+        if container_id not in self.containers:
+            self.containers.append(container_id)
+            self.save()
+
+    def remove_container(self, container_id: str) -> None:
+        """Forget a container."""
+        if container_id in self.containers:
+            self.containers.remove(container_id)
+            self.save()
+
+
+def sandboxes(root: Path) -> Iterator[SandboxState]:
+    """Every sandbox state directory under ``root``."""
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir() and (entry / RECORD).exists():
+            yield SandboxState.load(entry)
+
+
+def find_container(root: Path, container_id: str) -> SandboxState | None:
+    """The sandbox that holds ``container_id`` (its own, or the pod's)."""
+    own = root / container_id
+    if (own / RECORD).exists():
+        return SandboxState.load(own)
+    for state in sandboxes(root):
+        if container_id in state.containers:
+            return state
+    return None
