@@ -23,7 +23,7 @@ if TYPE_CHECKING:
         TtrpcError,
         UnknownMethod,
     )
-    from ttrpc.frame import MAX_MESSAGE_SIZE
+    from ttrpc.frame import HEADER_SIZE, MAX_MESSAGE_SIZE, FrameHeader, MessageType, decode_header
     from ttrpc.server import Server
     from ttrpc.service import CallContext, MethodSpec, ServiceRegistry
     from ttrpc.status import code_and_message, error_from_status, status_from_exception
@@ -41,6 +41,10 @@ _PUBLIC = {
     "FrameTooLarge": "ttrpc.errors",
     "InvalidPayload": "ttrpc.errors",
     "MAX_MESSAGE_SIZE": "ttrpc.frame",
+    "HEADER_SIZE": "ttrpc.frame",
+    "FrameHeader": "ttrpc.frame",
+    "MessageType": "ttrpc.frame",
+    "decode_header": "ttrpc.frame",
     "MessageTooLarge": "ttrpc.errors",
     "MethodSpec": "ttrpc.service",
     "ProtocolError": "ttrpc.errors",
@@ -68,6 +72,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "HEADER_SIZE",
     "MAX_MESSAGE_SIZE",
     "CallContext",
     "Client",
@@ -75,9 +80,11 @@ __all__ = [
     "Code",
     "ConnectionClosed",
     "DeadlineExceeded",
+    "FrameHeader",
     "FrameTooLarge",
     "InvalidPayload",
     "MessageTooLarge",
+    "MessageType",
     "MethodSpec",
     "ProtocolError",
     "RpcError",
@@ -89,6 +96,7 @@ __all__ = [
     "TtrpcError",
     "UnknownMethod",
     "code_and_message",
+    "decode_header",
     "error_from_status",
     "status_from_exception",
 ]

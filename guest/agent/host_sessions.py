@@ -27,15 +27,13 @@ mid-write desynchronises the stream until the port is reopened.
 from __future__ import annotations
 
 import logging
-import struct
 
 import trio
 
+from ttrpc import HEADER_SIZE, MessageType, decode_header
+
 log = logging.getLogger("husk.agent.channel")
 
-HEADER = struct.Struct(">IIBB")
-"""ttrpc frame header: length, stream id, message type, flags."""
-REQUEST = 1
 _RECEIVE_CHUNK = 64 * 1024
 
 
@@ -84,10 +82,10 @@ class HostSessions:
                 end += step
                 self._pass -= step
                 continue
-            if len(buffer) - end < HEADER.size:
+            if len(buffer) - end < HEADER_SIZE:
                 break
-            length, stream_id, message_type, _ = HEADER.unpack_from(buffer, end)
-            if message_type == REQUEST:
+            length, stream_id, message_type, _ = decode_header(buffer, end)
+            if message_type == MessageType.REQUEST:
                 if stream_id <= self._last_request:
                     log.info(
                         "virtio-serial: request on stream %d after stream %d: "
@@ -98,7 +96,7 @@ class HostSessions:
                     self.host_reconnected = True
                     break
                 self._last_request = stream_id
-            self._pass = HEADER.size + length
+            self._pass = HEADER_SIZE + length
         taken = bytes(buffer[:end])
         del buffer[:end]
         return taken

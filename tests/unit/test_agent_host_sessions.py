@@ -12,15 +12,19 @@ import trio.testing
 from agent_proto import health_pb2
 from guest.agent import build_server
 from guest.agent.channel import serve_serial
-from guest.agent.host_sessions import HEADER, REQUEST, HostSession, HostSessions
+from guest.agent.host_sessions import HostSession, HostSessions
 from tests.unit.test_agent_service import make_service
+from ttrpc import MessageType
 from ttrpc.client import Client
+from ttrpc.frame import encode_header
 
 DATA = 3
 
 
-def frame(stream_id: int, message_type: int = REQUEST, payload: bytes = b"x") -> bytes:
-    return HEADER.pack(len(payload), stream_id, message_type, 0) + payload
+def frame(
+    stream_id: int, message_type: int = MessageType.REQUEST, payload: bytes = b"x"
+) -> bytes:
+    return encode_header(len(payload), stream_id, message_type) + payload
 
 
 async def read_to_eof(session: HostSession, max_bytes: int | None = None) -> bytes:

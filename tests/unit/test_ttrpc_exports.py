@@ -7,7 +7,11 @@ import ttrpc
 
 def test_public_names_are_pinned() -> None:
     assert set(ttrpc.__all__) == {
+        "HEADER_SIZE",
         "MAX_MESSAGE_SIZE",
+        "FrameHeader",
+        "MessageType",
+        "decode_header",
         "CallContext",
         "Client",
         "ClientStream",
