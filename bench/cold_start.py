@@ -32,7 +32,7 @@ from shim import config, registry
 from shim.agent.client import wait_ready
 from shim.cli import local_images
 from shim.host import HostFacts
-from shim.hypervisor import VmSpec
+from shim.sandbox import factory
 from shim.sandbox.state import SandboxState
 from tests.integration.containerd import Containerd
 
@@ -56,17 +56,7 @@ async def boot_to_ready(cfg: config.Config, state_root: Path) -> float:
     section = cfg.hypervisor
     state = SandboxState.create(state_root, "boot-" + uuid.uuid4().hex[:8])
     state.shared_dir.mkdir()
-    initrd = section.get("initrd") or ""
-    spec = VmSpec(
-        sandbox_id=state.id,
-        state_dir=state.dir,
-        vcpus=int(section["default_vcpus"]),
-        memory_mib=int(section["default_memory"]),
-        kernel=Path(section["kernel"]),
-        initrd=Path(initrd) if initrd else None,
-        kernel_params=str(section.get("kernel_params", "")),
-        shared_dir=state.shared_dir,
-    )
+    spec = factory.vm_spec(cfg, state)
     hypervisor = plugin.create(section)
     started = trio.current_time()
     try:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import abc
 import enum
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shim.errors import NotSupportedError
+from shim.resources import Resource
 
 if TYPE_CHECKING:
     from shim.config.schema import Key
@@ -127,6 +128,13 @@ AgentEndpoint = VsockEndpoint | HybridVsockEndpoint | SerialEndpoint
 
 # --- the sandbox VM's description --------------------------------------------------
 
+#: writes a host resource to the sandbox's record; called *before* creating it
+Recorder = Callable[[Resource], object]
+
+
+def record_nothing(resource: Resource) -> None:
+    """A recorder for VMs that no sandbox owns (tests, benchmarks)."""
+
 
 @dataclass(frozen=True)
 class VmSpec:
@@ -139,18 +147,21 @@ class VmSpec:
     kernel: Path
     initrd: Path | None
     kernel_params: str = ""
-    shared_dir: Path | None = None
+    #: the sandbox's shared directory, exported at boot (None: block devices only)
+    shared_fs: SharedFsDevice | None = None
     devices: Sequence[Device] = field(default_factory=tuple)
     #: ``[agent.husk] transport`` as resolved by the config; "auto" lets the plugin pick
     agent_transport: str = "auto"
+    #: where the plugin records each process, socket and file before it creates it
+    record: Recorder = record_nothing
 
 
 class Hypervisor(abc.ABC):
     """One sandbox VM driven through one VMM.
 
     The life is ``prepare`` → ``start`` → (``pause``/``resume``, device changes) →
-    ``stop`` → ``destroy``. ``prepare`` records every host resource it will create
-    in the sandbox's state dir before creating it, so a crash leaves nothing that
+    ``stop`` → ``destroy``. The plugin records every host resource it creates
+    through ``VmSpec.record`` before creating it, so a crash leaves nothing that
     ``husk cleanup`` cannot find.
     """
 

@@ -26,8 +26,6 @@ BASE_KERNEL_PARAMS = (
     "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp "
     "i8042.dumbkbd tsc=reliable no_timer_check noreplace-smp cryptomgr.notests"
 )
-#: the 9p tag the guest agent mounts the sandbox's shared dir from
-SHARED_TAG = "kataShared"
 #: the virtio-serial port name the guest agent opens
 AGENT_PORT = "agent.channel.0"
 #: sun_path is 108 bytes, NUL included
@@ -44,7 +42,6 @@ class QemuSettings:
     cpu_model: str = "max"
     pcie_root_ports: int = 4
     kernel_params: str = ""
-    shared_fs: str = "9p"
     boot_timeout: float = 30.0
     stop_timeout: float = 10.0
     enable_debug: bool = False
@@ -60,7 +57,6 @@ class QemuSettings:
             cpu_model=str(section.get("cpu_model", cls.cpu_model)),
             pcie_root_ports=int(section.get("pcie_root_ports", cls.pcie_root_ports)),
             kernel_params=str(section.get("kernel_params", "")),
-            shared_fs=str(section.get("shared_fs", cls.shared_fs)),
             boot_timeout=float(section.get("boot_timeout", cls.boot_timeout)),
             stop_timeout=float(section.get("stop_timeout", cls.stop_timeout)),
             enable_debug=bool(section.get("enable_debug", False)),
@@ -121,10 +117,6 @@ class VmPaths:
         """QEMU's pid, written by QEMU itself (``-pidfile``)."""
         return self.dir / "qemu.pid"
 
-    @property
-    def resources(self) -> Path:
-        """The record of every file and process this driver creates."""
-        return self.dir / "resources.json"
 
 
 @dataclass(frozen=True)
@@ -194,9 +186,8 @@ def build_argv(
     argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom"]
     argv += ["-device", f"{_virtio('virtio-rng', settings)},rng=rng0"]
     argv += _agent_channel(spec, settings, paths, guest_cid)
-    if spec.shared_dir is not None and settings.shared_fs != "none":
-        share = SharedFsDevice("shared", SHARED_TAG, spec.shared_dir, settings.shared_fs)
-        argv += shared_fs_args(share, settings)
+    if spec.shared_fs is not None:
+        argv += shared_fs_args(spec.shared_fs, settings)
     for placed in devices:
         argv += device_args(placed, settings)
     if incoming is not None:

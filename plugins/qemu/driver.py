@@ -35,7 +35,6 @@ from plugins.qemu.cmdline import Placed, QemuSettings, VmPaths, build_argv
 from plugins.qemu.process import QemuProcess
 from plugins.qemu.qmp import QmpClient, open_qmp
 from plugins.qemu.qmp_errors import QmpCommandError, QmpError
-from plugins.qemu.resources import ResourceRecord
 from shim.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -58,8 +57,8 @@ from shim.hypervisor import (
     VsockDevice,
     VsockEndpoint,
 )
+from shim.resources import DIR, FILE, PROCESS, SOCKET_FILE, Resource, process_start_time
 from shim.sandbox.devices import SlotAllocator, guest_cid
-from shim.sandbox.state import DIR, FILE, PROCESS, SOCKET_FILE, Resource, process_start_time
 
 AGENT_VSOCK_PORT = 1024
 #: seconds the guest has to release a hot-removed device (ACPI hot-plug under TCG is slow)
@@ -91,7 +90,6 @@ class QemuHypervisor(Hypervisor):
         self.settings = QemuSettings.from_section(self._section, transport)
         self._spec: VmSpec | None = None
         self._paths: VmPaths | None = None
-        self._record: ResourceRecord | None = None
         self._process: QemuProcess | None = None
         self._placed: dict[str, Placed] = {}
         self._slots = SlotAllocator(self.settings.root_ports)
@@ -142,18 +140,17 @@ class QemuHypervisor(Hypervisor):
                 raise HostError("qemu: agent transport vsock needs /dev/vhost-vsock on this host")
             self._cid = guest_cid(spec.sandbox_id)
         self._spec, self._paths = spec, paths
-        spec.state_dir.mkdir(parents=True, exist_ok=True)
-        paths.dir.mkdir(mode=0o700, exist_ok=True)
-        self._record = ResourceRecord(paths.resources)
-        self._record.add(
+        for resource in (
             Resource(DIR, path=str(paths.dir)),
-            Resource(FILE, path=str(paths.resources)),
             Resource(SOCKET_FILE, path=str(paths.qmp)),
             Resource(SOCKET_FILE, path=str(paths.agent)),
             Resource(FILE, path=str(paths.console)),
             Resource(FILE, path=str(paths.log)),
             Resource(FILE, path=str(paths.pidfile)),
-        )
+        ):
+            spec.record(resource)
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        paths.dir.mkdir(mode=0o700, exist_ok=True)
         for device in spec.devices:
             self._place(device)
 
@@ -164,7 +161,7 @@ class QemuHypervisor(Hypervisor):
         for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
             if path is not None and not path.is_file():
                 raise HostError(f"guest {what} {path} not found (run `husk image build`)")
-        if spec.shared_dir is not None and self.settings.shared_fs == "virtio-fs":
+        if spec.shared_fs is not None and spec.shared_fs.kind != "9p":
             raise NotSupportedError(
                 self.name, "shared_fs virtio-fs", 'the plugin does not start virtiofsd; use "9p"'
             )
@@ -196,7 +193,7 @@ class QemuHypervisor(Hypervisor):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _spawn(self, timeout: float, incoming: str | None) -> None:
-        spec, paths, record = self._require_spec(), self._require_paths(), self._require_record()
+        spec, paths = self._require_spec(), self._require_paths()
         for stale in (paths.qmp, paths.agent, paths.pidfile):
             stale.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -224,8 +221,11 @@ class QemuHypervisor(Hypervisor):
         finally:
             listener.close()  # QEMU holds the only copy: if it dies, our connection resets
         self._process = process
-        record.add(Resource(PROCESS, pid=process.pid, start=process_start_time(process.pid),
-                            name="qemu"))  # fmt: skip
+        # after the spawn (the pid is new); a crash in between is covered by
+        # cleanup, which also kills every process whose command line names the state dir
+        spec.record(
+            Resource(PROCESS, pid=process.pid, start=process_start_time(process.pid), name="qemu")
+        )
         try:
             with trio.fail_after(timeout):
                 async with self._monitor() as qmp:
@@ -462,11 +462,6 @@ class QemuHypervisor(Hypervisor):
         if self._paths is None:
             raise FailedPreconditionError("qemu: prepare() was not called")
         return self._paths
-
-    def _require_record(self) -> ResourceRecord:
-        if self._record is None:
-            raise FailedPreconditionError("qemu: prepare() was not called")
-        return self._record
 
 
 async def _wait_migration(qmp: QmpClient, what: str) -> None:

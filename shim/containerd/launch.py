@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.resources import SOCKET_FILE, Resource
 from shim.sandbox.annotations import placement
-from shim.sandbox.state import SOCKET_FILE, Resource, SandboxState
+from shim.sandbox.state import SandboxState
 
 ADDRESS_FILE = "address"
 SERVE_FD = 3

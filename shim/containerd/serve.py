@@ -15,23 +15,19 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from agent_proto import task_pb2
-from shim import network, registry
+from shim import network
 from shim.config import Config
 from shim.containerd.events import Publisher, RecordingPublisher, TtrpcPublisher
 from shim.containerd.launch import SERVE_FD, ShimArgs
 from shim.containerd.task_service import TaskService
-from shim.errors import HostError, HuskError
-from shim.host import HostFacts
-from shim.hypervisor import VmSpec
-from shim.sandbox import cleanup, oci
+from shim.errors import HuskError
+from shim.sandbox import cleanup, factory, oci
 from shim.sandbox.annotations import placement
-from shim.sandbox.pod_network import SandboxNetwork
 from shim.sandbox.sandbox import Sandbox
 from shim.sandbox.state import SandboxState
 from ttrpc import Server
@@ -42,7 +38,15 @@ TASK_SERVICE = task_pb2.DESCRIPTOR.services_by_name["Task"]
 SHUTDOWN_GRACE = 2.0
 
 
-def setup_logging(bundle: str, debug: bool) -> None:
+def log_level(args: ShimArgs, config: Config | HuskError) -> int:
+    """``-debug`` from containerd wins; else ``[runtime] log_level``."""
+    if args.debug:
+        return logging.DEBUG
+    name = config.runtime.log_level if isinstance(config, Config) else "info"
+    return logging.getLevelNamesMapping()[name.upper()]
+
+
+def setup_logging(bundle: str, level: int) -> None:
     """Log to containerd's ``log`` FIFO in the bundle (its reader is containerd)."""
     try:
         fd = os.open(Path(bundle) / "log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -54,49 +58,10 @@ def setup_logging(bundle: str, debug: bool) -> None:
         if e.errno not in (errno.ENXIO, errno.ENOENT):
             raise
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
+        level=level,
         format="%(asctime)s.%(msecs)03d husk-shim[%(process)d] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-
-
-def sandbox_factory(config: Config, namespace: str) -> Callable[[str, str | None], Sandbox]:
-    """Return ``make(sandbox_id, netns) -> Sandbox`` for the configured hypervisor."""
-
-    def make(sandbox_id: str, netns: str | None) -> Sandbox:
-        plugin = registry.lookup(config.runtime.hypervisor)
-        section = config.hypervisor
-        problems = plugin.unmet_requirements(section, HostFacts.probe())
-        if problems:
-            raise HostError(f"cannot start sandbox {sandbox_id}: " + "; ".join(problems))
-        hypervisor = plugin.create(section)
-        state = SandboxState.create(config.runtime.state_dir, sandbox_id, namespace)
-        state.claim(os.getpid())
-        state.shared_dir.mkdir(exist_ok=True)
-        initrd = section.get("initrd") or ""
-        spec = VmSpec(
-            sandbox_id=sandbox_id,
-            state_dir=state.dir,
-            vcpus=int(section.get("default_vcpus", 1)),
-            memory_mib=int(section.get("default_memory", 512)),
-            kernel=Path(section["kernel"]),
-            initrd=Path(initrd) if initrd else None,
-            kernel_params=str(section.get("kernel_params", "")),
-            shared_dir=state.shared_dir,
-            agent_transport=config.agent.transport,
-        )
-        return Sandbox(
-            state,
-            hypervisor,
-            spec,
-            boot_timeout=float(section.get("boot_timeout", 30.0)),
-            dial_timeout=config.agent.dial_timeout,
-            request_timeout=config.agent.request_timeout,
-            shared_fs=str(section.get("shared_fs", "9p")),
-            network=SandboxNetwork(netns, state),
-        )
-
-    return make
 
 
 async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskError) -> None:
@@ -110,7 +75,7 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
     def make(sandbox_id: str, netns: str | None) -> Sandbox:
         if isinstance(config, HuskError):
             raise config
-        return sandbox_factory(config, args.namespace)(sandbox_id, netns)
+        return factory.sandbox_factory(config, args.namespace)(sandbox_id, netns)
 
     model = config.runtime.sandbox_model if isinstance(config, Config) else "pod"
     async with trio.open_nursery() as nursery:
@@ -160,7 +125,7 @@ def _reclaim_leftovers(directory: Path) -> None:
 
 def main(args: ShimArgs, config: Config | HuskError) -> int:
     """Entry of the serving process (no action on the command line)."""
-    setup_logging(args.bundle, args.debug)
+    setup_logging(args.bundle, log_level(args, config))
     try:
         listener = socket.socket(fileno=SERVE_FD)
     except OSError as e:

@@ -22,7 +22,7 @@ from typing import Any
 
 from common import mounts
 from shim import network
-from shim.sandbox.state import (
+from shim.resources import (
     DIR,
     FILE,
     MOUNT,
@@ -32,10 +32,9 @@ from shim.sandbox.state import (
     SOCKET_FILE,
     TAP,
     Resource,
-    SandboxState,
     process_alive,
-    sandboxes,
 )
+from shim.sandbox.state import SandboxState, sandboxes
 
 log = logging.getLogger("husk.cleanup")
 

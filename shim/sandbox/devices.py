@@ -1,19 +1,19 @@
 """Device bookkeeping for one sandbox, independent of the VMM.
 
-``DeviceManager`` names the devices a sandbox hot-adds (ids, disk serials,
-MACs), checks the plugin's capabilities before asking it, and remembers what
-is attached so it can be removed again. ``SlotAllocator`` hands out a fixed set
+``DeviceManager`` names the disks a sandbox hot-adds (ids and serials),
+checks the plugin's capabilities before asking it for any device (disks, the
+pod's NICs), and remembers what is attached so it can be removed again.
+``SlotAllocator`` hands out a fixed set
 of hot-plug slots (a QEMU plugin's PCIe root ports) to devices by id.
 
 Everything derived is deterministic from the sandbox id and an index, so a
-restarted shim computes the same names, and MACs are locally administered
-unicast (first octet ``0x02``), never clashing with a vendor's.
+restarted shim computes the same names.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from shim.errors import (
@@ -33,12 +33,6 @@ SERIAL_MAX = 20
 
 def _digest(*parts: object) -> bytes:
     return hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-
-
-def mac_address(sandbox_id: str, index: int) -> str:
-    """A locally administered unicast MAC for NIC ``index`` of the sandbox."""
-    tail = _digest("mac", sandbox_id, index)[:5]
-    return ":".join(f"{b:02x}" for b in (0x02, *tail))
 
 
 def guest_cid(sandbox_id: str, attempt: int = 0) -> int:
@@ -131,17 +125,6 @@ class DeviceManager:
             format=format,
             readonly=readonly,
             serial=disk_serial(self.sandbox_id, device_id),
-        )
-
-    def nic(self, *, tap_name: str = "", tap_fds: Sequence[int] = (), mtu: int = 1500) -> NetDevice:
-        """A new NIC description: id ``net<n>`` and its deterministic MAC."""
-        index = self._index("net")
-        return NetDevice(
-            id=f"net{index}",
-            mac=mac_address(self.sandbox_id, index),
-            tap_name=tap_name,
-            tap_fds=tuple(tap_fds),
-            mtu=mtu,
         )
 
     async def attach(self, device: Device) -> Device:

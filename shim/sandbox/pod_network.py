@@ -3,7 +3,7 @@
     net = SandboxNetwork(netns, state)
     await net.prepare()                    # taps and redirects in the pod's netns
     ... boot the VM, CreateSandbox ...
-    await net.attach(hypervisor, agent)    # hot-add each NIC, configure the guest
+    await net.attach(devices, agent)       # hot-add each NIC, configure the guest
     ...
     await net.teardown()                   # after the VM is destroyed
 
@@ -27,9 +27,9 @@ from agent_proto import agent_pb2
 from shim import network
 from shim.agent.client import AgentClient
 from shim.errors import HuskError
-from shim.hypervisor import Hypervisor
 from shim.network import Endpoint, NetworkError, NetworkPlan, Recorder
 from shim.sandbox import cleanup
+from shim.sandbox.devices import DeviceManager
 from shim.sandbox.state import SandboxState
 from ttrpc import Code, RpcError
 
@@ -79,13 +79,13 @@ class SandboxNetwork:
         names = ", ".join(ep.link.name for ep in self.plan.endpoints) or "loopback only"
         log.info("sandbox %s: netns %s: %s", self.state.id, self.netns, names)
 
-    async def attach(self, hypervisor: Hypervisor, agent: AgentClient) -> None:
+    async def attach(self, devices: DeviceManager, agent: AgentClient) -> None:
         """Hot-add each NIC, then give the guest its addresses, routes and neighbours."""
         plan = self.plan
         if plan.empty:
             return
         for ep in plan.endpoints:
-            await self._hot_add(hypervisor, ep)
+            await self._hot_add(devices, ep)
             await self._configure(agent, ep)
         try:
             await agent.update_routes(agent_pb2.Routes(Routes=plan.guest_routes()))
@@ -98,13 +98,13 @@ class SandboxNetwork:
                 f"{_reason(e)}"
             ) from None
 
-    async def _hot_add(self, hypervisor: Hypervisor, ep: Endpoint) -> None:
+    async def _hot_add(self, devices: DeviceManager, ep: Endpoint) -> None:
         assert self.plan.netns is not None
         fds = await trio.to_thread.run_sync(
             self._open_tap_fds, self.plan.netns, ep.tap_name, ep.queues
         )
         try:
-            await hypervisor.add_device(ep.device_with_fds(fds))
+            await devices.attach(ep.device_with_fds(fds))
         except HuskError as e:
             raise NetworkError(
                 f"hot-adding the NIC for {ep.link.name} of netns {self.plan.netns} "

@@ -15,7 +15,6 @@ Each host mount is recorded in the sandbox state before it is made.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Sequence
@@ -26,8 +25,10 @@ from typing import Any
 from agent_proto import agent_pb2, mount_pb2, oci_pb2
 from common import mounts
 from shim.errors import InvalidArgumentError
-from shim.hypervisor import BlockDevice, Hypervisor
-from shim.sandbox.state import MOUNT, Resource, SandboxState
+from shim.hypervisor import BlockDevice, SharedFsDevice
+from shim.resources import MOUNT, Resource
+from shim.sandbox.devices import DeviceManager
+from shim.sandbox.state import SandboxState
 
 SHARED_TAG = "kataShared"
 GUEST_SHARED = "/run/kata-containers/shared/containers"
@@ -47,30 +48,32 @@ class SharedRootfs:
     device: BlockDevice | None = None
 
 
-def shared_storage(kind: str) -> agent_pb2.Storage | None:
-    """The sandbox-wide share ``CreateSandbox`` mounts, for a ``shared_fs`` kind.
+def shared_fs_device(kind: str, directory: Path) -> SharedFsDevice | None:
+    """The VM's share of the sandbox's shared dir, for a ``shared_fs`` kind ("none": None)."""
+    if kind == "none":
+        return None
+    return SharedFsDevice(id="shared", tag=SHARED_TAG, path=directory, kind=kind)
 
-    None for a kind the agent needs not mount (``none``: block rootfs only, or
-    an agent that sees the shared dir directly).
+
+def shared_storage(device: SharedFsDevice | None) -> agent_pb2.Storage | None:
+    """The sandbox-wide share ``CreateSandbox`` mounts from the VM's shared device.
+
+    None without a device (block rootfs only, or an agent that sees the shared
+    dir directly).
     """
-    if kind == "9p":
+    if device is None:
+        return None
+    if device.kind == "9p":
         return agent_pb2.Storage(
             driver="9p",
-            source=SHARED_TAG,
+            source=device.tag,
             fstype="9p",
             options=["trans=virtio", "version=9p2000.L", "msize=262144", "nodev"],
             mount_point=GUEST_SHARED,
         )
-    if kind == "virtio-fs":
-        return agent_pb2.Storage(
-            driver="virtio-fs", source=SHARED_TAG, fstype="virtiofs", mount_point=GUEST_SHARED
-        )
-    return None
-
-
-def disk_serial(container_id: str) -> str:
-    """A virtio-blk serial (at most 20 bytes) that names the container's disk."""
-    return "husk" + hashlib.sha256(container_id.encode()).hexdigest()[:16]
+    return agent_pb2.Storage(
+        driver="virtio-fs", source=device.tag, fstype="virtiofs", mount_point=GUEST_SHARED
+    )
 
 
 def _is_block(path: str) -> bool:
@@ -86,7 +89,7 @@ async def attach(
     spec: dict[str, Any],
     rootfs: Sequence[mount_pb2.Mount],
     state: SandboxState,
-    hypervisor: Hypervisor,
+    devices: DeviceManager,
 ) -> SharedRootfs:
     """Make the rootfs available in the guest; returns where and with which storages."""
     if len(rootfs) > 1:
@@ -107,20 +110,14 @@ async def attach(
         _mount(shared, state, host, m.source, m.type, list(m.options))
         return shared
     if _is_block(m.source) or m.type in _BLOCK_FSTYPES:
-        serial = disk_serial(container_id)
-        device = BlockDevice(
-            id=f"rootfs-{serial[4:12]}",
-            path=Path(m.source),
-            readonly="ro" in m.options,
-            serial=serial,
-        )
-        await hypervisor.add_device(device)
+        device = devices.block(Path(m.source), readonly="ro" in m.options)
+        await devices.attach(device)
         shared.device = device
         shared.guest_path = f"{GUEST_CONTAINERS}/{container_id}/rootfs"
         shared.storages.append(
             agent_pb2.Storage(
                 driver="blk",
-                source=serial,
+                source=device.serial,
                 fstype=m.type,
                 options=list(m.options),
                 mount_point=shared.guest_path,
@@ -174,7 +171,7 @@ def _mount(
 
 
 async def detach(
-    container_id: str, shared: SharedRootfs, state: SandboxState, hypervisor: Hypervisor
+    container_id: str, shared: SharedRootfs, state: SandboxState, devices: DeviceManager
 ) -> None:
     """Undo ``attach``: unmount, remove the directories, hot-remove the disk."""
     for resource in reversed(shared.mounts):
@@ -182,7 +179,7 @@ async def detach(
         state.forget(resource)
     shared.mounts.clear()
     if shared.device is not None:
-        await hypervisor.remove_device(shared.device)
+        await devices.detach(shared.device.id)
         shared.device = None
     _remove_tree(state.shared_dir / container_id)
 

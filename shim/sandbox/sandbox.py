@@ -27,6 +27,7 @@ from shim.errors import FailedPreconditionError, HuskError, NotFoundError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSpec
 from shim.sandbox import cleanup, oci, rootfs
 from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
+from shim.sandbox.devices import DeviceManager
 from shim.sandbox.pod_network import SandboxNetwork
 from shim.sandbox.state import SandboxState
 from ttrpc import Code, ConnectionClosed, RpcError
@@ -56,18 +57,18 @@ class Sandbox:
         boot_timeout: float,
         dial_timeout: float,
         request_timeout: float,
-        shared_fs: str = "9p",
         network: SandboxNetwork | None = None,
         dial: Dial = connect,
     ) -> None:
         self.id = state.id
         self.state = state
         self.hypervisor = hypervisor
+        #: what is hot-added to the VM (disks, NICs), checked against its capabilities
+        self.devices = DeviceManager(state.id, hypervisor)
         self.vm_spec = vm_spec
         self.boot_timeout = boot_timeout
         self.dial_timeout = dial_timeout
         self.request_timeout = request_timeout
-        self.shared_fs = shared_fs
         #: the pod network; without one the guest has only loopback
         self.network = network if network is not None else SandboxNetwork(None, state)
         self._dial = dial
@@ -116,7 +117,7 @@ class Sandbox:
             ) as agent:
                 self.boot_seconds = trio.current_time() - started
                 log.info("sandbox %s: agent ready after %.2f s", self.id, self.boot_seconds)
-                share = rootfs.shared_storage(self.shared_fs)
+                share = rootfs.shared_storage(self.vm_spec.shared_fs)
                 await agent.create_sandbox(
                     agent_pb2.CreateSandboxRequest(
                         hostname=self.id[:63],
@@ -124,7 +125,7 @@ class Sandbox:
                         sandbox_id=self.id,
                     )
                 )
-                await self.network.attach(self.hypervisor, agent)
+                await self.network.attach(self.devices, agent)
                 self._agent = agent
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -164,7 +165,7 @@ class Sandbox:
         for container in list(self.containers.values()):
             self._mark_all_exited(container)
             try:
-                await rootfs.detach(container.id, container.shared, self.state, self.hypervisor)
+                await rootfs.detach(container.id, container.shared, self.state, self.devices)
             except HuskError as e:
                 log.warning("sandbox %s: %s", self.id, e)
         with trio.move_on_after(DESTROY_TIMEOUT) as scope:
@@ -216,7 +217,7 @@ class Sandbox:
         agent = self.agent
         self.state.add_container(container_id)
         shared = await rootfs.attach(
-            container_id, bundle, spec, mounts, self.state, self.hypervisor
+            container_id, bundle, spec, mounts, self.state, self.devices
         )
         try:
             oci_spec = oci.spec_from_json(spec)
@@ -231,7 +232,7 @@ class Sandbox:
             )
         except BaseException:
             with trio.CancelScope(shield=True):
-                await rootfs.detach(container_id, shared, self.state, self.hypervisor)
+                await rootfs.detach(container_id, shared, self.state, self.devices)
             self.state.remove_container(container_id)
             raise
         init = Process(container_id, "", stdio)
@@ -323,7 +324,7 @@ class Sandbox:
             pass  # the sandbox is going away: teardown reclaims the share
         if not init.exited.is_set():
             init.set_exited(KILLED_STATUS)
-        await rootfs.detach(container.id, container.shared, self.state, self.hypervisor)
+        await rootfs.detach(container.id, container.shared, self.state, self.devices)
         self.containers.pop(container.id, None)
         self.state.remove_container(container.id)
 

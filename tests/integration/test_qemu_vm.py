@@ -23,7 +23,7 @@ from shim.agent.transport import connect
 from shim.errors import HostError, VmmExitedError
 from shim.host import HostFacts
 from shim.hypervisor import BlockDevice, NetDevice, VmSpec, VmState
-from shim.sandbox.state import process_alive
+from shim.resources import process_alive
 from ttrpc import DeadlineExceeded
 
 pytestmark = pytest.mark.integration

@@ -24,6 +24,10 @@ STATE = Path("/run/husk/sb1")
 D = "/run/husk/sb1/qemu"
 
 
+def share(path: Path, kind: str = "9p") -> SharedFsDevice:
+    return SharedFsDevice("shared", "kataShared", path, kind)
+
+
 def spec(**kw: object) -> VmSpec:
     values: dict[str, object] = {
         "sandbox_id": "sb1",
@@ -32,7 +36,7 @@ def spec(**kw: object) -> VmSpec:
         "memory_mib": 256,
         "kernel": Path("/img/vmlinuz"),
         "initrd": Path("/img/initrd.img"),
-        "shared_dir": STATE / "shared",
+        "shared_fs": share(STATE / "shared"),
     }
     values.update(kw)
     return VmSpec(**values)  # type: ignore[arg-type]
@@ -72,7 +76,7 @@ def test_kvm_vsock_microvm_incoming() -> None:
         agent_transport="vsock",
     )
     argv = build_argv(
-        spec(initrd=None, shared_dir=None),
+        spec(initrd=None, shared_fs=None),
         settings,
         VmPaths(STATE / "qemu"),
         guest_cid=1234,
@@ -95,14 +99,18 @@ def test_vsock_needs_a_cid() -> None:
 
 
 def test_virtio_fs_is_refused_with_a_reason() -> None:
+    virtio_fs = spec(shared_fs=share(STATE / "shared", "virtio-fs"))
     with pytest.raises(NotSupportedError, match="virtiofsd"):
-        build_argv(spec(), QemuSettings(shared_fs="virtio-fs"), VmPaths(STATE / "qemu"))
-    argv = build_argv(spec(), QemuSettings(shared_fs="none"), VmPaths(STATE / "qemu"))
+        build_argv(virtio_fs, QemuSettings(), VmPaths(STATE / "qemu"))
+
+
+def test_no_share_without_a_shared_fs() -> None:
+    argv = build_argv(spec(shared_fs=None), QemuSettings(), VmPaths(STATE / "qemu"))
     assert "-fsdev" not in argv
 
 
 def test_commas_in_paths_are_doubled() -> None:
-    argv = build_argv(spec(shared_dir=Path("/a,b")), QemuSettings(), VmPaths(Path("/s,t")))
+    argv = build_argv(spec(shared_fs=share(Path("/a,b"))), QemuSettings(), VmPaths(Path("/s,t")))
     assert "file,id=console,path=/s,,t/console.log,append=on" in argv
     assert "local,id=fs-shared,path=/a,,b,security_model=none" in argv
 

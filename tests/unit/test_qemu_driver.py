@@ -24,13 +24,15 @@ from shim.errors import (
 from shim.host import HostFacts
 from shim.hypervisor import (
     BlockDevice,
+    Recorder,
     SerialEndpoint,
     SharedFsDevice,
     VmSpec,
     VmState,
     VsockDevice,
+    record_nothing,
 )
-from shim.sandbox.state import process_alive
+from shim.resources import Resource, process_alive
 
 FAKE_QEMU = r'''
 import json, os, signal, socket, sys, time
@@ -89,7 +91,9 @@ def fake_qemu(workdir: Path) -> Path:
     return script
 
 
-def make(fake_qemu: Path, workdir: Path, **section: object) -> tuple[QemuHypervisor, VmSpec]:
+def make(
+    fake_qemu: Path, workdir: Path, record: Recorder = record_nothing, **section: object
+) -> tuple[QemuHypervisor, VmSpec]:
     values: dict[str, object] = {"path": str(fake_qemu), "stop_timeout": 0.3, **section}
     hv = QemuHypervisor(values, TCG_HOST)
     spec = VmSpec(
@@ -99,8 +103,21 @@ def make(fake_qemu: Path, workdir: Path, **section: object) -> tuple[QemuHypervi
         memory_mib=128,
         kernel=workdir / "vmlinuz",
         initrd=None,
+        record=record,
     )
     return hv, spec
+
+
+async def test_every_file_is_recorded_before_it_exists(fake_qemu: Path, workdir: Path) -> None:
+    existed: list[tuple[str, bool]] = []
+
+    def record(resource: Resource) -> None:
+        existed.append((resource.kind, Path(resource.path).exists() if resource.path else False))
+
+    hv, spec = make(fake_qemu, workdir, record)
+    await hv.prepare(spec)
+    assert {kind for kind, _ in existed} == {"dir", "socket", "file"}
+    assert not any(there for _, there in existed)
 
 
 def test_capabilities_are_truthful() -> None:
@@ -138,12 +155,12 @@ async def test_qemu_that_never_answers_is_killed_at_the_deadline(
     fake_qemu: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_QEMU_MODE", "hang")
-    hv, spec = make(fake_qemu, workdir)
+    recorded: list[Resource] = []
+    hv, spec = make(fake_qemu, workdir, recorded.append)
     await hv.prepare(spec)
     with pytest.raises(DeadlineExceededError, match=r"did not answer .* within 0.3 s"):
         await hv.start(0.3)
-    record = hv.paths.resources.read_text()
-    assert '"kind": "process"' in record
+    assert [r.name for r in recorded if r.kind == "process"] == ["qemu"]
     assert await hv.state() == VmState.STOPPED
     await hv.destroy()
     assert not hv.paths.dir.exists()

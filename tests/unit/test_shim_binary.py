@@ -11,9 +11,10 @@ import pytest
 
 from agent_proto import oci_pb2, task_pb2
 from shim.containerd import main as shim_main
+from shim.resources import PROCESS, Resource, process_start_time
 from shim.sandbox import cleanup, oci
 from shim.sandbox.annotations import CONTAINER_TYPE, SANDBOX_ID, placement
-from shim.sandbox.state import PROCESS, Resource, SandboxState, find_container, process_start_time
+from shim.sandbox.state import SandboxState, find_container
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -53,7 +53,7 @@ class FakeHypervisor(Hypervisor):
         self.devices: list[Device] = []
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(block_hotplug=True, virtio_serial=True)
+        return Capabilities(block_hotplug=True, net_hotplug=True, virtio_serial=True)
 
     async def prepare(self, spec: VmSpec) -> None:
         self.calls.append("prepare")
@@ -243,7 +243,7 @@ class Harness:
 
     def make_sandbox(self, sandbox_id: str, netns: str | None) -> Sandbox:
         state = SandboxState.create(self.tmp / "state", sandbox_id)
-        spec = VmSpec(sandbox_id, state.dir, 1, 128, Path("/k"), None, shared_dir=state.shared_dir)
+        spec = VmSpec(sandbox_id, state.dir, 1, 128, Path("/k"), None)
         network = SandboxNetwork(
             netns,
             state,
@@ -258,7 +258,6 @@ class Harness:
             boot_timeout=5,
             dial_timeout=5,
             request_timeout=5,
-            shared_fs="none",
             network=network,
             dial=self.dial,
         )

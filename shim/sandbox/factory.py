@@ -1,0 +1,83 @@
+"""Making a sandbox from the configuration: its plugin, state dir, VM spec and network.
+
+The serving shim calls :func:`sandbox_factory` once and the task service calls
+the result for the one sandbox it boots. Everything the configuration decides
+about a sandbox is read here, so the sandbox itself sees only what it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from shim import registry
+from shim.config import Config
+from shim.errors import HostError
+from shim.host import HostFacts
+from shim.hypervisor import VmSpec
+from shim.sandbox import rootfs
+from shim.sandbox.pod_network import SandboxNetwork
+from shim.sandbox.sandbox import Sandbox
+from shim.sandbox.state import SandboxState
+
+#: the guest agent logs at debug level when its kernel command line says so
+AGENT_DEBUG_PARAM = "husk.debug=1"
+
+#: makes the (not yet booted) sandbox with this id on this pod netns (None: loopback only)
+SandboxFactory = Callable[[str, str | None], Sandbox]
+
+
+def kernel_params(config: Config) -> str:
+    """The configured guest kernel parameters, plus the agent's debug switch."""
+    params = [str(config.hypervisor.get("kernel_params", ""))]
+    if config.agent.enable_debug:
+        params.append(AGENT_DEBUG_PARAM)
+    return " ".join(p for p in params if p)
+
+
+def vm_spec(config: Config, state: SandboxState) -> VmSpec:
+    """The VM a sandbox asks its plugin for, from the selected ``[hypervisor.*]`` section."""
+    section = config.hypervisor
+    initrd = section.get("initrd") or ""
+    return VmSpec(
+        sandbox_id=state.id,
+        state_dir=state.dir,
+        vcpus=int(section["default_vcpus"]),
+        memory_mib=int(section["default_memory"]),
+        kernel=Path(section["kernel"]),
+        initrd=Path(initrd) if initrd else None,
+        kernel_params=kernel_params(config),
+        shared_fs=rootfs.shared_fs_device(str(section["shared_fs"]), state.shared_dir),
+        agent_transport=config.agent.transport,
+        record=state.record,
+    )
+
+
+def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
+    """Return ``make(sandbox_id, netns) -> Sandbox`` for the configured hypervisor."""
+
+    def make(sandbox_id: str, netns: str | None) -> Sandbox:
+        plugin = registry.lookup(config.runtime.hypervisor)
+        section = config.hypervisor
+        problems = plugin.unmet_requirements(section, HostFacts.probe())
+        if problems:
+            raise HostError(f"cannot start sandbox {sandbox_id}: " + "; ".join(problems))
+        hypervisor = plugin.create(section)
+        state = SandboxState.create(config.runtime.state_dir, sandbox_id, namespace)
+        state.claim(os.getpid())
+        state.shared_dir.mkdir(exist_ok=True)
+        spec = vm_spec(config, state)
+        if config.runtime.internetworking_model == "none":
+            netns = None
+        return Sandbox(
+            state,
+            hypervisor,
+            spec,
+            boot_timeout=float(section["boot_timeout"]),
+            dial_timeout=config.agent.dial_timeout,
+            request_timeout=config.agent.request_timeout,
+            network=SandboxNetwork(netns, state),
+        )
+
+    return make
