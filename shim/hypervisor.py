@@ -270,7 +270,7 @@ class HypervisorPlugin(abc.ABC):
         binary = values.get("path")
         if binary is not None and not _is_executable(Path(binary)):
             problems.append(f"{self.name} binary {binary} not found or not executable (key 'path')")
-        for key in ("kernel", "initrd", "image"):
+        for key in ("kernel", "initrd"):
             value = values.get(key)
             if value and not Path(value).is_file():
                 problems.append(
@@ -304,3 +304,9 @@ class HybridVsockKvmPlugin(HypervisorPlugin):
         if not host.kvm_usable:
             problems.append(f"{self.label} needs usable KVM: {host.kvm_reason}")
         return problems
+
+    def create(self, config: Mapping[str, Any]) -> Hypervisor:
+        """No driver yet: the section and host checks exist, a sandbox cannot start."""
+        raise NotSupportedError(
+            self.name, "starting a sandbox", f"no driver for {self.label} exists yet"
+        )

@@ -1,4 +1,4 @@
-"""Errors the agent adds to husk's tree (``shim.errors``)::
+"""Errors the agent adds to the shared tree (``common.errors``)::
 
     HuskError
      └── StreamClosedError   OUT_OF_RANGE   a process's stdout/stderr is at EOF

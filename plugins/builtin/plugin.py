@@ -6,15 +6,13 @@ does, so it has no binary of its own and needs usable KVM.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from shim.config.hypervisor_keys import common_keys
 from shim.config.schema import Key
-from shim.errors import NotSupportedError
-from shim.hypervisor import HybridVsockKvmPlugin, Hypervisor
+from shim.hypervisor import HybridVsockKvmPlugin
 
-KEYS: tuple[Key, ...] = tuple(k for k in common_keys("") if k.name != "path")
+KEYS: tuple[Key, ...] = tuple(k for k in common_keys("", "virtio-fs") if k.name != "path")
 
 
 class BuiltinPlugin(HybridVsockKvmPlugin):
@@ -26,11 +24,6 @@ class BuiltinPlugin(HybridVsockKvmPlugin):
     @property
     def keys(self) -> Sequence[Key]:
         return KEYS
-
-    def create(self, config: Mapping[str, Any]) -> Hypervisor:
-        raise NotSupportedError(
-            self.name, "starting a sandbox", "the built-in VMM is not built yet"
-        )
 
 
 PLUGIN = BuiltinPlugin()

@@ -172,6 +172,9 @@ def build_argv(
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     argv += ["-append", kernel_append(spec, settings)]
+    if settings.enable_debug:
+        # guest errors and unimplemented-device accesses, time-stamped, in qemu.log
+        argv += ["-msg", "timestamp=on", "-d", "guest_errors,unimp"]
     argv += ["-chardev", f"file,id=console,path={_opt(paths.console)},append=on"]
     argv += ["-serial", "chardev:console"]
     if qmp_fd is not None:

@@ -45,6 +45,10 @@ class QemuPlugin(HypervisorPlugin):
         problems = []
         if values["accel"] == "kvm" and not host.kvm_usable:
             problems.append(("accel", host.kvm_reason + '; use "auto" or "tcg"'))
+        if values["shared_fs"] == "virtio-fs":
+            problems.append(
+                ("shared_fs", 'the qemu plugin does not start virtiofsd yet; use "9p" or "none"')
+            )
         if values["machine_type"] == "microvm" and values["pcie_root_ports"]:
             problems.append(
                 ("pcie_root_ports", "microvm has no PCIe root ports; set it to 0 or use q35")

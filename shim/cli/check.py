@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shim import registry
 from shim.config import Config
+from shim.errors import NotSupportedError
 from shim.host import HostFacts
 
 Runner = Callable[[Sequence[str]], str | None]
@@ -94,7 +95,7 @@ def _qemu_findings(config: Config, run: Runner) -> list[Finding]:
 
 
 def _virtiofsd_finding(config: Config) -> Finding:
-    places = [str(config.hypervisor.get("virtio_fs_daemon", "")), *VIRTIOFSD_PLACES]
+    places = list(VIRTIOFSD_PLACES)
     which = shutil.which("virtiofsd")
     if which:
         places.append(which)
@@ -144,6 +145,10 @@ def _sandbox_finding(config: Config, host: HostFacts) -> Finding:
     name = config.runtime.hypervisor
     plugin = registry.lookup(name)
     problems = plugin.unmet_requirements(config.hypervisor, host)
+    try:
+        plugin.create(config.hypervisor)  # builds the driver object only: starts nothing
+    except NotSupportedError as e:
+        problems.insert(0, str(e))
     if problems:
         return Finding("sandbox", False, "cannot start: " + "; ".join(problems), blocking=True)
     accel = config.hypervisor.get("accel", "kvm")

@@ -11,8 +11,8 @@ from shim.config.schema import Key
 DEFAULT_IMAGE_DIR = "/var/lib/husk/images"
 
 
-def common_keys(binary: str) -> tuple[Key, ...]:
-    """The shared keys, with ``path`` defaulting to the plugin's VMM binary."""
+def common_keys(binary: str, shared_fs: str = "9p") -> tuple[Key, ...]:
+    """The shared keys; ``path`` and ``shared_fs`` default to the plugin's own."""
     return (
         Key("path", str, binary, "the VMM binary"),
         Key(
@@ -21,27 +21,24 @@ def common_keys(binary: str) -> tuple[Key, ...]:
             f"{DEFAULT_IMAGE_DIR}/vmlinux",
             "guest kernel (uncompressed: QEMU boots it directly)",
         ),
-        Key("initrd", str, f"{DEFAULT_IMAGE_DIR}/initrd.img", "guest initrd ('' to use image)"),
-        Key("image", str, "", "guest root disk image instead of an initrd ('' for none)"),
+        Key("initrd", str, f"{DEFAULT_IMAGE_DIR}/initrd.img", "guest initrd ('' for none)"),
         Key("kernel_params", str, "", "extra guest kernel command line"),
         Key("default_vcpus", int, 1, "vCPUs of a sandbox", minimum=1, maximum=255),
         Key("default_memory", int, 512, "MiB of memory of a sandbox", minimum=64),
         Key(
             "shared_fs",
             str,
-            "9p",
+            shared_fs,
             "how the container rootfs is shared into the guest",
             choices=("9p", "virtio-fs", "none"),
         ),
-        Key("virtio_fs_daemon", str, "/usr/libexec/virtiofsd", "virtiofsd binary"),
         Key(
-            "block_device_driver",
-            str,
-            "virtio-blk",
-            "bus for hot-added disks",
-            choices=("virtio-blk", "virtio-scsi"),
+            "boot_timeout",
+            float,
+            30.0,
+            "seconds for the VMM to start and answer its control socket",
+            minimum=1,
         ),
-        Key("boot_timeout", float, 30.0, "seconds from VMM start to agent ready", minimum=1),
         Key("stop_timeout", float, 10.0, "seconds for each step of a graceful stop", minimum=0.1),
         Key("enable_debug", bool, False, "VMM debug output in the sandbox's log"),
     )

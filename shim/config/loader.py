@@ -29,7 +29,13 @@ RUNTIME_KEYS: tuple[Key, ...] = (
     Key("hypervisor", str, "qemu", "registry name of the hypervisor plugin to use"),
     Key("state_dir", str, "/run/husk", "where each sandbox keeps its sockets and records"),
     Key("image_dir", str, "/var/lib/husk/images", "where `husk image build` puts the guest"),
-    Key("log_level", str, "info", "shim log level", choices=("debug", "info", "warning", "error")),
+    Key(
+        "log_level",
+        str,
+        "info",
+        "shim log level (containerd's -debug makes it debug)",
+        choices=("debug", "info", "warning", "error"),
+    ),
     Key(
         "sandbox_model",
         str,
@@ -44,12 +50,10 @@ RUNTIME_KEYS: tuple[Key, ...] = (
         "how the pod's veth reaches the VM's NIC",
         choices=("tcfilter", "none"),
     ),
-    Key("enable_debug", bool, False, "verbose shim logging"),
 )
 
 AGENT_KEYS: tuple[Key, ...] = (
     Key("transport", str, "auto", "shim-to-agent channel", choices=TRANSPORTS),
-    Key("port", int, 1024, "agent's vsock port", minimum=1, maximum=0xFFFFFFFF),
     Key("dial_timeout", float, 30.0, "seconds to wait for the agent after boot", minimum=0.1),
     Key("request_timeout", float, 60.0, "seconds for one agent request", minimum=0.1),
     Key("enable_debug", bool, False, "agent logs at debug level to the console"),
@@ -66,7 +70,6 @@ class RuntimeConfig:
     log_level: str
     sandbox_model: str
     internetworking_model: str
-    enable_debug: bool
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,6 @@ class AgentConfig:
     """The ``[agent.husk]`` section, with ``transport`` resolved for this host."""
 
     transport: str
-    port: int
     dial_timeout: float
     request_timeout: float
     enable_debug: bool
@@ -170,7 +172,6 @@ def parse(raw: Mapping[str, Any], *, source: Path, host: HostFacts) -> Config:
         log_level=runtime_values["log_level"],
         sandbox_model=runtime_values["sandbox_model"],
         internetworking_model=runtime_values["internetworking_model"],
-        enable_debug=runtime_values["enable_debug"],
     )
     return Config(source, runtime, AgentConfig(**agent_values), hypervisors)
 

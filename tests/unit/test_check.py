@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,3 +89,21 @@ def test_json_report_carries_overall_verdict(tmp_path: Path, tcg_host: HostFacts
     report = json.loads(check.render_json(check.probe(cfg, tcg_host, fake_runner(QEMU_OK))))
     assert report["ok"] is False
     assert {c["name"] for c in report["checks"]} >= {"kvm", "vhost-vsock", "qemu", "guest image"}
+
+
+def test_a_plugin_without_a_driver_cannot_start_even_on_a_kvm_host(tmp_path: Path) -> None:
+    kvm = HostFacts(kvm_device=True, kvm_hardware=True, vhost_vsock=True)
+    path = tmp_path / "ch.toml"
+    path.write_text(
+        '[runtime]\nhypervisor = "cloud-hypervisor"\n'
+        f'[hypervisor.cloud-hypervisor]\npath = "{sys.executable}"\n'
+        f'kernel = "{sys.executable}"\ninitrd = "{sys.executable}"\n'
+    )
+    cfg = config.load(path, host=kvm)
+    findings = check.probe(cfg, kvm, fake_runner(QEMU_OK))
+    sandbox = next(f for f in findings if f.name == "sandbox")
+    assert not check.can_start(findings)
+    assert sandbox.detail == (
+        "cannot start: hypervisor 'cloud-hypervisor' does not support starting a sandbox: "
+        "no driver for Cloud Hypervisor exists yet"
+    )

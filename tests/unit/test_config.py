@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shim import config, registry
-from shim.errors import ConfigError
+from shim.errors import ConfigError, NotSupportedError
 from shim.host import HostFacts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +60,6 @@ def test_vsock_transport_on_a_host_without_vhost_vsock_is_an_error(
 def test_missing_sections_take_defaults(tmp_path: Path, tcg_host: HostFacts) -> None:
     cfg = config.load(write(tmp_path, ""), host=tcg_host)
     assert cfg.hypervisor["default_memory"] == 512
-    assert cfg.agent.port == 1024
     assert cfg.runtime.state_dir == Path("/run/husk")
 
 
@@ -170,9 +169,28 @@ def test_default_file_lists_every_declared_key() -> None:
     raw = tomllib.loads((ROOT / "configuration.toml").read_text())
     assert set(raw["runtime"]) == {k.name for k in config.RUNTIME_KEYS}
     assert set(raw["agent"]["husk"]) == {k.name for k in config.AGENT_KEYS}
-    for name in registry.names():
-        declared = {k.name for k in registry.lookup(name).keys}
-        assert set(raw["hypervisor"][name]) == declared, name
+    declared = {k.name for k in registry.lookup("qemu").keys}
+    assert set(raw["hypervisor"]["qemu"]) == declared
+
+
+def test_default_file_has_sections_only_for_plugins_with_a_driver() -> None:
+    raw = tomllib.loads((ROOT / "configuration.toml").read_text())
+    assert set(raw["hypervisor"]) == {"qemu"}
+    for name in ("cloud-hypervisor", "builtin"):
+        with pytest.raises(NotSupportedError, match="driver"):
+            registry.lookup(name).create({})
+
+
+def test_a_shared_fs_the_plugin_cannot_serve_fails_at_load(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    path = write(tmp_path, '[hypervisor.qemu]\nshared_fs = "virtio-fs"\n')
+    with pytest.raises(ConfigError) as info:
+        config.load(path, host=tcg_host)
+    assert str(info.value) == (
+        f'{path}: [hypervisor.qemu] shared_fs = "virtio-fs": the qemu plugin does not start '
+        'virtiofsd yet; use "9p" or "none"'
+    )
 
 
 def test_default_file_states_every_default() -> None:
