@@ -148,8 +148,8 @@ def build_image(
 
     ``compression`` is "none" (fastest boot under TCG), "zstd" or "gzip"; it falls
     back to what the kernel and host support. Raises an ``ImageBuildError`` (a
-    ``common.errors.FailedPreconditionError``) with a one-line message on any failure; partial output
-    is removed.
+    ``common.errors.FailedPreconditionError``) with a one-line message on any
+    failure; partial output is removed.
     """
     run = runner or packages.subprocess_runner()
     output_dir = output_dir.absolute()
