@@ -28,7 +28,7 @@ from guest.image import DEFAULT_IMAGE_DIR, build_image, image_paths
 from plugins.qemu.cmdline import BASE_KERNEL_PARAMS
 from shim.agent.transport import connect
 from shim.hypervisor import SerialEndpoint
-from shim.sandbox.rootfs import shared_storage
+from shim.sandbox.rootfs import shared_fs_device, shared_storage
 from tests.integration.test_agent_host import make_rootfs, make_spec
 from ttrpc import Client, Code, RpcError
 
@@ -189,7 +189,7 @@ def test_agent_answers_health_over_virtio_serial(guest: Guest) -> None:
 
 
 def test_sandbox_mounts_the_9p_share(guest: Guest) -> None:
-    share = shared_storage("9p")
+    share = shared_storage(shared_fs_device("9p", guest.shared))
     assert share is not None
     request = agent_pb2.CreateSandboxRequest(hostname="husk-vm", storages=[share], sandbox_id="vm")
     guest.run(guest.agent.CreateSandbox, request)

@@ -49,7 +49,7 @@ from shim.agent.transport import connect
 from shim.cli.local_images import BUSYBOX, applets
 from shim.errors import HypervisorError
 from shim.hypervisor import BlockDevice, NetDevice, VmState
-from shim.sandbox.rootfs import shared_storage
+from shim.sandbox.rootfs import shared_fs_device, shared_storage
 from tests.integration.test_agent_host import make_spec
 from tests.integration.test_qemu_vm import (
     AGENT_MARKER,
@@ -282,7 +282,8 @@ def booted_vm(image: tuple[Path, Path], *, share: bool) -> Iterator[Vm]:
         loop.run(wait_console, hv, AGENT_MARKER)
         loop.run(machine.connect)
         loop.run(machine.until_healthy)
-        storages = [shared_storage("9p")] if share else []
+        device = shared_fs_device("9p", work / "shared")
+        storages = [shared_storage(device)] if share else []
         sandbox = agent_pb2.CreateSandboxRequest(hostname="husk-qg", storages=storages,
                                                  sandbox_id="qg")  # fmt: skip
         loop.run(machine.agent.CreateSandbox, sandbox, timeout=CALL_TIMEOUT)

@@ -24,6 +24,7 @@ from shim.errors import HostError, VmmExitedError
 from shim.host import HostFacts
 from shim.hypervisor import BlockDevice, NetDevice, VmSpec, VmState
 from shim.resources import process_alive
+from shim.sandbox.rootfs import shared_fs_device
 from ttrpc import DeadlineExceeded
 
 pytestmark = pytest.mark.integration
@@ -65,7 +66,7 @@ def spec_for(workdir: Path, image: tuple[Path, Path], **kw: object) -> VmSpec:
         "memory_mib": 512,
         "kernel": image[0],
         "initrd": image[1],
-        "shared_dir": shared,
+        "shared_fs": shared_fs_device("9p", shared),
     }
     values.update(kw)
     return VmSpec(**values)  # type: ignore[arg-type]
