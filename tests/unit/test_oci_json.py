@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
 from agent_proto import oci_pb2
 from agent_proto.oci_json import json_name, message_from_json, message_to_json
 from common.errors import InvalidArgumentError
-
-#: what ``ctr run --rootfs --tty --seccomp --memory-limit 268435456 --cpus 1.5
-#: --cpu-shares 512 --env FOO=bar --cwd /srv --annotation io.example/a=b --mount
-#: type=bind,src=/tmp,dst=/host,options=rbind:ro --device /dev/fuse --read-only
-#: --rootfs-propagation rslave ROOTFS ID /bin/sh -c 'sleep 30'`` gave containerd 1.6.20
-CTR_RUN_SPEC = Path(__file__).parent / "data" / "ctr_run_spec.json"
+from tests.unit.oci_samples import ctr_run_spec, every_field
 
 #: every field of oci.proto → its key in runtime-spec's specs-go/config.go struct tags
 #: (Solaris and Windows are placeholders in Kata's proto; ``dummy`` is in no spec)
@@ -183,7 +174,7 @@ def test_every_proto_field_has_its_runtime_spec_json_key() -> None:
 
 
 def test_a_real_containerd_spec_survives_the_round_trip() -> None:
-    spec = json.loads(CTR_RUN_SPEC.read_text())
+    spec = ctr_run_spec()
     message = message_from_json(oci_pb2.Spec, spec, "spec")
     # The device-cgroup wildcard (no "minor") must not come back as device 0.
     pts = [d for d in message.Linux.Resources.Devices if d.Major == 136]
@@ -192,8 +183,7 @@ def test_a_real_containerd_spec_survives_the_round_trip() -> None:
 
 
 def test_every_field_survives_the_round_trip() -> None:
-    message = oci_pb2.Spec()
-    fill_every_field(message)
+    message = every_field(oci_pb2.Spec)
     assert message_from_json(oci_pb2.Spec, message_to_json(message), "spec") == message
 
 
@@ -280,29 +270,3 @@ def proto3_view(value: Any, where: str = "") -> Any:
     if isinstance(value, list):
         return [proto3_view(v, f"{where}[]") for v in value]
     return value
-
-
-def fill_every_field(message: Message) -> None:
-    """Set every field to a value that is not its zero (recursing into messages)."""
-    descriptor: Any = message.DESCRIPTOR
-    for field in descriptor.fields:
-        target = getattr(message, field.name)
-        entry = field.message_type
-        if entry is not None and entry.GetOptions().map_entry:
-            target["k"] = "v"
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            item = target.add() if field.is_repeated else target
-            fill_every_field(item)
-            item.SetInParent()
-        elif field.is_repeated:
-            target.append(sample(field))
-        else:
-            setattr(message, field.name, sample(field))
-
-
-def sample(field: FieldDescriptor) -> Any:
-    if field.type == FieldDescriptor.TYPE_STRING:
-        return field.name
-    if field.type == FieldDescriptor.TYPE_BOOL:
-        return True
-    return field.number + 1
