@@ -18,6 +18,9 @@ The proto packages are upstream's, because ttrpc routes on the full service name
 - ``oci_pb2``           ``grpc.Spec`` and friends, Kata's protobuf form of the OCI runtime spec.
 - ``types_pb2``         ``types.Interface``, ``Route``, ``ARPNeighbor``, ``IPAddress``.
 
+``oci_json`` (hand-written) maps ``oci_pb2`` to and from the runtime-spec's JSON; the shim
+and the guest agent both use it, so the mapping is kept once.
+
 Import them as ``from agent_proto import task_pb2``. Never edit a generated file: change
 the ``.proto`` and regenerate with::
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from agent_proto import oci_pb2
 from guest.agent.oci import DEFAULT_PATH_ENV, process_config, resources_config, runc_config
 from shim.errors import InvalidArgumentError
+from shim.sandbox.oci import spec_from_json
+from tests.unit.oci_samples import ctr_run_spec, every_field
 
 
 def full_spec() -> oci_pb2.Spec:
@@ -67,7 +71,7 @@ def test_full_spec_converts_the_fields_that_matter() -> None:
     assert proc["env"] == ["PATH=/usr/bin", "A=b"]
     assert proc["cwd"] == "/srv"
     assert proc["capabilities"]["bounding"] == ["CAP_NET_BIND_SERVICE"]
-    assert proc["capabilities"]["ambient"] == []
+    assert "ambient" not in proc["capabilities"]  # empty: runc reads it as []
     assert proc["rlimits"] == [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 1024}]
     assert proc["noNewPrivileges"] is True
     assert proc["oomScoreAdj"] == 100
@@ -102,9 +106,8 @@ def test_full_spec_converts_the_fields_that_matter() -> None:
     seccomp = linux["seccomp"]
     assert seccomp["defaultAction"] == "SCMP_ACT_ERRNO"
     assert seccomp["architectures"] == ["SCMP_ARCH_X86_64"]
-    assert seccomp["syscalls"][0]["args"] == [
-        {"index": 0, "value": 1, "valueTwo": 0, "op": "SCMP_CMP_EQ"}
-    ]
+    # index 0 and valueTwo 0 are left out: runc reads a missing number as 0
+    assert seccomp["syscalls"][0]["args"] == [{"value": 1, "op": "SCMP_CMP_EQ"}]
     assert "errnoRet" not in seccomp["syscalls"][0]
     assert seccomp["syscalls"][1]["errnoRet"] == 1
 
@@ -146,3 +149,161 @@ def test_zero_limits_are_left_out_of_updates() -> None:
     res.Memory.Limit = 0
     res.CPU.Cpus = "0-3"
     assert resources_config(res) == {}
+
+
+def key_paths(value: Any, where: str = "") -> set[str]:
+    """Every key path in a JSON value (``linux.resources.devices[].major``)."""
+    paths: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else key
+            paths |= {path} | key_paths(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            paths |= key_paths(item, f"{where}[]")
+    return paths
+
+
+#: what reaches runc from a spec with every proto field set: a field added to
+#: oci.proto shows up here, and passing it to runc is a decision
+RUNC_SEES = {
+    "ociVersion",
+    "hostname",
+    "annotations",
+    "annotations.k",
+    "root",
+    "root.path",
+    "root.readonly",
+    "mounts",
+    *(f"mounts[].{k}" for k in ("destination", "source", "type", "options")),
+    "process",
+    *(
+        f"process.{k}"
+        for k in (
+            "terminal",
+            "consoleSize",
+            "user",
+            "args",
+            "env",
+            "cwd",
+            "capabilities",
+            "rlimits",
+            "noNewPrivileges",
+            "oomScoreAdj",
+        )
+    ),
+    "process.consoleSize.height",
+    "process.consoleSize.width",
+    *(f"process.user.{k}" for k in ("uid", "gid", "additionalGids", "username")),
+    *(
+        f"process.capabilities.{k}"
+        for k in ("bounding", "effective", "inheritable", "permitted", "ambient")
+    ),
+    *(f"process.rlimits[].{k}" for k in ("type", "hard", "soft")),
+    "linux",
+    *(
+        f"linux.{k}"
+        for k in (
+            "uidMappings",
+            "gidMappings",
+            "sysctl",
+            "resources",
+            "cgroupsPath",
+            "namespaces",
+            "devices",
+            "seccomp",
+            "rootfsPropagation",
+            "maskedPaths",
+            "readonlyPaths",
+        )
+    ),
+    *(
+        f"linux.{m}[].{k}"
+        for m in ("uidMappings", "gidMappings")
+        for k in ("containerID", "hostID", "size")
+    ),
+    "linux.sysctl.k",
+    "linux.namespaces[].type",
+    *(f"linux.devices[].{k}" for k in ("path", "type", "major", "minor", "fileMode", "uid", "gid")),
+    *(
+        f"linux.resources.{k}"
+        for k in ("devices", "memory", "cpu", "pids", "blockIO", "hugepageLimits")
+    ),
+    *(f"linux.resources.devices[].{k}" for k in ("allow", "type", "major", "minor", "access")),
+    *(
+        f"linux.resources.memory.{k}"
+        for k in (
+            "limit",
+            "reservation",
+            "swap",
+            "kernel",
+            "kernelTCP",
+            "swappiness",
+            "disableOOMKiller",
+        )
+    ),
+    *(
+        f"linux.resources.cpu.{k}"
+        for k in ("shares", "quota", "period", "realtimeRuntime", "realtimePeriod")
+    ),
+    "linux.resources.pids.limit",
+    "linux.resources.blockIO.weight",
+    "linux.resources.hugepageLimits[].pageSize",
+    "linux.resources.hugepageLimits[].limit",
+    *(f"linux.seccomp.{k}" for k in ("defaultAction", "architectures", "flags", "syscalls")),
+    *(f"linux.seccomp.syscalls[].{k}" for k in ("names", "action", "errnoRet", "args")),
+    *(f"linux.seccomp.syscalls[].args[].{k}" for k in ("index", "value", "valueTwo", "op")),
+}
+
+
+def test_runc_sees_only_what_the_guest_allows_from_a_spec_with_every_field() -> None:
+    spec = every_field(oci_pb2.Spec)
+    spec.Linux.Resources.Devices[0].Type = "c"  # "a" would drop major/minor
+    config = runc_config(spec, root_path="/guest/rootfs", cgroups_path="/husk/c1")
+    assert key_paths(config) == RUNC_SEES
+
+
+def test_a_ctr_run_spec_as_runc_gets_it_in_the_guest() -> None:
+    spec = spec_from_json(ctr_run_spec())
+    config = runc_config(spec, root_path="/guest/rootfs", cgroups_path="/husk/c1")
+    assert config["ociVersion"] == "1.0.2-dev"
+    assert config["root"] == {"path": "/guest/rootfs", "readonly": True}
+    assert config["process"]["user"] == {"uid": 0, "gid": 0}
+    assert config["process"]["terminal"] is True
+    linux = config["linux"]
+    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    assert linux["cgroupsPath"] == "/husk/c1"
+    # containerd's /dev/pts rule is for every minor, and device 5:0 (/dev/tty) stays 0
+    rules = linux["resources"]["devices"]
+    assert {"allow": True, "type": "c", "major": 136, "access": "rwm"} in rules
+    assert {"allow": True, "type": "c", "major": 5, "minor": 0, "access": "rwm"} in rules
+    assert rules[0] == {"allow": False, "access": "rwm", "type": "a"}
+    assert linux["resources"]["cpu"] == {"shares": 512, "quota": 150000, "period": 100000}
+    clone3 = [c for c in linux["seccomp"]["syscalls"] if c["names"] == ["clone3"]]
+    assert clone3 == [{"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]
+
+
+def test_a_set_but_empty_capabilities_still_drops_every_capability() -> None:
+    p = oci_pb2.Process(Args=["sh"])
+    p.Capabilities.SetInParent()
+    assert process_config(p)["capabilities"] == {}
+    assert "capabilities" not in process_config(oci_pb2.Process(Args=["sh"]))
+
+
+def test_host_only_resources_are_dropped() -> None:
+    res = oci_pb2.LinuxResources()
+    res.BlockIO.LeafWeight = 10
+    res.BlockIO.WeightDevice.add(Major=8, Minor=0, Weight=100)
+    res.BlockIO.ThrottleReadBpsDevice.add(Major=8, Minor=0, Rate=1)
+    res.Network.ClassID = 7
+    res.CPU.Mems = "0"
+    res.Pids.Limit = 0
+    assert resources_config(res) == {}
+    res.BlockIO.Weight = 500
+    assert resources_config(res) == {"blockIO": {"weight": 500}}
+
+
+def test_a_seccomp_without_default_action_is_left_out() -> None:
+    spec = oci_pb2.Spec(Process=oci_pb2.Process(Args=["true"]))
+    spec.Linux.Seccomp.Syscalls.add(Names=["read"], Action="SCMP_ACT_ALLOW")
+    assert "seccomp" not in runc_config(spec, root_path="/r", cgroups_path="/c")["linux"]
