@@ -2,23 +2,21 @@
 
 The guest has no netlink library; ``ip -o`` output is stable enough to parse,
 and the parsers are pure functions with their own tests. Static neighbours,
-which busybox ``ip`` cannot add, go over rtnetlink (``guest.agent.netlink``).
+which busybox ``ip`` cannot add, go over rtnetlink (``guest.agent.rtnetlink``).
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import ipaddress
 import itertools
 import logging
 import re
-
-import trio
+import socket
 
 from agent_proto import agent_pb2, types_pb2
 from common.errors import InvalidArgumentError, NotFoundError
-from guest.agent import command, netlink
+from guest.agent import command, netlink, rtnetlink
 from guest.agent.reaper import Reaper
 
 log = logging.getLogger("husk.agent.network")
@@ -227,29 +225,28 @@ class Network:
     async def add_arp_neighbors(self, neighbors: list[types_pb2.ARPNeighbor]) -> None:
         """Add or replace each neighbour (permanent unless it says otherwise).
 
-        Over rtnetlink (``guest.agent.netlink``): busybox ``ip neigh`` cannot add.
+        Over rtnetlink (``guest.agent.rtnetlink``): busybox ``ip neigh`` cannot add.
         """
         for n in neighbors:
             address, device = n.toIPAddress.address, n.device
             if not address or not device:
                 raise InvalidArgumentError("an ARP neighbour needs an IP address and a device")
             try:
-                ipaddress.ip_address(address)
+                ip = ipaddress.ip_address(address)
                 if n.lladdr:
-                    netlink.mac_bytes(n.lladdr)
+                    rtnetlink.mac_bytes(n.lladdr)
             except ValueError as e:
                 raise InvalidArgumentError(f"ARP neighbour on {device}: {e}") from None
             try:
-                await trio.to_thread.run_sync(
-                    functools.partial(
-                        netlink.replace_neighbor,
-                        device,
-                        address,
-                        n.lladdr,
-                        state=n.state or netlink.NUD_PERMANENT,
-                        flags=n.flags,
-                    )
+                request = rtnetlink.replace_neighbor(
+                    socket.if_nametoindex(device),
+                    ip,
+                    n.lladdr,
+                    state=n.state or rtnetlink.NUD_PERMANENT,
+                    flags=n.flags,
                 )
+                with netlink.Socket() as nl:
+                    nl.call(request)
             except OSError as e:
                 if e.errno == errno.ENODEV or "no interface" in str(e):
                     raise NotFoundError(f"guest interface '{device}' not found") from None
