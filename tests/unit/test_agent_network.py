@@ -16,9 +16,16 @@ from collections.abc import Iterable
 import pytest
 
 from agent_proto import types_pb2
+from common.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    HuskError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from guest.agent import netlink, rtnetlink
 from guest.agent.netlink import Message, NetlinkError, Request
-from guest.agent.network import parse_addresses, parse_links, parse_routes, removable_routes
+from guest.agent.network import describe_route, refused, route_pb, route_request
 
 HDR = struct.Struct("=IHHII")
 
@@ -292,10 +299,42 @@ def test_parse_routes_from_the_kernel() -> None:
     assert rtnetlink.parse_route(LOCAL_ROUTE).table == 255
 
 
+def test_routes_as_kata_routes() -> None:
+    names = {3: "eth0"}
+    assert route_pb(rtnetlink.parse_route(DEFAULT_ROUTE), names) == types_pb2.Route(
+        gateway="10.1.0.1", device="eth0", family=types_pb2.IPFamily.v4
+    )
+    assert route_pb(rtnetlink.parse_route(SUBNET_ROUTE), names) == types_pb2.Route(
+        dest="10.1.0.0/24", device="eth0", source="10.1.0.2", scope=253
+    )
+    v6 = rtnetlink.Route(socket.AF_INET6, 64, ip("fd00::"), oif=9, priority=256)
+    assert route_pb(v6, names) == types_pb2.Route(dest="fd00::/64", family=types_pb2.IPFamily.v6)
+
+
 def test_get_routes_dumps_one_family() -> None:
     message = rtnetlink.get_routes(socket.AF_INET6).pack(seq=1)
     assert header(message) == (28, 26, 0x301, 1, 0)
     assert message[16] == socket.AF_INET6 and message[17:] == b"\0" * 11
+
+
+def test_replace_route_is_ip_route_replace() -> None:
+    route = route_request(
+        types_pb2.Route(
+            dest="10.99.0.0/16", gateway="10.88.0.1", device="eth0", source="10.88.0.5"
+        ),
+        index=3,
+    )
+    message = rtnetlink.replace_route(route).pack(seq=5)
+    assert header(message)[1:3] == (24, 0x1 | 0x4 | 0x400 | 0x100)  # CREATE | REPLACE
+    # family, dst_len, src_len, tos, table main, proto boot, scope universe, unicast, flags
+    assert struct.unpack_from("=BBBBBBBBI", message, 16) == (2, 16, 0, 0, 254, 3, 0, 1, 0)
+    assert message[28:] == (
+        attr(1, bytes([10, 99, 0, 0]))
+        + attr(5, bytes([10, 88, 0, 1]))
+        + attr(7, bytes([10, 88, 0, 5]))
+        + attr(4, u32(3))
+        + attr(15, u32(254))
+    )
 
 
 def test_del_route_names_the_route_the_dump_returned() -> None:
@@ -306,6 +345,38 @@ def test_del_route_names_the_route_the_dump_returned() -> None:
     big_table = rtnetlink.Route(socket.AF_INET, table=1000, priority=7)
     body = rtnetlink.del_route(big_table).body
     assert body[4] == 0 and body[12:] == attr(6, u32(7)) + attr(15, u32(1000))
+
+
+def test_route_requests_take_ips_defaults() -> None:
+    link_scope = route_request(types_pb2.Route(dest="10.88.0.0/24", device="eth0"), 3)
+    assert (link_scope.scope, link_scope.dst_len, link_scope.oif) == (253, 24, 3)
+    default = route_request(types_pb2.Route(gateway="10.88.0.1", device="eth0"), 3)
+    assert (default.scope, default.dst, default.dst_len) == (0, None, 0)
+    assert route_request(types_pb2.Route(dest="default", gateway="10.0.0.1"), 0).dst is None
+    assert route_request(types_pb2.Route(dest="10.1.2.3", scope=254), 0).dst_len == 32
+    # the family follows the addresses, as `ip route` infers it; else the field says
+    v6 = route_request(types_pb2.Route(dest="fd00::/64", device="eth0"), 3)
+    assert (v6.family, v6.dst_len) == (socket.AF_INET6, 64)
+    v6_default = route_request(types_pb2.Route(family=types_pb2.IPFamily.v6, device="eth0"), 3)
+    assert v6_default.family == socket.AF_INET6
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        (types_pb2.Route(dest="10.0.0.0/33"), "invalid route destination '10.0.0.0/33'"),
+        (types_pb2.Route(gateway="nonsense"), "invalid IP address 'nonsense'"),
+        (types_pb2.Route(dest="fd00::/64", gateway="10.0.0.1"), "mixes IPv4 and IPv6"),
+    ],
+)
+def test_bad_routes_are_invalid_arguments(route: types_pb2.Route, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        route_request(route, 0)
+
+
+def test_routes_are_described_as_ip_shows_them() -> None:
+    route = types_pb2.Route(gateway="10.0.0.1", device="eth0", source="10.0.0.2", scope=200)
+    assert describe_route(route) == "default via 10.0.0.1 dev eth0 src 10.0.0.2 scope 200"
 
 
 # --- neighbours --------------------------------------------------------------------
@@ -339,53 +410,21 @@ def test_bad_macs_are_refused() -> None:
         rtnetlink.replace_neighbor(1, ip("10.0.0.1"), "02:00:00:00:00:zz")
 
 
-# --- ip's text (until every call goes over rtnetlink) ---------------------------
+# --- kernel refusals as husk errors ------------------------------------------------
 
-LINKS = (
-    "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT "
-    "group default qlen 1000\\    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n"
-    "2: eth0@if7: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1450 qdisc pfifo_fast state UP "
-    "qlen 1000\\    link/ether 02:42:ac:11:00:02 brd ff:ff:ff:ff:ff:ff\n"
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (errno.ENODEV, NotFoundError),
+        (errno.EEXIST, AlreadyExistsError),
+        (errno.EBUSY, FailedPreconditionError),
+        (errno.EINVAL, InvalidArgumentError),
+        (errno.ENETUNREACH, InvalidArgumentError),
+        (errno.EPERM, HuskError),
+    ],
 )
-ADDRS = (
-    "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever\n"
-    "2: eth0    inet 10.88.0.5/16 brd 10.88.255.255 scope global eth0\\       valid_lft forever\n"
-    "2: eth0    inet6 fe80::42:acff:fe11:2/64 scope link \\       valid_lft forever\n"
-)
-
-
-def test_links_and_addresses() -> None:
-    links = parse_links(LINKS)
-    assert list(links) == ["lo", "eth0"]
-    eth0 = links["eth0"]
-    assert (eth0.mtu, eth0.hwAddr, eth0.type) == (1450, "02:42:ac:11:00:02", "ether")
-    assert eth0.raw_flags & 0x1  # IFF_UP
-    parse_addresses(ADDRS, links)
-    assert [(a.address, a.mask, a.family) for a in eth0.IPAddresses] == [
-        ("10.88.0.5", "16", types_pb2.IPFamily.v4),
-        ("fe80::42:acff:fe11:2", "64", types_pb2.IPFamily.v6),
-    ]
-    assert links["lo"].IPAddresses[0].address == "127.0.0.1"
-
-
-def test_routes_busybox_style() -> None:
-    text = "default via 10.88.0.1 dev eth0 \n10.88.0.0/16 dev eth0 scope link  src 10.88.0.5 \n"
-    routes = parse_routes(text, types_pb2.IPFamily.v4)
-    assert routes[0].dest == "" and routes[0].gateway == "10.88.0.1"
-    assert routes[0].device == "eth0"
-    assert (routes[1].dest, routes[1].source, routes[1].scope) == ("10.88.0.0/16", "10.88.0.5", 253)
-
-
-def test_kernel_routes_are_kept_when_routes_are_replaced() -> None:
-    shown = (
-        "default via 10.88.0.1 \n"
-        "10.88.0.0/24 proto kernel scope link src 10.88.0.2 \n"
-        "10.99.0.0/16 via 10.88.0.1 \n"
-        "unreachable 10.66.0.0/16 \n"
-        "fe80::/64 proto kernel metric 256 \n"
-    )
-    assert removable_routes(shown) == [
-        ["default", "via", "10.88.0.1"],
-        ["10.99.0.0/16", "via", "10.88.0.1"],
-        ["unreachable", "10.66.0.0/16"],
-    ]
+def test_refusals_map_to_husk_errors(code: int, kind: type[HuskError]) -> None:
+    error = refused("cannot add route default via 10.0.0.1", NetlinkError(code, "why"))
+    assert type(error) is kind
+    assert str(error) == "cannot add route default via 10.0.0.1: why"
