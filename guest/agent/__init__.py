@@ -8,7 +8,9 @@ Run inside the VM as ``python3 -m guest.agent``. Modules, from the wire inward:
 - ``sandbox``   the sandbox and its containers; ``container``: one container
 - ``process``   a process's stdio (pipes or pty) and exit; ``console``: pty hand-over
 - ``runc``      the runc CLI; ``oci``: protobuf Spec → runc config.json
-- ``storage``   mounts and block devices; ``network``: ``ip``; ``system``: the machine
+- ``storage``   mounts and block devices; ``system``: the machine
+- ``network``   links, addresses, routes, neighbours over ``rtnetlink``, whose
+                messages ride ``netlink``'s framing and socket
 - ``reaper``    SIGCHLD-driven waitpid; ``command``: child processes it waits for
 - ``cgroups``   container statistics; ``config``: paths; ``logs``: the console log
 

@@ -23,7 +23,7 @@ _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class CommandError(HuskError):
-    """A helper command (runc, ip, mount) failed; the message quotes its stderr."""
+    """A helper command (runc, mount) failed; the message quotes its stderr."""
 
     def __init__(self, argv: Sequence[str], status: int, stderr: str) -> None:
         self.argv = list(argv)

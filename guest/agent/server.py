@@ -62,7 +62,7 @@ async def run(config: AgentConfig, addresses: Sequence[ListenAddress], on_destro
     if not become_subreaper():
         log.warning("cannot become a child subreaper: container exits may be missed")
     reaper = Reaper()
-    service = AgentService(Sandbox(config, reaper), Network(reaper))
+    service = AgentService(Sandbox(config, reaper), Network())
     server = build_server(service)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -36,7 +36,7 @@ def make_service(tmp_path: Path, *, host_mode: bool = True) -> AgentService:
         sysfs=SysfsLayout(sys=tmp_path / "sys", dev=tmp_path / "dev"),
     )
     reaper = Reaper()
-    return AgentService(Sandbox(config, reaper), Network(reaper))
+    return AgentService(Sandbox(config, reaper), Network())
 
 
 def fake_container(service: AgentService, cid: str) -> Container:
