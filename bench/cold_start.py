@@ -36,7 +36,7 @@ from shim.sandbox import factory
 from shim.sandbox.state import SandboxState
 from tests.integration.containerd import Containerd
 
-IMAGE = local_images.REFERENCE
+IMAGE = local_images.BUSYBOX_REFERENCE
 
 
 def timed_run(daemon: Containerd, *runtime: str) -> float:
@@ -111,7 +111,7 @@ def main() -> int:
     daemon = Containerd(base / "ctd", {"HUSK_CONFIG": str(husk_config)})
     try:
         tarball = base / "busybox.tar"
-        local_images.build(tarball)
+        local_images.build_busybox(tarball)
         daemon.ctr("image", "import", str(tarball))
         timed_run(daemon)  # warm containerd's caches for both runtimes alike
         boots, husks, runcs = [], [], []

@@ -114,9 +114,9 @@ def import_busybox(ctr: list[str], workdir: Path) -> str:
     """Import the local busybox image; its reference."""
     from shim.cli import local_images
 
-    tarball = local_images.build(workdir / "busybox.tar")
+    tarball = local_images.build_busybox(workdir / "busybox.tar")
     subprocess.run([*ctr, "image", "import", str(tarball)], check=True, capture_output=True)
-    return local_images.REFERENCE
+    return local_images.BUSYBOX_REFERENCE
 
 
 def _wait_listening(pod: Pod, timeout: float) -> None:

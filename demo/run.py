@@ -102,16 +102,17 @@ def in_venv() -> int:
     step("guest image: husk image build")
     run(str(VENV / "bin" / "husk"), "image", "build")
     ensure_containerd()
-    step(f"image: {local_images.REFERENCE} from busybox-static")
+    step(f"image: {local_images.BUSYBOX_REFERENCE} from busybox-static")
     tarball = Path("/var/lib/husk/busybox-oci.tar")
-    local_images.build(tarball)
+    local_images.build_busybox(tarball)
     run("ctr", "--address", CONTAINERD_SOCK, "image", "import", str(tarball),
         stdout=subprocess.DEVNULL)  # fmt: skip
     name = f"husk-demo-{uuid.uuid4().hex[:8]}"
-    step(f"ctr run --runtime io.containerd.husk.v2 --rm {local_images.REFERENCE} {name} uname -r")
+    image = local_images.BUSYBOX_REFERENCE
+    step(f"ctr run --runtime io.containerd.husk.v2 --rm {image} {name} uname -r")
     proc = subprocess.run(
         ["ctr", "--address", CONTAINERD_SOCK, "run", "--runtime", "io.containerd.husk.v2",
-         "--rm", local_images.REFERENCE, name, "uname", "-r"],
+         "--rm", local_images.BUSYBOX_REFERENCE, name, "uname", "-r"],
         check=False,
     )  # fmt: skip
     print(f"(host kernel: {os.uname().release})")

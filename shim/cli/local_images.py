@@ -1,9 +1,12 @@
-"""A small OCI image made locally from Debian's ``busybox-static``, for demos and tests.
+"""OCI images made locally from Debian's ``busybox-static``: no registry needed.
 
-There is no registry to pull from: ``build(path)`` writes an OCI image-layout
-tarball (``oci-layout``, ``index.json``, ``blobs/sha256/...``) with one layer:
+``build_busybox(path)`` and ``build_pause(path)`` write OCI image-layout
+tarballs (``oci-layout``, ``index.json``, ``blobs/sha256/...``) with one layer:
 ``/bin/busybox``, a symlink per applet, ``/etc/passwd``/``group`` and the usual
-empty directories. ``ctr image import`` takes it as ``REFERENCE``.
+empty directories; ``ctr image import`` takes them. The busybox image is for
+the demo and the tests; the pause image is the CRI plugin's ``sandbox_image``
+(the process every pod starts with), whose entrypoint sleeps until SIGTERM or
+SIGINT and exits 0, like Kubernetes' own pause.
 """
 
 from __future__ import annotations
@@ -16,9 +19,24 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 BUSYBOX = Path("/bin/busybox")
-REFERENCE = "docker.io/library/busybox:husk"
+BUSYBOX_REFERENCE = "docker.io/library/busybox:husk"
+PAUSE_REFERENCE = "registry.k8s.io/pause:husk"
+BUSYBOX_CONFIG = {"Env": ["PATH=/bin:/usr/bin"], "Cmd": ["sh"], "WorkingDir": "/"}
+#: exits 0 on TERM/INT (killing its sleep, so nothing outlives it when the pod
+#: shares the host's PID namespace); PID 1 ignores signals it has no handler for
+PAUSE_CONFIG = {
+    "Env": ["PATH=/bin:/usr/bin"],
+    "WorkingDir": "/",
+    "Entrypoint": [
+        "/bin/sh",
+        "-c",
+        "trap 'kill $child 2>/dev/null; exit 0' TERM INT; "
+        "while :; do sleep 2147483647 & child=$!; wait $child; done",
+    ],
+}
 _DIRS = ("bin", "dev", "etc", "proc", "sys", "tmp", "root", "run", "var", "usr", "usr/bin")
 _ETC = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
@@ -72,8 +90,24 @@ def _blob(blobs: dict[str, bytes], data: bytes) -> str:
     return digest
 
 
-def build(output: Path, reference: str = REFERENCE, busybox: Path = BUSYBOX) -> Path:
-    """Write the image tarball to ``output``; returns it."""
+def build_busybox(output: Path, reference: str = BUSYBOX_REFERENCE) -> Path:
+    """The busybox image (``sh`` by default) as a tarball at ``output``; returns it."""
+    return build(output, reference, BUSYBOX_CONFIG, "busybox from Debian busybox-static")
+
+
+def build_pause(output: Path, reference: str = PAUSE_REFERENCE) -> Path:
+    """The pause image (sleeps until TERM) as a tarball at ``output``; returns it."""
+    return build(output, reference, PAUSE_CONFIG, "pause: sleep until TERM")
+
+
+def build(
+    output: Path,
+    reference: str,
+    image_config: dict[str, Any],
+    history: str,
+    busybox: Path = BUSYBOX,
+) -> Path:
+    """Write an image of the busybox layer with ``image_config`` to ``output``; returns it."""
     layer = _layer(busybox)
     compressed = gzip.compress(layer, mtime=0)
     blobs: dict[str, bytes] = {}
@@ -81,9 +115,9 @@ def build(output: Path, reference: str = REFERENCE, busybox: Path = BUSYBOX) -> 
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin:/usr/bin"], "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": image_config,
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
-        "history": [{"created_by": "husk local_images from Debian busybox-static"}],
+        "history": [{"created_by": f"husk: {history}"}],
     }
     config_bytes = json.dumps(config, sort_keys=True).encode()
     config_digest = _blob(blobs, config_bytes)
@@ -137,10 +171,3 @@ def build(output: Path, reference: str = REFERENCE, busybox: Path = BUSYBOX) -> 
             info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
             tar.addfile(info, io.BytesIO(data))
     return output
-
-
-if __name__ == "__main__":
-    import sys
-
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "busybox-oci.tar")
-    print(build(target))

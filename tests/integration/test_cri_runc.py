@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import busybox_image
+from shim.cli import local_images
 from tests.integration.containerd import Containerd
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import CriClient, TasksClient
@@ -146,7 +146,7 @@ def _mount_lines(*needles: str) -> list[str]:
 def test_cri_sees_the_local_pause_and_busybox_images(client: CriClient) -> None:
     assert client.version().runtime_api_version == "v1"
     tags = {tag for image in client.list_images() for tag in image.repo_tags}
-    assert {PAUSE_IMAGE, busybox_image.REFERENCE} <= tags
+    assert {PAUSE_IMAGE, local_images.BUSYBOX_REFERENCE} <= tags
     assert client.image_status("docker.io/library/no-such-image:never") is None
 
 
@@ -260,7 +260,7 @@ def test_stopping_and_removing_a_pod_leaves_no_netns_veth_or_mount(
 def plain_ctd() -> Iterator[Containerd]:
     daemon = Containerd(Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp")), {})
     try:
-        tarball = busybox_image.build(daemon.base / "busybox.tar")
+        tarball = local_images.build_busybox(daemon.base / "busybox.tar")
         daemon.ctr("image", "import", str(tarball))
         yield daemon
     finally:
@@ -274,7 +274,7 @@ def ctr_sleeper(plain_ctd: Containerd) -> Iterator[str]:
     new_parents = [d / "default" for d in Path("/sys/fs/cgroup").iterdir() if d.is_dir()]
     new_parents = [d for d in new_parents if not d.exists()]
     name = f"t-{uuid.uuid4().hex[:10]}"
-    plain_ctd.ctr("run", "-d", busybox_image.REFERENCE, name, "sleep", "3600")
+    plain_ctd.ctr("run", "-d", local_images.BUSYBOX_REFERENCE, name, "sleep", "3600")
     yield name
     plain_ctd.ctr("task", "rm", "-f", name, check=False)
     plain_ctd.ctr("container", "rm", name, check=False)

@@ -29,7 +29,7 @@ from shim.sandbox import cleanup
 from shim.sandbox.state import SandboxState
 from tests.integration.containerd import Containerd
 
-IMAGE = local_images.REFERENCE
+IMAGE = local_images.BUSYBOX_REFERENCE
 RUNTIME = ["--runtime", "io.containerd.husk.v2"]
 
 
@@ -81,7 +81,7 @@ def ctd(husk_config: Path) -> Iterator[Containerd]:
     base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
     daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)})
     tarball = base / "busybox.tar"
-    local_images.build(tarball)
+    local_images.build_busybox(tarball)
     daemon.ctr("image", "import", str(tarball))
     yield daemon
     daemon.stop()
@@ -263,7 +263,7 @@ def test_missing_kernel_fails_in_one_line_and_leaves_nothing(
     )
     daemon: Containerd = containerd_factory({"HUSK_CONFIG": str(cfg)})  # type: ignore[operator]
     tarball = daemon.base / "busybox.tar"
-    local_images.build(tarball)
+    local_images.build_busybox(tarball)
     daemon.ctr("image", "import", str(tarball))
     proc = daemon.ctr("run", *RUNTIME, "--rm", IMAGE, cid(), "true", check=False)
     message = proc.stderr.decode()

@@ -28,9 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim import busybox_image
+from shim.cli import local_images
 from tests.integration.containerd import _DISABLED, CONTAINERD, CTR, _mounts_under
-from tests.kubelet import pause_image
 from tests.kubelet.client import CriClient, GRPCError, TasksClient
 
 CRI = "io.containerd.grpc.v1.cri"
@@ -39,8 +38,8 @@ CNI_BIN_DIR = "/usr/lib/cni"
 #: host-local and libcni keep results here whatever the conf says (go-cni in
 #: containerd 1.6 has no cache-dir option); emptied of our entries on stop
 CNI_CACHE_DIR = Path("/var/lib/cni")
-BUSYBOX_IMAGE = busybox_image.REFERENCE
-PAUSE_IMAGE = pause_image.REFERENCE
+BUSYBOX_IMAGE = local_images.BUSYBOX_REFERENCE
+PAUSE_IMAGE = local_images.PAUSE_REFERENCE
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 _SUBNETS = ipaddress.IPv4Network("10.213.0.0/16")
 
@@ -259,8 +258,8 @@ class CriContainerd:
     def _import_images(self, timeout: float) -> None:
         images = self.base / "images"
         for tarball in (
-            pause_image.build(images / "pause.tar"),
-            busybox_image.build(images / "busybox.tar"),
+            local_images.build_pause(images / "pause.tar"),
+            local_images.build_busybox(images / "busybox.tar"),
         ):
             self.ctr("image", "import", str(tarball), timeout=timeout)
         # the CRI plugin learns of images through containerd's events

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from shim import busybox_image
+from shim.cli import local_images
 from tests.kubelet import cri_api_pb2 as cri
 
 
@@ -47,7 +47,7 @@ def pod_config(
 def container_config(
     name: str,
     command: Sequence[str],
-    image: str = busybox_image.REFERENCE,
+    image: str = local_images.BUSYBOX_REFERENCE,
     memory_limit: int = 0,
     annotations: Mapping[str, str] | None = None,
     labels: Mapping[str, str] | None = None,
