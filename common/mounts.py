@@ -22,6 +22,9 @@ MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+#: per-mount flags a bind mount takes only in a remount of its own
+_BIND_REMOUNT = MS_RDONLY | 2 | 4 | 8  # ro, nosuid, nodev, noexec
 _PROPAGATION = MS_PRIVATE | MS_SLAVE | MS_SHARED
 
 _FLAGS = {
@@ -70,17 +73,26 @@ def split_options(options: Iterable[str]) -> tuple[int, str]:
 def mount(source: str, target: Path | str, fstype: str, options: Iterable[str] = ()) -> None:
     """Mount ``source`` on ``target``.
 
-    mount(2) takes propagation changes and a bind's read-only flag only in
-    calls of their own, so those follow the mount as second calls.
+    mount(2) takes propagation changes, and a bind's ``ro``, ``nosuid``,
+    ``nodev`` and ``noexec``, only in calls of their own, so those follow the
+    mount as second calls.
     """
     flags, data = split_options(options)
     propagation = flags & _PROPAGATION
     flags &= ~_PROPAGATION
     _call(source, target, fstype, flags, data)
-    if flags & MS_BIND and flags & MS_RDONLY:
+    if flags & MS_BIND and flags & _BIND_REMOUNT:
         _call("", target, "", flags | MS_REMOUNT, "")
     if propagation:
         _call("", target, "", propagation | (flags & MS_REC), "")
+
+
+def propagate(target: Path | str, option: str) -> None:
+    """Change the propagation of the mount at ``target`` (``private``, ``rshared``, ...)."""
+    flags = _FLAGS[option]
+    if not flags & _PROPAGATION:
+        raise ValueError(f"{option!r} is not a propagation type")
+    _call("", target, "", flags, "")
 
 
 def _call(source: str, target: Path | str, fstype: str, flags: int, data: str) -> None:
@@ -105,8 +117,12 @@ def is_mount_point(path: Path | str) -> bool:
 
 
 def unmount(target: Path | str) -> None:
-    """Detach the mount at ``target``; not mounted or missing is fine."""
-    rc = _libc.umount2(str(target).encode(), MNT_DETACH)
+    """Detach the mount at ``target``; not mounted or missing is fine.
+
+    A symlink at ``target`` itself is not followed (``UMOUNT_NOFOLLOW``): what is
+    unmounted is the mount at that very path, never where a link points.
+    """
+    rc = _libc.umount2(str(target).encode(), MNT_DETACH | UMOUNT_NOFOLLOW)
     if rc != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):

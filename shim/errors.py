@@ -13,8 +13,9 @@ Plugins and the rest of ``shim`` import every error from here::
      ├── ResourceExhaustedError        RESOURCE_EXHAUSTED
      ├── UnimplementedError            UNIMPLEMENTED
      │    └── NotSupportedError        a plugin lacks a capability (names plugin + op)
-     └── HypervisorError               INTERNAL          the VMM failed
-          └── VmmExitedError           the VMM process died (carries its last stderr)
+     ├── HypervisorError               INTERNAL          the VMM failed
+     │    └── VmmExitedError           the VMM process died (carries its last stderr)
+     └── AgentReplyError               INTERNAL          the guest agent's answer is not a reply
 
 Messages carry no "error:" prefix; whoever prints them adds context.
 """
@@ -34,6 +35,7 @@ from common.errors import (
 from ttrpc.codes import Code
 
 __all__ = [
+    "AgentReplyError",
     "AlreadyExistsError",
     "ConfigError",
     "DeadlineExceededError",
@@ -83,3 +85,11 @@ class VmmExitedError(HypervisorError):
         self.stderr_tail = stderr_tail
         tail = f": {stderr_tail.strip()}" if stderr_tail.strip() else ""
         super().__init__(f"{plugin} exited with status {returncode}{tail}")
+
+
+class AgentReplyError(HuskError):
+    """The guest agent answered a call with something that is not a valid reply.
+
+    The guest is untrusted: a reply that does not decode, or comes as the wrong
+    kind of message, fails that one call and nothing else.
+    """

@@ -196,6 +196,14 @@ class Hypervisor(abc.ABC):
     def agent_endpoint(self) -> AgentEndpoint:
         """Where the shim reaches the guest agent."""
 
+    def console_socket(self) -> Path | None:
+        """A unix socket that streams the guest's console (after ``prepare``), if any.
+
+        The sandbox reads it into a bounded log; a plugin must not keep the
+        console itself in a file that grows without end (the guest writes it).
+        """
+        return None
+
     async def wait(self) -> int | None:
         """Return once the VMM process has exited, with its status (None if unknown)."""
         raise NotSupportedError(self.name, "waiting for the VM to exit")

@@ -46,6 +46,10 @@ class QemuSettings:
     stop_timeout: float = 10.0
     enable_debug: bool = False
     agent_transport: str = "virtio-serial"
+    #: ``-sandbox`` (QEMU's seccomp filter); "" for none
+    seccomp_sandbox: str = ""
+    #: ``-runas``: the user QEMU drops to once its devices are open; "" stays root
+    run_as: str = ""
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], agent_transport: str) -> QemuSettings:
@@ -61,6 +65,8 @@ class QemuSettings:
             stop_timeout=float(section.get("stop_timeout", cls.stop_timeout)),
             enable_debug=bool(section.get("enable_debug", False)),
             agent_transport=agent_transport,
+            seccomp_sandbox=str(section.get("seccompsandbox", "")),
+            run_as=str(section.get("run_as", "")),
         )
 
     @property
@@ -84,7 +90,7 @@ class VmPaths:
     def for_spec(cls, spec: VmSpec) -> VmPaths:
         """The paths under the sandbox's state dir; refuses socket paths too long."""
         paths = cls(spec.state_dir / "qemu")
-        for sock in (paths.qmp, paths.agent):
+        for sock in (paths.qmp, paths.agent, paths.console):
             if len(str(sock).encode()) > UNIX_PATH_MAX:
                 raise InvalidArgumentError(
                     f"sandbox {spec.sandbox_id}: socket path {sock} is longer than "
@@ -104,8 +110,8 @@ class VmPaths:
 
     @property
     def console(self) -> Path:
-        """The guest's serial console log."""
-        return self.dir / "console.log"
+        """The guest's serial console: a socket the sandbox reads into a bounded log."""
+        return self.dir / "console.sock"
 
     @property
     def log(self) -> Path:
@@ -172,10 +178,14 @@ def build_argv(
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     argv += ["-append", kernel_append(spec, settings)]
+    if settings.seccomp_sandbox:
+        argv += ["-sandbox", _seccomp(settings)]
+    if settings.run_as:
+        argv += ["-runas", settings.run_as]
     if settings.enable_debug:
         # guest errors and unimplemented-device accesses, time-stamped, in qemu.log
         argv += ["-msg", "timestamp=on", "-d", "guest_errors,unimp"]
-    argv += ["-chardev", f"file,id=console,path={_opt(paths.console)},append=on"]
+    argv += ["-chardev", f"socket,id=console,path={_opt(paths.console)},server=on,wait=off"]
     argv += ["-serial", "chardev:console"]
     if qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off"]
@@ -196,6 +206,21 @@ def build_argv(
     if incoming is not None:
         argv += ["-incoming", incoming]
     return argv
+
+
+def _seccomp(settings: QemuSettings) -> str:
+    """``-sandbox`` options; with ``-runas`` QEMU must still call setuid() once.
+
+    ``-runas`` drops privileges after QEMU opened its devices, which the
+    ``elevateprivileges`` filter would kill (SIGSYS). Allowing it costs
+    nothing: QEMU has no capabilities left after the drop, so no set*id call
+    can raise them again.
+    """
+    options = settings.seccomp_sandbox.split(",")
+    if settings.run_as:
+        options = [o for o in options if not o.startswith("elevateprivileges=")]
+        options.append("elevateprivileges=allow")
+    return ",".join(options)
 
 
 def _machine(settings: QemuSettings) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import shlex
+import os
 import shutil
 import signal
 import socket
@@ -66,6 +66,8 @@ REMOVE_TIMEOUT = 30.0
 #: seconds a save or restore may take
 MIGRATE_TIMEOUT = 120.0
 _POLL = 0.05
+#: the name a migration file's fd gets in QEMU (``getfd``), used as ``fd:<name>``
+MIGRATION_FD = "migration"
 #: how many guest CIDs to try when the first is taken by another VM
 _CID_ATTEMPTS = 8
 
@@ -110,6 +112,9 @@ class QemuHypervisor(Hypervisor):
             save_restore=True,
         )
 
+    def console_socket(self) -> Path | None:
+        return self._require_paths().console
+
     def agent_endpoint(self) -> AgentEndpoint:
         if self.settings.agent_transport == "vsock":
             if self._cid is None:
@@ -144,7 +149,7 @@ class QemuHypervisor(Hypervisor):
             Resource(DIR, path=str(paths.dir)),
             Resource(SOCKET_FILE, path=str(paths.qmp)),
             Resource(SOCKET_FILE, path=str(paths.agent)),
-            Resource(FILE, path=str(paths.console)),
+            Resource(SOCKET_FILE, path=str(paths.console)),
             Resource(FILE, path=str(paths.log)),
             Resource(FILE, path=str(paths.pidfile)),
         ):
@@ -194,7 +199,7 @@ class QemuHypervisor(Hypervisor):
 
     async def _spawn(self, timeout: float, incoming: str | None) -> None:
         spec, paths = self._require_spec(), self._require_paths()
-        for stale in (paths.qmp, paths.agent, paths.pidfile):
+        for stale in (paths.qmp, paths.agent, paths.console, paths.pidfile):
             stale.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -245,7 +250,7 @@ class QemuHypervisor(Hypervisor):
 
     def _remove_sockets(self) -> None:
         paths = self._require_paths()
-        for path in (paths.qmp, paths.agent, paths.pidfile):
+        for path in (paths.qmp, paths.agent, paths.console, paths.pidfile):
             path.unlink(missing_ok=True)
 
     async def stop(self) -> None:
@@ -374,9 +379,11 @@ class QemuHypervisor(Hypervisor):
     async def save(self, path: Path) -> None:
         """Pause the VM and write its state to ``path``; it stays paused.
 
-        QEMU 7.2 has no ``file:`` migration, so the stream goes through
-        ``exec:cat > path``. ``restore`` rebuilds the same devices (this
-        driver's current layout) and needs the same host files (disks, taps).
+        QEMU 7.2 has no ``file:`` migration and, under ``-sandbox spawn=deny``,
+        cannot run ``exec:cat``; the shim opens the file and passes its fd
+        over QMP (``getfd``), and QEMU writes the stream to ``fd:``.
+        ``restore`` rebuilds the same devices (this driver's current layout)
+        and needs the same host files (disks, taps).
 
         QEMU refuses while the guest has a 9p share mounted (virtio-9p keeps
         no migratable state); then, as on any failure, the VM is left in the
@@ -390,7 +397,8 @@ class QemuHypervisor(Hypervisor):
             if state == VmState.RUNNING:
                 await qmp.execute("stop")
             try:
-                await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+                await _pass_fd(qmp, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                await qmp.execute("migrate", {"uri": f"fd:{MIGRATION_FD}"})
                 await _wait_migration(qmp, f"saving the VM to {path}")
             except BaseException:
                 path.unlink(missing_ok=True)
@@ -408,9 +416,8 @@ class QemuHypervisor(Hypervisor):
         try:
             with trio.fail_after(timeout):
                 async with self._monitor() as qmp:
-                    await qmp.execute(
-                        "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"}
-                    )
+                    await _pass_fd(qmp, path, os.O_RDONLY)
+                    await qmp.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
                     await _wait_migration(qmp, f"restoring the VM from {path}")
                     status = (await qmp.execute("query-status"))["status"]
                     if status != "running":
@@ -462,6 +469,15 @@ class QemuHypervisor(Hypervisor):
         if self._paths is None:
             raise FailedPreconditionError("qemu: prepare() was not called")
         return self._paths
+
+
+async def _pass_fd(qmp: QmpClient, path: Path, flags: int) -> None:
+    """Open ``path`` here and hand the fd to QEMU as ``MIGRATION_FD`` (SCM_RIGHTS)."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        await qmp.execute("getfd", {"fdname": MIGRATION_FD}, fds=[fd])
+    finally:
+        os.close(fd)
 
 
 async def _wait_migration(qmp: QmpClient, what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pwd
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,6 +10,10 @@ from shim.config.hypervisor_keys import common_keys
 from shim.config.schema import Key
 from shim.host import HostFacts
 from shim.hypervisor import Hypervisor, HypervisorPlugin
+
+#: QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no
+#: scheduler/priority changes (QEMU 7.2's own names for each group)
+SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 KEYS: tuple[Key, ...] = (
     *common_keys("/usr/bin/qemu-system-x86_64"),
@@ -22,6 +27,13 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("pcie_root_ports", int, 4, "root ports reserved for hot-plug (q35)", minimum=0, maximum=32),
     Key("cpu_model", str, "auto", "-cpu model; auto: host under KVM, max under TCG"),
+    Key(
+        "seccompsandbox",
+        str,
+        SECCOMP_SANDBOX,
+        "QEMU's -sandbox (seccomp) options; '' for none",
+    ),
+    Key("run_as", str, "", "user QEMU drops to once its files are open; '' stays root"),
 )
 
 
@@ -45,6 +57,19 @@ class QemuPlugin(HypervisorPlugin):
         problems = []
         if values["accel"] == "kvm" and not host.kvm_usable:
             problems.append(("accel", host.kvm_reason + '; use "auto" or "tcg"'))
+        if values["run_as"]:
+            try:
+                pwd.getpwnam(values["run_as"])
+            except KeyError:
+                problems.append(("run_as", "no such user on this host"))
+            if values["shared_fs"] == "9p":
+                problems.append(
+                    (
+                        "run_as",
+                        'needs shared_fs = "none": over 9p QEMU would read and write every '
+                        "container file as that user",
+                    )
+                )
         if values["shared_fs"] == "virtio-fs":
             problems.append(
                 ("shared_fs", 'the qemu plugin does not start virtiofsd yet; use "9p" or "none"')

@@ -26,9 +26,9 @@ from google.protobuf.message import Message
 
 from agent_proto import agent_pb2, health_pb2, types_pb2
 from shim.agent.transport import connect, describe
-from shim.errors import DeadlineExceededError
+from shim.errors import AgentReplyError, DeadlineExceededError
 from shim.hypervisor import AgentEndpoint
-from ttrpc import Client, ConnectionClosed, DeadlineExceeded
+from ttrpc import Client, ConnectionClosed, DeadlineExceeded, InvalidPayload, ProtocolError
 
 AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
@@ -79,7 +79,14 @@ class AgentClient:
         response_type: type[M],
         timeout: float | None,
     ) -> M:
-        return await self._client.call(service, method, request, response_type, timeout=timeout)
+        try:
+            return await self._client.call(
+                service, method, request, response_type, timeout=timeout
+            )
+        except (InvalidPayload, ProtocolError) as e:
+            raise AgentReplyError(
+                f"the guest agent's answer to {method} is not valid: {e}"
+            ) from None
 
     async def _agent(
         self, method: str, request: Message, response_type: type[M], *, wait: bool = False

@@ -142,7 +142,7 @@ def delete(args: ShimArgs, state_root: Path) -> tuple[int, float, list[str]]:
             problems += cleanup.reclaim(state, kill_shim=True)
         else:
             # the pod's shim still serves its other containers: only this one's share
-            target = state.shared_dir / args.id
+            target = state.mounts_dir / args.id
             for point in mounts.mounts_under(target):
                 try:
                     mounts.unmount(point)

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import trio
@@ -26,6 +27,7 @@ from shim.containerd.events import Publisher, RecordingPublisher, TtrpcPublisher
 from shim.containerd.launch import SERVE_FD, ShimArgs
 from shim.containerd.task_service import TaskService
 from shim.errors import HuskError
+from shim.lograte import RateLimit
 from shim.sandbox import cleanup, factory, oci
 from shim.sandbox.annotations import placement
 from shim.sandbox.sandbox import Sandbox
@@ -57,11 +59,18 @@ def setup_logging(bundle: str, level: int) -> None:
     except OSError as e:
         if e.errno not in (errno.ENXIO, errno.ENOENT):
             raise
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s.%(msecs)03d husk-shim[%(process)d] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s.%(msecs)03d husk-shim[%(process)d] %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
     )
+    # much of what is logged above debug is caused by the guest: keep a flood out
+    handler.addFilter(RateLimit())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskError) -> None:

@@ -66,7 +66,6 @@ def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
         hypervisor = plugin.create(section)
         state = SandboxState.create(config.runtime.state_dir, sandbox_id, namespace)
         state.claim(os.getpid())
-        state.shared_dir.mkdir(exist_ok=True)
         spec = vm_spec(config, state)
         if config.runtime.internetworking_model == "none":
             netns = None

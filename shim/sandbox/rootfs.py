@@ -1,16 +1,19 @@
 """Getting a container's root filesystem (and host bind mounts) into the guest.
 
 - An overlay (or bind) from containerd's snapshotter is mounted on the host
-  under the sandbox's shared dir, ``<shared>/<cid>/rootfs``; the VMM exports the
-  shared dir (9p tag ``kataShared``) and the agent mounts it at
-  ``/run/kata-containers/shared/containers``, so the guest sees the rootfs at
-  ``/run/kata-containers/shared/containers/<cid>/rootfs``, as in Kata.
+  at ``<mounts>/<cid>/rootfs``, below the sandbox's host-only ``mounts/``, and
+  appears in its read-only view ``shared/`` (see :mod:`shim.sandbox.share`);
+  the VMM exports ``shared/`` (9p tag ``kataShared``) and the agent mounts it
+  at ``/run/kata-containers/shared/containers``, so the guest sees the rootfs
+  at ``/run/kata-containers/shared/containers/<cid>/rootfs``, as in Kata.
 - A rootfs on a block device (devmapper and friends) is hot-added as a disk;
   the agent mounts it, found by its virtio serial, at
   ``/run/kata-containers/<cid>/rootfs``.
 - A bundle without rootfs mounts (``ctr run --rootfs``) shares its ``root.path``.
 
-Each host mount is recorded in the sandbox state before it is made.
+Each host mount is recorded in the sandbox state before it is made, is
+``nosuid,nodev`` on the host, and is made and undone with fd-based walks that
+never follow a symlink (:mod:`shim.sandbox.safepath`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from typing import Any
 
 from agent_proto import agent_pb2, mount_pb2, oci_pb2
 from common import mounts
+from shim import identifiers
 from shim.errors import InvalidArgumentError
 from shim.hypervisor import BlockDevice, SharedFsDevice
 from shim.resources import MOUNT, Resource
+from shim.sandbox import safepath
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.state import SandboxState
 
@@ -92,12 +97,13 @@ async def attach(
     devices: DeviceManager,
 ) -> SharedRootfs:
     """Make the rootfs available in the guest; returns where and with which storages."""
+    identifiers.validate("container", container_id)
     if len(rootfs) > 1:
         raise InvalidArgumentError(
             f"container {container_id}: {len(rootfs)} rootfs mounts; husk takes one "
             "(an overlay, a bind or a block device)"
         )
-    host = state.shared_dir / container_id / "rootfs"
+    host = f"{container_id}/rootfs"
     # relative: the agent resolves it below its shared mount, <shared>/<cid>/rootfs
     shared = SharedRootfs(guest_path="rootfs")
     if not rootfs:
@@ -140,7 +146,7 @@ def share_bind_mounts(
         if not os.path.exists(m.source):
             continue
         name = f"{i}-{os.path.basename(m.source.rstrip('/')) or 'root'}"
-        host = state.shared_dir / container_id / "mounts" / name
+        host = f"{container_id}/mounts/{name}"
         options = ["rbind"] + (["ro"] if "ro" in m.options else [])
         _mount(shared, state, host, m.source, "bind", options)
         m.source = f"{GUEST_SHARED}/{container_id}/mounts/{name}"
@@ -149,25 +155,28 @@ def share_bind_mounts(
 def _mount(
     shared: SharedRootfs,
     state: SandboxState,
-    target: Path,
+    rel: str,
     source: str,
     fstype: str,
     options: list[str],
 ) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Mount ``source`` at ``<mounts>/<rel>``, ``nosuid,nodev``, never through a symlink."""
+    root = state.mounts_dir
+    parent = rel.rpartition("/")[0]
+    safepath.make_dirs(root, parent)
     if os.path.isdir(source) or fstype == "overlay":
-        target.mkdir(exist_ok=True)
+        safepath.make_dirs(root, rel)
     else:
-        target.touch(exist_ok=True)
-    resource = state.record(Resource(kind=MOUNT, path=str(target)))
+        safepath.make_file(root, rel)
+    resource = state.record(Resource(kind=MOUNT, path=str(root / rel)))
     shared.mounts.append(resource)
-    if fstype in ("bind", "rbind"):
-        flags = {"bind", "rbind"}
-        options = [o for o in options if o not in flags]
-        options.insert(0, "rbind")
-        mounts.mount(source, target, "", options)
-    else:
-        mounts.mount(fstype, target, fstype, options)
+    options = [o for o in options if o not in ("suid", "dev")] + ["nosuid", "nodev"]
+    with safepath.mount_target(root, rel) as target:
+        if fstype in ("bind", "rbind"):
+            options = ["rbind", *(o for o in options if o not in ("bind", "rbind"))]
+            mounts.mount(source, target, "", options)
+        else:
+            mounts.mount(fstype, target, fstype, options)
 
 
 async def detach(
@@ -181,16 +190,6 @@ async def detach(
     if shared.device is not None:
         await devices.detach(shared.device.id)
         shared.device = None
-    _remove_tree(state.shared_dir / container_id)
-
-
-def _remove_tree(directory: Path) -> None:
-    """Remove the emptied mount points; never follows into a mount still there."""
-    if not directory.exists() or mounts.mounts_under(directory):
-        return
-    for root, dirs, files in os.walk(directory, topdown=False):
-        for name in files:
-            os.unlink(os.path.join(root, name))
-        for name in dirs:
-            os.rmdir(os.path.join(root, name))
-    os.rmdir(directory)
+    if mounts.mounts_under(state.mounts_dir / container_id):
+        return  # an unmount failed: leave the tree for cleanup rather than walk a mount
+    safepath.remove_tree(state.mounts_dir, container_id)

@@ -25,7 +25,8 @@ from shim.agent.transport import connect
 from shim.containerd.stdio import StdioPaths, StdioPump
 from shim.errors import FailedPreconditionError, HuskError, NotFoundError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSpec
-from shim.sandbox import cleanup, oci, rootfs
+from shim.sandbox import cleanup, oci, rootfs, share
+from shim.sandbox.console import ConsoleLog
 from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.pod_network import SandboxNetwork
@@ -43,6 +44,10 @@ DESTROY_TIMEOUT = 15.0
 AGENT_POWEROFF_TIMEOUT = 5.0
 #: how long an exited process's output may still drain before Wait returns
 IO_DRAIN_TIMEOUT = 10.0
+#: one TaskOOM per container per this many seconds, however often the guest says so
+OOM_REPORT_INTERVAL = 1.0
+#: seconds between two GetOOMEvent calls (a real OOM kill is rare)
+OOM_PACE = 0.1
 
 
 class Sandbox:
@@ -65,6 +70,8 @@ class Sandbox:
         self.hypervisor = hypervisor
         #: what is hot-added to the VM (disks, NICs), checked against its capabilities
         self.devices = DeviceManager(state.id, hypervisor)
+        #: the guest console, bounded (the guest may write it without end)
+        self.console = ConsoleLog(state.dir / "console.log")
         self.vm_spec = vm_spec
         self.boot_timeout = boot_timeout
         self.dial_timeout = dial_timeout
@@ -107,33 +114,52 @@ class Sandbox:
         with trio.CancelScope() as scope:
             self._scope = scope
             await self.network.prepare()
+            if self.vm_spec.shared_fs is not None:
+                await trio.to_thread.run_sync(share.prepare, self.state)
             await self.hypervisor.prepare(self.vm_spec)
-            await self.hypervisor.start(self.boot_timeout)
-            async with wait_ready(
-                self.hypervisor.agent_endpoint(),
-                self.dial_timeout,
-                request_timeout=self.request_timeout,
-                dial=self._dial,
-            ) as agent:
-                self.boot_seconds = trio.current_time() - started
-                log.info("sandbox %s: agent ready after %.2f s", self.id, self.boot_seconds)
-                share = rootfs.shared_storage(self.vm_spec.shared_fs)
-                await agent.create_sandbox(
-                    agent_pb2.CreateSandboxRequest(
-                        hostname=self.id[:63],
-                        storages=[share] if share is not None else [],
-                        sandbox_id=self.id,
-                    )
+            # The body's error is carried out of the nursery as itself (not wrapped in
+            # an ExceptionGroup), so a failed boot stays the one-line error it is.
+            error: Exception | None = None
+            async with trio.open_nursery() as vm_tasks:
+                console = self.hypervisor.console_socket()
+                if console is not None:
+                    vm_tasks.start_soon(self.console.run, console)
+                try:
+                    await self.hypervisor.start(self.boot_timeout)
+                    await self._serve(started)
+                except Exception as e:
+                    error = e
+                vm_tasks.cancel_scope.cancel()
+            if error is not None:
+                raise error
+
+    async def _serve(self, started: float) -> None:
+        """Connect to the agent, set the sandbox up in the guest, serve until ``stop()``."""
+        async with wait_ready(
+            self.hypervisor.agent_endpoint(),
+            self.dial_timeout,
+            request_timeout=self.request_timeout,
+            dial=self._dial,
+        ) as agent:
+            self.boot_seconds = trio.current_time() - started
+            log.info("sandbox %s: agent ready after %.2f s", self.id, self.boot_seconds)
+            storage = rootfs.shared_storage(self.vm_spec.shared_fs)
+            await agent.create_sandbox(
+                agent_pb2.CreateSandboxRequest(
+                    hostname=self.id[:63],
+                    storages=[storage] if storage is not None else [],
+                    sandbox_id=self.id,
                 )
-                await self.network.attach(self.devices, agent)
-                self._agent = agent
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._watch_oom, agent)
-                    self._ready.set()
-                    await self._stop.wait()
-                    nursery.cancel_scope.cancel()
-                await self._power_off_guest(agent)
+            )
+            await self.network.attach(self.devices, agent)
+            self._agent = agent
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_oom, agent)
+                self._ready.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+            await self._power_off_guest(agent)
 
     async def _power_off_guest(self, agent: AgentClient) -> None:
         # The guest ignores ACPI powerdown; DestroySandbox makes it stop its
@@ -329,10 +355,30 @@ class Sandbox:
         self.state.remove_container(container.id)
 
     async def _watch_oom(self, agent: AgentClient) -> None:
+        """Pass the guest's OOM events on, as far as they can be true.
+
+        The guest is untrusted: an event naming a container this sandbox does
+        not hold is dropped, the same container is reported at most once per
+        ``OOM_REPORT_INTERVAL``, and events are taken at most every
+        ``OOM_PACE`` seconds, so an agent answering GetOOMEvent in a loop
+        costs the shim little CPU and containerd a bounded number of events.
+        """
+        last_reported: dict[str, float] = {}
         while True:
             try:
                 container_id = await agent.get_oom_event()
             except (RpcError, ConnectionClosed) as e:
                 log.debug("sandbox %s: no OOM events: %s", self.id, e)
                 return
-            self.on_oom(container_id)
+            now = trio.current_time()
+            if container_id not in self.containers:
+                log.warning(
+                    "sandbox %s: the guest reported an OOM kill in %r, which is not one of "
+                    "its containers; ignored",
+                    self.id,
+                    container_id[:80],
+                )
+            elif now - last_reported.get(container_id, -OOM_REPORT_INTERVAL) >= OOM_REPORT_INTERVAL:
+                last_reported[container_id] = now
+                self.on_oom(container_id)
+            await trio.sleep(OOM_PACE)

@@ -1,6 +1,8 @@
 """The record of a sandbox's host resources, kept in its state directory.
 
-Each sandbox owns ``<state_dir>/<sandbox_id>/`` and a ``sandbox.json`` in it::
+Each sandbox owns ``<state_dir>/<sandbox_id>/`` (mode 0700, as is ``state_dir``
+itself: nothing in it is any other host user's business) and a
+``sandbox.json`` in it::
 
     {"id": "...", "namespace": "default", "shim_pid": 1234, "shim_start": 5678,
      "containers": ["c1"], "resources": [{"kind": "mount", "path": "..."}, ...]}
@@ -20,11 +22,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shim import identifiers
 from shim.resources import Resource, process_alive, process_start_time
 
 RECORD = "sandbox.json"
 SOCKET = "shim.sock"
 SHARED = "shared"
+MOUNTS = "mounts"
+#: every directory from ``[runtime] state_dir`` down
+DIR_MODE = 0o700
+
+
+def make_private_dir(path: Path) -> None:
+    """``mkdir -p`` ending in a 0700 directory (an existing one is tightened to 0700)."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    if path.stat().st_mode & 0o777 != DIR_MODE:
+        path.chmod(DIR_MODE)
+
 
 @dataclass
 class SandboxState:
@@ -45,18 +59,25 @@ class SandboxState:
 
     @property
     def shared_dir(self) -> Path:
-        """The host directory shared into the guest (container rootfs mounts)."""
+        """What the guest sees: a read-only view of ``mounts_dir`` (see ``shim.sandbox.share``)."""
         return self.dir / SHARED
+
+    @property
+    def mounts_dir(self) -> Path:
+        """Where the host makes every mount point: never exported, never guest-writable."""
+        return self.dir / MOUNTS
 
     @classmethod
     def create(cls, root: Path, sandbox_id: str, namespace: str = "") -> SandboxState:
         """Make ``root/<sandbox_id>`` and its record (an existing record is reused)."""
+        identifiers.validate("sandbox", sandbox_id)
+        make_private_dir(root)
         directory = root / sandbox_id
         if (directory / RECORD).exists():
             state = cls.load(directory)
             state.namespace = namespace or state.namespace
             return state
-        directory.mkdir(parents=True, exist_ok=True, mode=0o711)
+        make_private_dir(directory)
         state = cls(dir=directory, id=sandbox_id, namespace=namespace)
         state.save()
         return state

@@ -53,7 +53,8 @@ def test_q35_tcg_virtio_serial_argv() -> None:
         "-pidfile", f"{D}/qemu.pid",
         "-kernel", "/img/vmlinuz", "-initrd", "/img/initrd.img",
         "-append", BASE_KERNEL_PARAMS + " debug",
-        "-chardev", f"file,id=console,path={D}/console.log,append=on", "-serial", "chardev:console",
+        "-chardev", f"socket,id=console,path={D}/console.sock,server=on,wait=off",
+        "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,fd=7,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
         "-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
         "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=2",
@@ -111,7 +112,7 @@ def test_no_share_without_a_shared_fs() -> None:
 
 def test_commas_in_paths_are_doubled() -> None:
     argv = build_argv(spec(shared_fs=share(Path("/a,b"))), QemuSettings(), VmPaths(Path("/s,t")))
-    assert "file,id=console,path=/s,,t/console.log,append=on" in argv
+    assert "socket,id=console,path=/s,,t/console.sock,server=on,wait=off" in argv
     assert "local,id=fs-shared,path=/a,,b,security_model=none" in argv
 
 
