@@ -87,6 +87,12 @@ def mount(source: str, target: Path | str, fstype: str, options: Iterable[str] =
         _call("", target, "", propagation | (flags & MS_REC), "")
 
 
+def remount_bind(target: Path | str, options: Iterable[str]) -> None:
+    """Set a bind mount's ``ro``/``nosuid``/``nodev``/``noexec`` (a remount of its own)."""
+    flags, _ = split_options(options)
+    _call("", target, "", MS_REMOUNT | MS_BIND | (flags & _BIND_REMOUNT), "")
+
+
 def propagate(target: Path | str, option: str) -> None:
     """Change the propagation of the mount at ``target`` (``private``, ``rshared``, ...)."""
     flags = _FLAGS[option]

@@ -6,14 +6,11 @@ import pwd
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from plugins.qemu.cmdline import SECCOMP_SANDBOX
 from shim.config.hypervisor_keys import common_keys
 from shim.config.schema import Key
 from shim.host import HostFacts
 from shim.hypervisor import Hypervisor, HypervisorPlugin
-
-#: QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no
-#: scheduler/priority changes (QEMU 7.2's own names for each group)
-SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 KEYS: tuple[Key, ...] = (
     *common_keys("/usr/bin/qemu-system-x86_64"),

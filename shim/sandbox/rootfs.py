@@ -170,13 +170,18 @@ def _mount(
         safepath.make_file(root, rel)
     resource = state.record(Resource(kind=MOUNT, path=str(root / rel)))
     shared.mounts.append(resource)
-    options = [o for o in options if o not in ("suid", "dev")] + ["nosuid", "nodev"]
-    with safepath.mount_target(root, rel) as target:
-        if fstype in ("bind", "rbind"):
-            options = ["rbind", *(o for o in options if o not in ("bind", "rbind"))]
-            mounts.mount(source, target, "", options)
-        else:
+    options = [o for o in options if o not in ("suid", "dev", "bind", "rbind")]
+    options += ["nosuid", "nodev"]
+    if fstype not in ("bind", "rbind"):
+        with safepath.mount_target(root, rel) as target:
             mounts.mount(fstype, target, fstype, options)
+        return
+    with safepath.mount_target(root, rel) as target:
+        mounts.mount(source, target, "", ["rbind"])
+    # a bind takes its flags in a remount, on the new mount: open the path anew
+    # (the fd above names the directory under it)
+    with safepath.mount_target(root, rel) as target:
+        mounts.remount_bind(target, options)
 
 
 async def detach(

@@ -37,7 +37,7 @@ from tests.integration.test_qemu_vm import (
     image,
     qemu_pids,
     spec_for,
-    wait_console,
+    tap_until,
     workdir,
 )
 from ttrpc import Client, RpcError
@@ -61,7 +61,7 @@ async def guest_on_pod_network(
     try:
         await hv.prepare(spec_for(workdir, image))
         await hv.start(30)
-        await wait_console(hv, AGENT_MARKER, timeout=TIMEOUT)
+        await tap_until(hv, AGENT_MARKER, timeout=TIMEOUT)
         fds = await trio.to_thread.run_sync(open_tap_fds, pod.path, ep.tap_name, ep.queues)
         try:
             await hv.add_device(ep.device_with_fds(fds))

@@ -53,12 +53,11 @@ from shim.sandbox.rootfs import shared_fs_device, shared_storage
 from tests.integration.test_agent_host import make_spec
 from tests.integration.test_qemu_vm import (
     AGENT_MARKER,
-    _console,
     driver,
     image,
     qemu_pids,
     spec_for,
-    wait_console,
+    tap_until,
 )
 from ttrpc import Client, Code, RpcError
 
@@ -279,7 +278,7 @@ def booted_vm(image: tuple[Path, Path], *, share: bool) -> Iterator[Vm]:
     try:
         loop.run(hv.prepare, spec_for(work, image))
         loop.run(hv.start, 30)
-        loop.run(wait_console, hv, AGENT_MARKER)
+        loop.run(tap_until, hv, AGENT_MARKER)
         loop.run(machine.connect)
         loop.run(machine.until_healthy)
         device = shared_fs_device("9p", work / "shared")
@@ -501,8 +500,7 @@ def test_restored_guest_keeps_its_processes(unshared_vm: Vm) -> None:
     run(hv.stop)
     assert run(hv.state) == VmState.STOPPED
     run(hv.restore, state_file, 60)
-    assert run(hv.state) == VmState.RUNNING
-    assert _console(hv).count("init started") == 1  # not rebooted
+    assert run(hv.state) == VmState.RUNNING  # not rebooted: the counter below goes on
 
     # a new host connection is a new session at once: no retry, no stale stream ids
     run(vm.connect)

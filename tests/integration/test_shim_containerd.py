@@ -273,3 +273,32 @@ def test_missing_kernel_fails_in_one_line_and_leaves_nothing(
     assert list(root.iterdir()) == []
     assert cleanup.processes_naming(root) == []
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_rw_bind_volume_is_shared_both_ways(ctd: Containerd, tmp_path: Path) -> None:
+    volume = tmp_path / "rw"
+    volume.mkdir()
+    (volume / "in").write_text("from-host\n")
+    mount = f"type=bind,src={volume},dst=/vol,options=rbind:rw"
+    script = "cat /vol/in; echo from-guest > /vol/out"
+    out = ctd.ctr("run", *RUNTIME, "--rm", "--mount", mount, IMAGE, cid(), "sh", "-c", script)
+    assert out.stdout.decode() == "from-host\n"
+    assert (volume / "out").read_text() == "from-guest\n"
+
+
+def test_a_ro_bind_volume_and_a_read_only_rootfs_refuse_writes(
+    ctd: Containerd, tmp_path: Path
+) -> None:
+    volume = tmp_path / "ro"
+    volume.mkdir()
+    (volume / "in").write_text("readable\n")
+    mount = f"type=bind,src={volume},dst=/vol,options=rbind:ro"
+    script = (
+        "cat /vol/in; touch /vol/x 2>/dev/null && echo vol-writable; "
+        "touch /rootfs-x 2>/dev/null && echo rootfs-writable; echo done"
+    )
+    proc = ctd.ctr(
+        "run", *RUNTIME, "--rm", "--read-only", "--mount", mount, IMAGE, cid(), "sh", "-c", script
+    )
+    assert proc.stdout.decode().split() == ["readable", "done"]
+    assert sorted(p.name for p in volume.iterdir()) == ["in"]

@@ -53,6 +53,7 @@ def test_q35_tcg_virtio_serial_argv() -> None:
         "-pidfile", f"{D}/qemu.pid",
         "-kernel", "/img/vmlinuz", "-initrd", "/img/initrd.img",
         "-append", BASE_KERNEL_PARAMS + " debug",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"socket,id=console,path={D}/console.sock,server=on,wait=off",
         "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,fd=7,server=on,wait=off", "-mon", "chardev=qmp,mode=control",
@@ -195,3 +196,15 @@ def test_settings_from_adjusted_section() -> None:
     assert (settings.binary, settings.accel, settings.cpu_model) == ("/q", "kvm", "host")
     assert settings.root_ports == ["rp0", "rp1", "rp2"]
     assert settings.stop_timeout == 2.5 and settings.agent_transport == "vsock"
+
+
+def test_runas_drops_to_a_user_and_keeps_the_seccomp_filter_otherwise_whole() -> None:
+    argv = build_argv(spec(shared_fs=None), QemuSettings(run_as="nobody"), VmPaths(STATE / "qemu"))
+    sandbox = argv[argv.index("-sandbox") + 1]
+    assert sandbox == "on,obsolete=deny,spawn=deny,resourcecontrol=deny,elevateprivileges=allow"
+    assert argv[argv.index("-runas") + 1] == "nobody"
+
+
+def test_no_seccomp_filter_when_turned_off() -> None:
+    argv = build_argv(spec(), QemuSettings(seccomp_sandbox=""), VmPaths(STATE / "qemu"))
+    assert "-sandbox" not in argv
