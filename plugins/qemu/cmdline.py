@@ -303,8 +303,12 @@ def node_name(device: BlockDevice) -> str:
     return f"drive-{device.id}"
 
 
-def blockdev_options(device: BlockDevice) -> dict[str, Any]:
-    """``blockdev-add`` arguments: a raw/qcow2 format node over a file or host device."""
+def blockdev_options(device: BlockDevice, filename: str | None = None) -> dict[str, Any]:
+    """``blockdev-add`` arguments: a raw/qcow2 format node over a file or host device.
+
+    ``filename`` replaces the disk's path, e.g. ``/dev/fdset/<n>`` for a file the
+    shim opened and passed to QEMU (``add-fd``).
+    """
     if device.format not in ("raw", "qcow2"):
         raise InvalidArgumentError(
             f"disk {device.id}: format {device.format!r} is not supported (raw or qcow2)"
@@ -315,7 +319,7 @@ def blockdev_options(device: BlockDevice) -> dict[str, Any]:
         "read-only": device.readonly,
         "file": {
             "driver": "host_device" if _is_block_device(device.path) else "file",
-            "filename": str(device.path),
+            "filename": filename or str(device.path),
             "read-only": device.readonly,
         },
     }

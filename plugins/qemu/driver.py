@@ -97,6 +97,8 @@ class QemuHypervisor(Hypervisor):
         self._slots = SlotAllocator(self.settings.root_ports)
         self._cid: int | None = None
         self._monitor_lock = trio.Lock()
+        #: the last ``add-fd`` set id used (disks are passed to QEMU as fds)
+        self._fdsets = 0
 
     # --- description ----------------------------------------------------------
 
@@ -349,7 +351,8 @@ class QemuHypervisor(Hypervisor):
         try:
             async with self._monitor() as qmp:
                 if isinstance(device, BlockDevice):
-                    await hotplug.add_block(qmp, device, placed.bus, self.settings)
+                    self._fdsets += 1
+                    await hotplug.add_block(qmp, device, placed.bus, self.settings, self._fdsets)
                 elif isinstance(device, NetDevice):
                     await hotplug.add_net(qmp, device, placed.bus, self.settings)
                 else:

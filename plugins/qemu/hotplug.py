@@ -10,6 +10,7 @@ the guest with ``device_del`` and returns only once QEMU reports
 from __future__ import annotations
 
 import contextlib
+import os
 
 import trio
 
@@ -28,9 +29,26 @@ from shim.errors import DeadlineExceededError
 from shim.hypervisor import BlockDevice, Device, NetDevice, VsockDevice
 
 
-async def add_block(qmp: QmpClient, device: BlockDevice, bus: str, settings: QemuSettings) -> None:
-    """Attach a disk on ``bus``."""
-    await qmp.execute("blockdev-add", blockdev_options(device))
+async def add_block(
+    qmp: QmpClient, device: BlockDevice, bus: str, settings: QemuSettings, fdset: int
+) -> None:
+    """Attach a disk on ``bus``; the shim opens it and QEMU gets the fd (``add-fd``).
+
+    QEMU never opens the path itself, so a disk works the same whether QEMU
+    runs as root or, with ``run_as``, as a user who could not open it. The fd
+    set is dropped once the block node holds its own copy.
+    """
+    flags = os.O_RDONLY if device.readonly else os.O_RDWR
+    fd = os.open(device.path, flags | os.O_CLOEXEC)
+    try:
+        await qmp.execute("add-fd", {"fdset-id": fdset}, fds=[fd])
+    finally:
+        os.close(fd)
+    try:
+        await qmp.execute("blockdev-add", blockdev_options(device, f"/dev/fdset/{fdset}"))
+    finally:
+        with trio.CancelScope(shield=True), contextlib.suppress(QmpError):
+            await qmp.execute("remove-fd", {"fdset-id": fdset})
     try:
         await qmp.execute("device_add", block_device_options(device, bus, settings))
     except BaseException:

@@ -33,6 +33,7 @@ import pytest
 from common import mounts
 from shim.cli import local_images
 from shim.sandbox import cleanup
+from shim.sandbox.console import CONSOLE_CAP
 from tests.integration.containerd import Containerd
 from tests.integration.test_shim_containerd import RUNTIME, pytestmark  # noqa: F401
 
@@ -103,8 +104,8 @@ def remove_tasks(ctd: Containerd, *names: str) -> None:
         ctd.ctr("container", "rm", name, check=False)
 
 
-def wait_in_guest(ctd: Containerd, name: str, path: str) -> None:
-    deadline = time.monotonic() + 60
+def wait_in_guest(ctd: Containerd, name: str, path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         check = ["task", "exec", "--exec-id", uuid.uuid4().hex[:8], name, "test", "-e", path]
         if ctd.ctr(*check, check=False).returncode == 0:
@@ -242,3 +243,20 @@ def test_cleanup_after_a_killed_shim_reclaims_the_sandbox(
     assert mounts.mounts_under(state_root) == []
     assert cleanup.processes_naming(state_root) == []
     remove_tasks(ctd, name)
+
+
+def test_a_console_flood_from_the_guest_stays_under_the_log_cap(
+    ctd: Containerd, state_root: Path
+) -> None:
+    name = cid()
+    # a guest that has the console (here a privileged container writing the serial port)
+    flood = "yes husk-console-flood-line | head -c 3000000 > /dev/ttyS0; touch /flooded"
+    ctd.ctr("run", *RUNTIME, "-d", "--privileged", IMAGE, name, "sh", "-c", f"{flood}; sleep 600")
+    try:
+        wait_in_guest(ctd, name, "/flooded", timeout=300)
+        logs = list((state_root / name).rglob("console.log*"))
+        sizes = {p.name: p.stat().st_size for p in logs}
+        assert sum(sizes.values()) <= 2 * CONSOLE_CAP, sizes
+        assert any("husk-console-flood-line" in p.read_text(errors="replace") for p in logs)
+    finally:
+        remove_tasks(ctd, name)

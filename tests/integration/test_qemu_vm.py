@@ -296,3 +296,30 @@ async def test_one_line_errors_and_nothing_left(workdir: Path, image: tuple[Path
     assert not qemu_pids(workdir)
     await hv.destroy()
     assert not (workdir / "sb" / "qemu").exists()
+
+
+async def test_qemu_can_run_as_an_unprivileged_user_with_its_disks_passed_as_fds(
+    workdir: Path, image: tuple[Path, Path]
+) -> None:
+    disk = workdir / "disk.img"
+    disk.write_bytes(bytes(16 << 20))
+    disk.chmod(0o600)  # root's: QEMU, as nobody, could not open it by name
+    hv = driver(run_as="nobody")
+    await hv.prepare(spec_for(workdir, image, shared_fs=None))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tap_console, hv)
+        try:
+            await hv.start(30)
+            assert hv.pid is not None
+            status = Path(f"/proc/{hv.pid}/status").read_text()
+            uids = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            assert uids.split()[1:] == ["65534"] * 4
+            await wait_console(hv, AGENT_MARKER)
+            assert await agent_answers(hv, 60)
+            await hv.add_device(BlockDevice("blk0", disk, serial="husk-runas"))
+            block = await hv.qmp("query-block")
+            assert any("/blk0/" in b.get("qdev", "") for b in block), block
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.destroy()
+            nursery.cancel_scope.cancel()
