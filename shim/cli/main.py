@@ -23,7 +23,10 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="configuration.toml to use (default: $HUSK_CONFIG, /etc/husk, packaged default)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="store_true", help="print the version line (and the guest kernel)"
+    )
+    sub = parser.add_subparsers(dest="command")
 
     p_check = sub.add_parser("check", help="what this host offers; exit 0 if a sandbox can start")
     p_check.add_argument("--json", action="store_true", help="machine-readable output")
@@ -95,7 +98,15 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``husk`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from shim.version import configured_image_dir, version_line
+
+        print(version_line(configured_image_dir(args.config)))
+        return 0
+    if args.command is None:
+        parser.error("a command is required")
     try:
         if args.command == "check":
             return _cmd_check(args)
