@@ -1,4 +1,4 @@
-"""The ``husk`` command: host check, effective config, guest image, cleanup."""
+"""The ``husk`` command: host check, config, guest image, sandboxes, cleanup, and debugging."""
 
 from __future__ import annotations
 
@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
         help="initrd compression (none boots fastest under TCG; zstd is ~3x smaller)",
     )
 
+    p_sandbox = sub.add_parser("sandbox", help="the sandboxes on this host")
+    sandbox_sub = p_sandbox.add_subparsers(dest="sandbox_command", required=True)
+    p_ls = sandbox_sub.add_parser("ls", help="list sandboxes: hypervisor, age, size, state")
+    p_ls.add_argument("--json", action="store_true", help="machine-readable output")
+
     p_cleanup = sub.add_parser("cleanup", help="list and reclaim sandboxes of dead shims")
     p_cleanup.add_argument("--dry-run", action="store_true", help="only list the orphans")
     return parser
@@ -77,6 +82,14 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
     if out is None:
         out = config.load(args.config).runtime.image_dir
     image.build_image(out, force=args.force, compression=args.compression)
+    return 0
+
+
+def _cmd_sandbox_ls(args: argparse.Namespace) -> int:
+    from shim.cli import sandboxes
+
+    found = sandboxes.rows(config.load(args.config).runtime.state_dir)
+    print(sandboxes.render_json(found) if args.json else sandboxes.render_text(found))
     return 0
 
 
@@ -116,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_image_build(args)
         if args.command == "cleanup":
             return _cmd_cleanup(args)
+        if args.command == "sandbox":
+            return _cmd_sandbox_ls(args)
     except HuskError as e:
         print(f"husk: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,7 @@ def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
         state.claim(os.getpid())
         state.shared_dir.mkdir(exist_ok=True)
         spec = vm_spec(config, state)
+        state.describe_vm(plugin.name, spec.vcpus, spec.memory_mib)
         if config.runtime.internetworking_model == "none":
             netns = None
         return Sandbox(

@@ -29,7 +29,7 @@ from shim.sandbox import cleanup, oci, rootfs
 from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.pod_network import SandboxNetwork
-from shim.sandbox.state import SandboxState
+from shim.sandbox.state import RUNNING, STOPPING, SandboxState
 from ttrpc import Code, ConnectionClosed, RpcError
 
 log = logging.getLogger("husk.sandbox")
@@ -130,6 +130,7 @@ class Sandbox:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._watch_oom, agent)
+                    self.state.set_status(RUNNING)
                     self._ready.set()
                     await self._stop.wait()
                     nursery.cancel_scope.cancel()
@@ -162,6 +163,7 @@ class Sandbox:
 
     async def _teardown(self) -> None:
         self._agent = None
+        self.state.set_status(STOPPING)
         for container in list(self.containers.values()):
             self._mark_all_exited(container)
             try:
