@@ -80,7 +80,9 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
     model = config.runtime.sandbox_model if isinstance(config, Config) else "pod"
     async with trio.open_nursery() as nursery:
         nursery.start_soon(publisher.run)
-        service = TaskService(nursery, make, publisher, sandbox_model=model)
+        service = TaskService(
+            nursery, make, publisher, sandbox_model=model, namespace=args.namespace
+        )
         server = Server()
         server.register(TASK_SERVICE, service)
         socket_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))

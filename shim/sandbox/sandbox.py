@@ -265,7 +265,9 @@ class Sandbox:
             return
         process.waiting = True
         agent = self.agent
-        pump = StdioPump(agent, process.container_id, process.exec_id, process.stdio)
+        pump = StdioPump(
+            agent, process.container_id, process.exec_id, process.stdio, process.outputs
+        )
         process.pump = pump
         self.nursery.start_soon(pump.run)
         self.nursery.start_soon(self._wait, agent, process)
