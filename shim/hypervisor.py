@@ -196,6 +196,10 @@ class Hypervisor(abc.ABC):
     def agent_endpoint(self) -> AgentEndpoint:
         """Where the shim reaches the guest agent."""
 
+    def vmm_pid(self) -> int | None:
+        """The VMM's host process while it runs (metrics read its ``/proc``); None: none."""
+        return None
+
     async def wait(self) -> int | None:
         """Return once the VMM process has exited, with its status (None if unknown)."""
         raise NotSupportedError(self.name, "waiting for the VM to exit")

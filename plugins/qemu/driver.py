@@ -127,6 +127,9 @@ class QemuHypervisor(Hypervisor):
         """QEMU's pid while it runs."""
         return self._process.pid if self._process is not None and self._process.alive else None
 
+    def vmm_pid(self) -> int | None:
+        return self.pid
+
     # --- life -------------------------------------------------------------------
 
     async def prepare(self, spec: VmSpec) -> None:

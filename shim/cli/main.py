@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p_ls = sandbox_sub.add_parser("ls", help="list sandboxes: hypervisor, age, size, state")
     p_ls.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p_metrics = sub.add_parser("metrics", help="Prometheus metrics of one sandbox, or of all")
+    p_metrics.add_argument("sandbox", nargs="?", help="a sandbox id (default: every sandbox)")
+
     p_cleanup = sub.add_parser("cleanup", help="list and reclaim sandboxes of dead shims")
     p_cleanup.add_argument("--dry-run", action="store_true", help="only list the orphans")
     return parser
@@ -93,6 +96,18 @@ def _cmd_sandbox_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from shim.metrics import scrape
+
+    root = config.load(args.config).runtime.state_dir
+    text, problems = scrape.collect(root, args.sandbox)
+    sys.stdout.buffer.write(text)
+    sys.stdout.flush()
+    for problem in problems:
+        print(f"husk: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from shim.sandbox import cleanup
 
@@ -131,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_cleanup(args)
         if args.command == "sandbox":
             return _cmd_sandbox_ls(args)
+        if args.command == "metrics":
+            return _cmd_metrics(args)
     except HuskError as e:
         print(f"husk: {e}", file=sys.stderr)
         return 2
