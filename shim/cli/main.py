@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     p_ls = sandbox_sub.add_parser("ls", help="list sandboxes: hypervisor, age, size, state")
     p_ls.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p_exec = sub.add_parser(
+        "exec", help="a root shell in a sandbox's guest (needs [agent.husk] debug_console)"
+    )
+    p_exec.add_argument("sandbox", help="the sandbox id (see `husk sandbox ls`)")
+
     p_metrics = sub.add_parser("metrics", help="Prometheus metrics of one sandbox, or of all")
     p_metrics.add_argument("sandbox", nargs="?", help="a sandbox id (default: every sandbox)")
 
@@ -94,6 +99,12 @@ def _cmd_sandbox_ls(args: argparse.Namespace) -> int:
     found = sandboxes.rows(config.load(args.config).runtime.state_dir)
     print(sandboxes.render_json(found) if args.json else sandboxes.render_text(found))
     return 0
+
+
+def _cmd_exec(args: argparse.Namespace) -> int:
+    from shim.cli import debug_console
+
+    return debug_console.run(config.load(args.config).runtime.state_dir, args.sandbox)
 
 
 def _cmd_metrics(args: argparse.Namespace) -> int:
@@ -148,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_sandbox_ls(args)
         if args.command == "metrics":
             return _cmd_metrics(args)
+        if args.command == "exec":
+            return _cmd_exec(args)
     except HuskError as e:
         print(f"husk: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import trio
 
 from agent_proto import agent_pb2, mount_pb2
 from shim.agent.client import AgentClient, wait_ready
-from shim.agent.transport import connect
+from shim.agent.transport import connect, endpoint_record
 from shim.containerd.stdio import StdioPaths, StdioPump
 from shim.errors import FailedPreconditionError, HuskError, NotFoundError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSpec
@@ -109,6 +109,8 @@ class Sandbox:
             await self.network.prepare()
             await self.hypervisor.prepare(self.vm_spec)
             await self.hypervisor.start(self.boot_timeout)
+            console = self.hypervisor.debug_console_endpoint()
+            self.state.set_debug_console(endpoint_record(console))
             async with wait_ready(
                 self.hypervisor.agent_endpoint(),
                 self.dial_timeout,

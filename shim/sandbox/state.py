@@ -140,6 +140,12 @@ class SandboxState:
         self.created = self.created or time.time()
         self.save()
 
+    def set_debug_console(self, endpoint: dict[str, Any]) -> None:
+        """Where ``husk exec`` reaches the guest's shell (``{}``: the sandbox has none)."""
+        if endpoint != self.debug_console:
+            self.debug_console = endpoint
+            self.save()
+
     def set_status(self, status: str) -> None:
         """``booting``, ``running`` or ``stopping``, for ``husk sandbox ls``."""
         if status != self.status:

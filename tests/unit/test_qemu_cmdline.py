@@ -194,3 +194,15 @@ def test_settings_from_adjusted_section() -> None:
     assert (settings.binary, settings.accel, settings.cpu_model) == ("/q", "kvm", "host")
     assert settings.root_ports == ["rp0", "rp1", "rp2"]
     assert settings.stop_timeout == 2.5 and settings.agent_transport == "vsock"
+
+
+def test_debug_console_is_a_second_virtio_serial_port_only_when_asked() -> None:
+    paths = VmPaths(STATE / "qemu")
+    with_console = build_argv(spec(debug_console=True), QemuSettings(), paths, qmp_fd=7)
+    assert f"socket,id=debugcon,path={D}/debug-console.sock,server=on,wait=off" in with_console
+    assert "virtserialport,chardev=debugcon,id=debugcon0,name=console.channel.0" in with_console
+    without = build_argv(spec(), QemuSettings(), paths, qmp_fd=7)
+    assert not [a for a in without if "debugcon" in a]
+    vsock = QemuSettings(agent_transport="vsock")
+    assert not [a for a in build_argv(spec(debug_console=True), vsock, paths, guest_cid=9)
+                if "debugcon" in a]  # fmt: skip
