@@ -238,9 +238,18 @@ async def serve_vsock(reaper: Reaper, port: int = console.VSOCK_PORT) -> None:
 
 
 async def serve(reaper: Reaper) -> None:
-    """The console on vsock where the guest has it, else on its virtio-serial port."""
-    log.info("debug console enabled: a root shell for `husk exec`")
-    if VSOCK_DEVICE.exists():
-        await serve_vsock(reaper)
-    else:
+    """The console on its virtio-serial port where the VM has one, else on vsock.
+
+    The port decides: ``/dev/vsock`` exists whenever the vsock modules are
+    loaded, with or without a vsock device; the host adds the port only when
+    the agent itself is on virtio-serial.
+    """
+    if not SERIAL_PORT.exists() and not VSOCK_DEVICE.exists():
+        log.warning("debug console: no %s and no vsock; not served", SERIAL_PORT)
+        return
+    if SERIAL_PORT.exists():
+        log.info("debug console on %s: a root shell for `husk exec`", SERIAL_PORT)
         await serve_serial(reaper)
+    else:
+        log.info("debug console on vsock port %d: a root shell for `husk exec`", console.VSOCK_PORT)
+        await serve_vsock(reaper)
