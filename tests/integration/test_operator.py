@@ -9,7 +9,11 @@ standalone containers, to show they leave no sandbox behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
+import pty
+import select
 import shutil
 import subprocess
 import sys
@@ -20,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shim.cli import local_images
 from shim.sandbox import cleanup
@@ -37,6 +42,13 @@ if _REASON:
 
 #: the pod's init fills 32 MiB of its /dev/shm (charged to its cgroup) before it sleeps
 FILL = "head -c 33554432 /dev/zero > /dev/shm/fill && touch /tmp/filled && exec sleep 100000"
+#: ctr's spec has no cgroup namespace here: the pod sees the guest's cgroup2 tree (read-only)
+#: and reads its own cgroup's files under the path /proc/self/cgroup names
+CGROUP_MOUNT = [
+    "--mount",
+    "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=ro:nosuid:noexec:nodev",
+]
+OWN_MEMORY = "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.current"
 
 LOGGER = """#!/bin/sh
 # a containerd logging binary: stdout on fd 3, stderr on fd 4, ready pipe on fd 5
@@ -64,7 +76,7 @@ def state_root() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def husk_config(state_root: Path) -> Iterator[Path]:
     path = state_root.with_name(state_root.name + ".toml")
-    path.write_text(f'[runtime]\nstate_dir = "{state_root}"\n')
+    path.write_text(f'[runtime]\nstate_dir = "{state_root}"\n[agent.husk]\ndebug_console = true\n')
     yield path
     path.unlink(missing_ok=True)
 
@@ -98,7 +110,7 @@ def remove(ctd: Containerd, *names: str) -> None:
 def pod(ctd: Containerd, state_root: Path) -> Iterator[str]:
     """A running pod sandbox VM whose init holds 32 MiB of shared memory."""
     name = cid()
-    ctd.ctr("run", *RUNTIME, "-d", *annotations("sandbox", name), IMAGE, name,
+    ctd.ctr("run", *RUNTIME, "-d", *annotations("sandbox", name), *CGROUP_MOUNT, IMAGE, name,
             "sh", "-c", FILL)  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -201,3 +213,126 @@ def test_sandbox_ls_lists_the_running_pod(pod: str, husk_config: Path) -> None:
     assert int(rows[pod][-2]) >= 1
     state = SandboxState.load(Path(husk_config.read_text().split('"')[1]) / pod)
     assert state.vcpus >= 1 and state.memory_mib >= 64
+
+
+def husk(husk_config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([BIN / "husk", "--config", str(husk_config), *args],
+                          capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
+
+
+class Terminal:
+    """`husk exec` on a pty, typed into and read like a person would."""
+
+    def __init__(self, argv: list[str], rows: int, columns: int) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: husk exec on the pty
+            os.execv(argv[0], argv)
+        self.resize(rows, columns)
+        self.seen = b""
+        self.mark = 0
+
+    def resize(self, rows: int, columns: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+    def type(self, text: str) -> None:
+        """Type ``text``; ``expect`` then looks only at what the screen shows after it."""
+        self.mark = len(self.seen)
+        os.write(self.fd, text.encode())
+
+    def expect(self, wanted: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while wanted.encode() not in self.seen[self.mark :]:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{wanted!r} not seen in: {self.seen.decode(errors='replace')}"
+            if select.select([self.fd], [], [], min(left, 0.5))[0]:
+                try:
+                    self.seen += os.read(self.fd, 4096)
+                except OSError:  # EIO: husk exec has exited
+                    assert wanted.encode() in self.seen[self.mark :], self.seen.decode(
+                        errors="replace"
+                    )
+        return self.seen[self.mark :].decode(errors="replace")
+
+    def wait(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            with contextlib.suppress(OSError):
+                if select.select([self.fd], [], [], 0.2)[0]:
+                    self.seen += os.read(self.fd, 4096)
+        os.kill(self.pid, 9)
+        raise AssertionError(f"husk exec did not exit: {self.seen.decode(errors='replace')}")
+
+
+def test_husk_exec_runs_uname_in_the_guest_on_a_pty(
+    ctd: Containerd, pod: str, husk_config: Path
+) -> None:
+    guest_kernel = ctd.ctr("task", "exec", "--exec-id", "k1", pod, "uname", "-r").stdout
+    assert guest_kernel.strip() and guest_kernel.decode().strip() != platform.release()
+    term = Terminal([str(BIN / "husk"), "--config", str(husk_config), "exec", pod], 40, 120)
+    term.expect("husk-debug# ")
+    term.type("uname -r; stty size\r")
+    screen = term.expect("40 120")
+    assert guest_kernel.decode().strip() in screen
+    term.resize(50, 140)  # the terminal's SIGWINCH reaches husk exec, which passes it on
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the resize and the typing race: ask again
+        term.type("stty size\r")
+        if "50 140" in term.expect("husk-debug# "):
+            break
+    assert "50 140" in term.seen.decode(errors="replace")
+    term.type("exit 7\r")
+    assert term.wait() == 7
+
+
+def test_husk_exec_leaves_on_ctrl_close_bracket(pod: str, husk_config: Path) -> None:
+    term = Terminal([str(BIN / "husk"), "--config", str(husk_config), "exec", pod], 24, 80)
+    term.expect("husk-debug# ")
+    term.type("\x1d")
+    assert term.wait() == 0
+    assert "left the debug console" in term.seen.decode(errors="replace")
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_husk_metrics_shows_the_containers_memory_near_its_cgroup_reading(
+    ctd: Containerd, pod: str, husk_config: Path, state_root: Path
+) -> None:
+    reading = ctd.ctr("task", "exec", "--exec-id", "m1", pod, "sh", "-c", OWN_MEMORY).stdout
+    current = int(reading.decode().strip())
+    assert current >= 32 << 20  # the pod's shared memory is charged to its cgroup
+    proc = husk(husk_config, "metrics", pod)
+    assert proc.returncode == 0, proc.stderr
+    found = _samples(proc.stdout)
+    labels = (("container_id", pod), ("sandbox_id", pod))
+    usage = found[("husk_container_memory_usage_bytes", labels)]
+    assert abs(usage - current) <= 0.2 * current
+    assert found[("husk_vmm_resident_memory_bytes", (("sandbox_id", pod),))] > 0
+    assert found[("husk_sandbox_boot_seconds", (("sandbox_id", pod),))] > 0
+    guest_total = found[("husk_guest_memory_bytes", (("kind", "total"), ("sandbox_id", pod)))]
+    assert 0 < guest_total <= 512 << 20
+    create = (("method", "CreateContainer"), ("sandbox_id", pod))
+    assert found[("husk_agent_rpc_duration_seconds_count", create)] >= 1
+    socket_mode = (state_root / pod / "metrics.sock").stat().st_mode
+    assert socket_mode & 0o777 == 0o600
+
+
+def test_husk_metrics_of_every_sandbox_parses(pod: str, husk_config: Path) -> None:
+    proc = husk(husk_config, "metrics")
+    assert proc.returncode == 0, proc.stderr
+    assert ("husk_sandbox_info", (("hypervisor", "qemu"), ("sandbox_id", pod))) in _samples(
+        proc.stdout
+    )
