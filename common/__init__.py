@@ -3,6 +3,7 @@
 - ``common.errors``: the base of husk's exception tree; each class carries the
   gRPC status code a ttrpc server answers with.
 - ``common.mounts``: mount(2) and umount2(2) through libc.
+- ``common.console``: the debug console's framing (the guest's shell, ``husk exec``).
 
 It imports nothing of ``shim`` or ``guest`` (both import it); the guest image
 carries it as a package of its own.

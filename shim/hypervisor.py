@@ -154,6 +154,8 @@ class VmSpec:
     agent_transport: str = "auto"
     #: where the plugin records each process, socket and file before it creates it
     record: Recorder = record_nothing
+    #: give the guest's debug console a channel of its own (see ``debug_console_endpoint``)
+    debug_console: bool = False
 
 
 class Hypervisor(abc.ABC):
@@ -202,6 +204,18 @@ class Hypervisor(abc.ABC):
         The sandbox reads it into a bounded log; a plugin must not keep the
         console itself in a file that grows without end (the guest writes it).
         """
+        return None
+
+    def debug_console_endpoint(self) -> AgentEndpoint | None:
+        """Where ``husk exec`` reaches the guest's debug console (after ``start``); None: none.
+
+        The endpoint types are the agent's: the console speaks its own framing
+        (``common.console``) on a channel of its own.
+        """
+        return None
+
+    def vmm_pid(self) -> int | None:
+        """The VMM's host process while it runs (metrics read its ``/proc``); None: none."""
         return None
 
     async def wait(self) -> int | None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import trio
 
 from agent_proto import agent_pb2, health_pb2
-from guest.agent import power
+from guest.agent import debug_console, logs, power
 from guest.agent.channel import ListenAddress, serve
 from guest.agent.config import AgentConfig
 from guest.agent.health import HealthService
@@ -79,6 +79,8 @@ async def run(config: AgentConfig, addresses: Sequence[ListenAddress], on_destro
             log.info("serving on %s", address)
         if not served:
             raise OSError(f"the agent could not listen on any of {', '.join(map(str, addresses))}")
+        if not config.host_mode and debug_console.enabled(logs.read_cmdline()):
+            nursery.start_soon(debug_console.serve, reaper)
         nursery.start_soon(_stop_on_signal, service, stop)
         nursery.start_soon(_stop_when_destroyed, service, stop)
         await stop.wait()

@@ -17,7 +17,7 @@ from google.protobuf import empty_pb2
 
 from agent_proto import agent_pb2, types_pb2
 from common.errors import FailedPreconditionError, UnimplementedError
-from guest.agent import system
+from guest.agent import metrics, system
 from guest.agent.network import Network
 from guest.agent.process import Process
 from guest.agent.sandbox import Sandbox
@@ -31,7 +31,6 @@ UNIMPLEMENTED = {
     "RemoveStaleVirtiofsShareMounts": "husk does not track virtio-fs share mounts",
     "GetIPTables": "the guest image has no iptables",
     "SetIPTables": "the guest image has no iptables",
-    "GetMetrics": "the agent exports no Prometheus metrics",
     "MemAgentMemcgSet": "the memory agent is not part of husk",
     "MemAgentCompactSet": "the memory agent is not part of husk",
     "GetOOMEvent": "OOM events are not reported yet",
@@ -237,6 +236,12 @@ class AgentService:
     ) -> agent_pb2.GuestDetailsResponse:
         """Memory block size, probe support, agent version."""
         return system.guest_details(request, self.sandbox.config.sysfs)
+
+    async def GetMetrics(
+        self, request: agent_pb2.GetMetricsRequest, ctx: object
+    ) -> agent_pb2.Metrics:
+        """The guest's memory and CPU figures, as Prometheus text (Kata's agent does so too)."""
+        return agent_pb2.Metrics(metrics=metrics.guest_metrics())
 
     async def OnlineCPUMem(self, request: agent_pb2.OnlineCPUMemRequest, ctx: object) -> Empty:
         """Online hot-plugged CPUs (and memory blocks unless ``cpu_only``)."""

@@ -31,6 +31,8 @@ AGENT_PORT = "agent.channel.0"
 #: QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no
 #: scheduler/priority changes (QEMU 7.2's own names for each group)
 SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: the virtio-serial port of the guest's debug console (``common.console``)
+DEBUG_CONSOLE_PORT = "console.channel.0"
 #: sun_path is 108 bytes, NUL included
 UNIX_PATH_MAX = 107
 
@@ -93,7 +95,7 @@ class VmPaths:
     def for_spec(cls, spec: VmSpec) -> VmPaths:
         """The paths under the sandbox's state dir; refuses socket paths too long."""
         paths = cls(spec.state_dir / "qemu")
-        for sock in (paths.qmp, paths.agent, paths.console):
+        for sock in (paths.qmp, paths.agent, paths.console, paths.debug_console):
             if len(str(sock).encode()) > UNIX_PATH_MAX:
                 raise InvalidArgumentError(
                     f"sandbox {spec.sandbox_id}: socket path {sock} is longer than "
@@ -110,6 +112,11 @@ class VmPaths:
     def agent(self) -> Path:
         """The virtio-serial agent channel's socket."""
         return self.dir / "agent.sock"
+
+    @property
+    def debug_console(self) -> Path:
+        """The virtio-serial debug console's socket (``husk exec``); the dir is 0700."""
+        return self.dir / "debug-console.sock"
 
     @property
     def console(self) -> Path:
@@ -202,6 +209,12 @@ def build_argv(
     argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom"]
     argv += ["-device", f"{_virtio('virtio-rng', settings)},rng=rng0"]
     argv += _agent_channel(spec, settings, paths, guest_cid)
+    if spec.debug_console and settings.agent_transport == "virtio-serial":
+        # its own port on the agent's virtio-serial device; under vsock it is a vsock port
+        argv += [
+            "-chardev", f"socket,id=debugcon,path={_opt(paths.debug_console)},server=on,wait=off",
+            "-device", f"virtserialport,chardev=debugcon,id=debugcon0,name={DEBUG_CONSOLE_PORT}",
+        ]  # fmt: skip
     if spec.shared_fs is not None:
         argv += shared_fs_args(spec.shared_fs, settings)
     for placed in devices:

@@ -61,6 +61,8 @@ from shim.resources import DIR, FILE, PROCESS, SOCKET_FILE, Resource, process_st
 from shim.sandbox.devices import SlotAllocator, guest_cid
 
 AGENT_VSOCK_PORT = 1024
+#: Kata's debug console port, where the guest has vsock
+DEBUG_CONSOLE_VSOCK_PORT = 1026
 #: seconds the guest has to release a hot-removed device (ACPI hot-plug under TCG is slow)
 REMOVE_TIMEOUT = 30.0
 #: seconds a save or restore may take
@@ -124,6 +126,16 @@ class QemuHypervisor(Hypervisor):
             return VsockEndpoint(self._cid, AGENT_VSOCK_PORT)
         return SerialEndpoint(self._require_paths().agent)
 
+    def debug_console_endpoint(self) -> AgentEndpoint | None:
+        spec = self._spec
+        if spec is None or not spec.debug_console:
+            return None
+        if self.settings.agent_transport == "vsock":
+            if self._cid is None:
+                return None
+            return VsockEndpoint(self._cid, DEBUG_CONSOLE_VSOCK_PORT)
+        return SerialEndpoint(self._require_paths().debug_console)
+
     @property
     def paths(self) -> VmPaths:
         """The VM's files (after ``prepare``)."""
@@ -133,6 +145,9 @@ class QemuHypervisor(Hypervisor):
     def pid(self) -> int | None:
         """QEMU's pid while it runs."""
         return self._process.pid if self._process is not None and self._process.alive else None
+
+    def vmm_pid(self) -> int | None:
+        return self.pid
 
     # --- life -------------------------------------------------------------------
 
@@ -152,6 +167,7 @@ class QemuHypervisor(Hypervisor):
             Resource(SOCKET_FILE, path=str(paths.qmp)),
             Resource(SOCKET_FILE, path=str(paths.agent)),
             Resource(SOCKET_FILE, path=str(paths.console)),
+            *([Resource(SOCKET_FILE, path=str(paths.debug_console))] if spec.debug_console else []),
             Resource(FILE, path=str(paths.log)),
             Resource(FILE, path=str(paths.pidfile)),
         ):
@@ -201,7 +217,7 @@ class QemuHypervisor(Hypervisor):
 
     async def _spawn(self, timeout: float, incoming: str | None) -> None:
         spec, paths = self._require_spec(), self._require_paths()
-        for stale in (paths.qmp, paths.agent, paths.console, paths.pidfile):
+        for stale in (paths.qmp, paths.agent, paths.console, paths.debug_console, paths.pidfile):
             stale.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -252,7 +268,7 @@ class QemuHypervisor(Hypervisor):
 
     def _remove_sockets(self) -> None:
         paths = self._require_paths()
-        for path in (paths.qmp, paths.agent, paths.console, paths.pidfile):
+        for path in (paths.qmp, paths.agent, paths.console, paths.debug_console, paths.pidfile):
             path.unlink(missing_ok=True)
 
     async def stop(self) -> None:

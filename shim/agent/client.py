@@ -11,11 +11,14 @@ same connection; a late answer to an abandoned attempt is dropped by the ttrpc
 client (it names a finished stream).
 
 Calls that wait on the guest's processes (``wait_process``, ``read_stdout``,
-``read_stderr``) have no deadline; every other call has ``request_timeout``.
+``read_stderr``) have no deadline; every other call has ``request_timeout``,
+and its round trip, when answered, feeds the sandbox's latency histogram
+(:data:`shim.metrics.recorder.AGENT_RPC`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -28,7 +31,15 @@ from agent_proto import agent_pb2, health_pb2, types_pb2
 from shim.agent.transport import connect, describe
 from shim.errors import AgentReplyError, DeadlineExceededError
 from shim.hypervisor import AgentEndpoint
-from ttrpc import Client, ConnectionClosed, DeadlineExceeded, InvalidPayload, ProtocolError
+from shim.metrics.recorder import AGENT_RPC
+from ttrpc import (
+    Client,
+    ConnectionClosed,
+    DeadlineExceeded,
+    InvalidPayload,
+    ProtocolError,
+    RpcError,
+)
 
 AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
@@ -79,6 +90,28 @@ class AgentClient:
         response_type: type[M],
         timeout: float | None,
     ) -> M:
+        if timeout is None:  # a blocking wait: its time is the guest's, not a round trip
+            return await self._checked_call(service, method, request, response_type, None)
+        started = time.monotonic()
+        try:
+            response = await self._checked_call(service, method, request, response_type, timeout)
+        except DeadlineExceeded:
+            raise
+        except (RpcError, AgentReplyError):
+            AGENT_RPC.observe((method,), time.monotonic() - started)
+            raise
+        AGENT_RPC.observe((method,), time.monotonic() - started)
+        return response
+
+    async def _checked_call(
+        self,
+        service: str,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        timeout: float | None,
+    ) -> M:
+        """A call whose answer, if it is not a valid reply, fails it (and nothing else)."""
         try:
             return await self._client.call(
                 service, method, request, response_type, timeout=timeout
@@ -148,6 +181,17 @@ class AgentClient:
             "GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent, wait=True
         )
         return event.container_id
+
+    async def get_metrics(self, timeout: float | None = None) -> str:
+        """``GetMetrics``: the guest's figures as Prometheus text (untrusted: parse with care)."""
+        response = await self._call(
+            AGENT_SERVICE,
+            "GetMetrics",
+            agent_pb2.GetMetricsRequest(),
+            agent_pb2.Metrics,
+            self.request_timeout if timeout is None else timeout,
+        )
+        return response.metrics
 
     # -- containers and processes ----------------------------------------------
 

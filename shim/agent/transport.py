@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -60,6 +62,33 @@ def describe(endpoint: AgentEndpoint) -> str:
             return f"hybrid vsock {path} port {port}"
         case SerialEndpoint(path):
             return f"virtio-serial {path}"
+
+
+def endpoint_record(endpoint: AgentEndpoint | None) -> dict[str, Any]:
+    """An endpoint as plain JSON values, for the sandbox's record (``{}`` for None)."""
+    match endpoint:
+        case VsockEndpoint(cid, port):
+            return {"kind": "vsock", "cid": cid, "port": port}
+        case HybridVsockEndpoint(path, port):
+            return {"kind": "hybrid-vsock", "path": str(path), "port": port}
+        case SerialEndpoint(path):
+            return {"kind": "serial", "path": str(path)}
+    return {}
+
+
+def endpoint_from_record(record: Mapping[str, Any]) -> AgentEndpoint | None:
+    """The endpoint ``endpoint_record`` wrote (None for ``{}`` or an unknown kind)."""
+    try:
+        match record.get("kind"):
+            case "vsock":
+                return VsockEndpoint(int(record["cid"]), int(record["port"]))
+            case "hybrid-vsock":
+                return HybridVsockEndpoint(Path(record["path"]), int(record["port"]))
+            case "serial":
+                return SerialEndpoint(Path(record["path"]))
+    except (KeyError, TypeError, ValueError):
+        pass
+    return None
 
 
 async def connect(endpoint: AgentEndpoint, timeout: float) -> trio.abc.Stream:

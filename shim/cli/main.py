@@ -1,4 +1,4 @@
-"""The ``husk`` command: host check, effective config, guest image, cleanup."""
+"""The ``husk`` command: host check, config, guest image, sandboxes, cleanup, and debugging."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="configuration.toml to use (default: $HUSK_CONFIG, /etc/husk, packaged default)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="store_true", help="print the version line (and the guest kernel)"
+    )
+    sub = parser.add_subparsers(dest="command")
 
     p_check = sub.add_parser("check", help="what this host offers; exit 0 if a sandbox can start")
     p_check.add_argument("--json", action="store_true", help="machine-readable output")
@@ -44,6 +47,19 @@ def _parser() -> argparse.ArgumentParser:
         default="none",
         help="initrd compression (none boots fastest under TCG; zstd is ~3x smaller)",
     )
+
+    p_sandbox = sub.add_parser("sandbox", help="the sandboxes on this host")
+    sandbox_sub = p_sandbox.add_subparsers(dest="sandbox_command", required=True)
+    p_ls = sandbox_sub.add_parser("ls", help="list sandboxes: hypervisor, age, size, state")
+    p_ls.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p_exec = sub.add_parser(
+        "exec", help="a root shell in a sandbox's guest (needs [agent.husk] debug_console)"
+    )
+    p_exec.add_argument("sandbox", help="the sandbox id (see `husk sandbox ls`)")
+
+    p_metrics = sub.add_parser("metrics", help="Prometheus metrics of one sandbox, or of all")
+    p_metrics.add_argument("sandbox", nargs="?", help="a sandbox id (default: every sandbox)")
 
     p_cleanup = sub.add_parser("cleanup", help="list and reclaim sandboxes of dead shims")
     p_cleanup.add_argument("--dry-run", action="store_true", help="only list the orphans")
@@ -77,6 +93,32 @@ def _cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sandbox_ls(args: argparse.Namespace) -> int:
+    from shim.cli import sandboxes
+
+    found = sandboxes.rows(config.load(args.config).runtime.state_dir)
+    print(sandboxes.render_json(found) if args.json else sandboxes.render_text(found))
+    return 0
+
+
+def _cmd_exec(args: argparse.Namespace) -> int:
+    from shim.cli import debug_console
+
+    return debug_console.run(config.load(args.config).runtime.state_dir, args.sandbox)
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from shim.metrics import scrape
+
+    root = config.load(args.config).runtime.state_dir
+    text, problems = scrape.collect(root, args.sandbox)
+    sys.stdout.buffer.write(text)
+    sys.stdout.flush()
+    for problem in problems:
+        print(f"husk: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from shim.sandbox import cleanup
 
@@ -95,7 +137,15 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``husk`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from shim.version import configured_image_dir, version_line
+
+        print(version_line(configured_image_dir(args.config)))
+        return 0
+    if args.command is None:
+        parser.error("a command is required")
     try:
         if args.command == "check":
             return _cmd_check(args)
@@ -105,6 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_image_build(args)
         if args.command == "cleanup":
             return _cmd_cleanup(args)
+        if args.command == "sandbox":
+            return _cmd_sandbox_ls(args)
+        if args.command == "metrics":
+            return _cmd_metrics(args)
+        if args.command == "exec":
+            return _cmd_exec(args)
     except HuskError as e:
         print(f"husk: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,7 @@ AGENT_KEYS: tuple[Key, ...] = (
     Key("dial_timeout", float, 30.0, "seconds to wait for the agent after boot", minimum=0.1),
     Key("request_timeout", float, 60.0, "seconds for one agent request", minimum=0.1),
     Key("enable_debug", bool, False, "agent logs at debug level to the console"),
+    Key("debug_console", bool, False, "a root shell in the guest for `husk exec`"),
 )
 
 
@@ -80,6 +81,7 @@ class AgentConfig:
     dial_timeout: float
     request_timeout: float
     enable_debug: bool
+    debug_console: bool
 
 
 @dataclass(frozen=True)

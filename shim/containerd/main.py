@@ -56,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, action, version = parse(sys.argv[1:] if argv is None else argv)
     if version:
-        from importlib.metadata import version as dist_version
+        from shim.version import configured_image_dir, version_line
 
-        print(f"containerd-shim-husk-v2 {dist_version('husk-runtime')}")
+        print(version_line(configured_image_dir()))
         return 0
     try:
         cfg: config_mod.Config | HuskError = config_mod.load()

@@ -1,7 +1,8 @@
 """The long-lived shim process: the task service on the socket ``start`` bound.
 
 It listens on fd 3 (passed by ``start``), logs to the bundle's ``log`` FIFO that
-containerd reads, publishes events to ``TTRPC_ADDRESS`` and, as soon as it
+containerd reads, publishes events to ``TTRPC_ADDRESS``, serves Prometheus
+metrics on ``metrics.sock`` in the sandbox's state dir and, as soon as it
 runs, begins booting the sandbox its bundle names, so the VM boots while
 containerd prepares the ``Create`` call. It exits after ``Shutdown`` (or
 SIGTERM) once the sandbox and every host resource it recorded are gone.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import logging
 import os
 import signal
@@ -28,10 +30,11 @@ from shim.containerd.launch import SERVE_FD, ShimArgs
 from shim.containerd.task_service import TaskService
 from shim.errors import HuskError
 from shim.lograte import RateLimit
+from shim.resources import SOCKET_FILE, Resource
 from shim.sandbox import cleanup, factory, oci
 from shim.sandbox.annotations import placement
 from shim.sandbox.sandbox import Sandbox
-from shim.sandbox.state import SandboxState
+from shim.sandbox.state import METRICS_SOCKET, SandboxState
 from ttrpc import Server
 
 log = logging.getLogger("husk.shim")
@@ -89,11 +92,15 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
     model = config.runtime.sandbox_model if isinstance(config, Config) else "pod"
     async with trio.open_nursery() as nursery:
         nursery.start_soon(publisher.run)
-        service = TaskService(nursery, make, publisher, sandbox_model=model)
+        service = TaskService(
+            nursery, make, publisher, sandbox_model=model, namespace=args.namespace
+        )
         server = Server()
         server.register(TASK_SERVICE, service)
         socket_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await nursery.start(server.serve_listener, socket_listener)
+        if state_root is not None:
+            await _start_metrics(nursery, state_root / args.id, service)
         _preboot(service, args, model)
         nursery.start_soon(_on_signals, service)
         await service.shutdown_requested.wait()
@@ -104,6 +111,29 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
         nursery.cancel_scope.cancel()
     if state_root is not None:
         _reclaim_leftovers(state_root / args.id)
+
+
+async def _start_metrics(nursery: trio.Nursery, directory: Path, service: TaskService) -> None:
+    """Serve the sandbox's metrics; a shim without them still serves containerd."""
+    from shim.metrics import server
+
+    path = directory / METRICS_SOCKET
+
+    async def render() -> tuple[bytes, str]:
+        from shim.metrics import snapshot
+
+        # prometheus_client takes ~80 ms to import: not on the event loop, not before a scrape
+        exposition = await trio.to_thread.run_sync(
+            importlib.import_module, "shim.metrics.exposition"
+        )
+        taken = await snapshot.take(service.sandbox)
+        return exposition.render(taken), exposition.CONTENT_TYPE
+
+    try:
+        SandboxState.load(directory).record(Resource(SOCKET_FILE, path=str(path)))
+        await nursery.start(server.serve, path, render)
+    except OSError as e:
+        log.warning("no metrics for %s: %s", directory.name, e)
 
 
 def _preboot(service: TaskService, args: ShimArgs, model: str) -> None:

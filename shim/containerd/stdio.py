@@ -6,17 +6,23 @@ Three loops per process, all bytes as they are (binary-safe):
 - ``ReadStdout`` → stdout FIFO, until the agent reports EOF;
 - ``ReadStderr`` → stderr FIFO (not in terminal mode: a pty has one output).
 
-An output with no FIFO is still drained, so the guest process never blocks on
-a full pipe; a FIFO whose reader went away is drained the same way.
+The outputs go where the process's :class:`~shim.containerd.outputs.Outputs`
+say: containerd's FIFOs by default, or a file or a logger process for a
+``file://`` or ``binary://`` stdout URI. An output with no destination is
+still drained, so the guest process never blocks on a full pipe; a
+destination whose reader went away is drained the same way.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -62,16 +68,70 @@ async def open_writer(path: str) -> trio.lowlevel.FdStream:
         return trio.lowlevel.FdStream(fd)
 
 
+class Sink(Protocol):
+    """Where one output's bytes go."""
+
+    async def send_all(self, data: bytes) -> None:
+        """Write all of ``data``."""
+
+    async def aclose(self) -> None:
+        """Close this end."""
+
+
+async def close_sink(sink: Sink) -> None:
+    """Close a sink at once (as ``trio.aclose_forcefully``), ignoring a reader gone."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await sink.aclose()
+
+
+class Outputs(abc.ABC):
+    """The destinations of one process's stdout and stderr."""
+
+    @abc.abstractmethod
+    async def open(self, which: str) -> Sink | None:
+        """The sink for ``"stdout"`` or ``"stderr"`` (None: drain and drop)."""
+
+    async def aclose(self) -> None:
+        """Release what the destinations hold (a logger process, files)."""
+        await trio.lowlevel.checkpoint()
+
+
+class FifoOutputs(Outputs):
+    """containerd's FIFOs, opened once their reader (containerd) has them open."""
+
+    def __init__(self, paths: StdioPaths, label: str = "") -> None:
+        self.paths = paths
+        self._label = label
+
+    async def open(self, which: str) -> Sink | None:
+        path = self.paths.stdout if which == "stdout" else self.paths.stderr
+        if not path:
+            return None
+        try:
+            return await open_writer(path)
+        except OSError as e:
+            log.warning("%s: cannot open %s: %s", self._label, path, e)
+            return None
+
+
 class StdioPump:
     """The copy loops of one process; ``run`` lives in the sandbox's nursery."""
 
     def __init__(
-        self, agent: AgentClient, container_id: str, exec_id: str, paths: StdioPaths
+        self,
+        agent: AgentClient,
+        container_id: str,
+        exec_id: str,
+        paths: StdioPaths,
+        outputs: Outputs | None = None,
     ) -> None:
         self._agent = agent
         self._container_id = container_id
         self._exec_id = exec_id
         self.paths = paths
+        self.outputs = outputs if outputs is not None else FifoOutputs(paths, container_id)
         self.output_done = trio.Event()
         self._stdin_scope = trio.CancelScope()
         self._stdin_closed = False
@@ -88,9 +148,9 @@ class StdioPump:
                 if self.paths.stdin:
                     nursery.start_soon(self._stdin)
                 async with trio.open_nursery() as outputs:
-                    outputs.start_soon(self._output, self._read_stdout, self.paths.stdout)
+                    outputs.start_soon(self._output, self._read_stdout, "stdout")
                     if not self.paths.terminal:
-                        outputs.start_soon(self._output, self._read_stderr, self.paths.stderr)
+                        outputs.start_soon(self._output, self._read_stderr, "stderr")
                 self._stdin_scope.cancel()
         finally:
             self.output_done.set()
@@ -164,14 +224,9 @@ class StdioPump:
     async def _read_stderr(self) -> bytes:
         return await self._agent.read_stderr(self._container_id, self._exec_id)
 
-    async def _output(self, read: Callable[[], Awaitable[bytes]], path: str) -> None:
-        fifo: trio.lowlevel.FdStream | None = None
+    async def _output(self, read: Callable[[], Awaitable[bytes]], which: str) -> None:
+        sink = await self.outputs.open(which)
         try:
-            if path:
-                try:
-                    fifo = await open_writer(path)
-                except OSError as e:
-                    log.warning("%s: cannot open %s: %s", self._container_id, path, e)
             while True:
                 try:
                     data = await read()
@@ -179,12 +234,15 @@ class StdioPump:
                     return  # EOF (the agent answers it with an error) or the VM is gone
                 if not data:
                     return
-                if fifo is not None:
+                if sink is not None:
                     try:
-                        await fifo.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        log.info("%s: reader of %s went away", self._container_id, path)
-                        fifo = None
+                        await sink.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                        log.info(
+                            "%s: the reader of its %s went away: %s", self._container_id, which, e
+                        )
+                        await close_sink(sink)
+                        sink = None
         finally:
-            if fifo is not None:
-                await fifo.aclose()
+            if sink is not None:
+                await close_sink(sink)

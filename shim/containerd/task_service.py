@@ -23,7 +23,8 @@ from google.protobuf import any_pb2, empty_pb2
 from agent_proto import agent_pb2, events_pb2, task_pb2, task_types_pb2
 from shim import network
 from shim.containerd.events import Publisher
-from shim.containerd.stdio import StdioPaths
+from shim.containerd.outputs import OutputsRequest, open_outputs
+from shim.containerd.stdio import Outputs, StdioPaths
 from shim.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -53,11 +54,13 @@ class TaskService:
         publisher: Publisher,
         *,
         sandbox_model: str = "pod",
+        namespace: str = "default",
     ) -> None:
         self._nursery = nursery
         self._make_sandbox = make_sandbox
         self._publisher = publisher
         self._sandbox_model = sandbox_model
+        self._namespace = namespace
         self.sandbox: Sandbox | None = None
         self.shutdown_requested = trio.Event()
         self._creating: set[str] = set()
@@ -83,10 +86,27 @@ class TaskService:
         return self.sandbox
 
     async def teardown(self) -> None:
-        """Destroy the sandbox (VM and host resources) and wait until it is gone."""
+        """Stop the loggers, destroy the sandbox (VM and host resources), wait until it is gone."""
         if self.sandbox is not None:
+            async with trio.open_nursery() as nursery:
+                for container in self.sandbox.containers.values():
+                    for process in container.processes():
+                        nursery.start_soon(_close_outputs, process)
             self.sandbox.stop()
             await self.sandbox.stopped.wait()
+
+    async def _open_outputs(self, sandbox: Sandbox, process: Process, label: str) -> Outputs:
+        """Where the process's stdout and stderr go (a ``binary://`` logger is ready)."""
+        return await open_outputs(
+            OutputsRequest(
+                stdio=process.stdio,
+                process_id=process.exec_id or process.container_id,
+                namespace=self._namespace,
+                label=label,
+                record=sandbox.state.record,
+                forget=sandbox.state.forget,
+            )
+        )
 
     def _container(self, container_id: str) -> Container:
         if self.sandbox is None:
@@ -141,11 +161,19 @@ class TaskService:
                 )
             netns = network.netns_path(spec) if place.owner else None
             sandbox = self.boot(place.sandbox_id, netns)
-            await sandbox.ready()
             stdio = StdioPaths(request.stdin, request.stdout, request.stderr, request.terminal)
-            container = await sandbox.create_container(
-                cid, request.bundle, spec, list(request.rootfs), stdio
-            )
+            # a bad log URI or a failing logger fails Create before the guest sees anything
+            init = Process(cid, "", stdio)
+            init.outputs = await self._open_outputs(sandbox, init, f"container {cid}")
+            try:
+                await sandbox.ready()
+                container = await sandbox.create_container(
+                    cid, request.bundle, spec, list(request.rootfs), stdio
+                )
+            except BaseException:
+                await _close_outputs(init)
+                raise
+            container.init.outputs = init.outputs
         finally:
             self._creating.discard(cid)
         self._publisher.publish(
@@ -167,7 +195,17 @@ class TaskService:
     async def Start(self, request: task_pb2.StartRequest, ctx: object) -> task_pb2.StartResponse:
         """Start the init process or an exec'd one."""
         container, process = self._process(request.id, request.exec_id)
-        await self._running_sandbox().start(container, process)
+        sandbox = self._running_sandbox()
+        if process.exec_id and process.outputs is None:
+            # as runc's shim: an exec'd process's IO (and logger) is set up at its start
+            label = f"exec {process.exec_id} of container {container.id}"
+            process.outputs = await self._open_outputs(sandbox, process, label)
+        try:
+            await sandbox.start(container, process)
+        except BaseException:
+            if process.exec_id:
+                await _close_outputs(process)
+            raise
         if process.exec_id:
             self._publisher.publish(
                 events_pb2.TaskExecStarted(
@@ -191,8 +229,11 @@ class TaskService:
         sandbox = self._running_sandbox()
         if process.exec_id:
             await sandbox.delete_exec(container, process)
+            await _close_outputs(process)
         else:
             await sandbox.delete_container(container)
+            for each in container.processes():
+                await _close_outputs(each)
             self._publisher.publish(
                 events_pb2.TaskDelete(
                     container_id=container.id,
@@ -330,6 +371,14 @@ class TaskService:
             return Empty()
         self.shutdown_requested.set()
         return Empty()
+
+
+async def _close_outputs(process: Process) -> None:
+    """Close where a process's output went (a logger gets SIGTERM, then is reaped)."""
+    outputs, process.outputs = process.outputs, None
+    if outputs is not None:
+        with trio.CancelScope(shield=True):
+            await outputs.aclose()
 
 
 def _json_any(value: any_pb2.Any, what: str) -> dict[str, Any]:

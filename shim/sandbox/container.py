@@ -18,7 +18,7 @@ import trio
 from google.protobuf import timestamp_pb2
 
 from agent_proto import mount_pb2, oci_pb2, task_types_pb2
-from shim.containerd.stdio import StdioPaths, StdioPump
+from shim.containerd.stdio import Outputs, StdioPaths, StdioPump
 from shim.errors import NotFoundError
 from shim.sandbox.rootfs import SharedRootfs
 
@@ -56,6 +56,8 @@ class Process:
     exited: trio.Event = field(default_factory=trio.Event)
     pump: StdioPump | None = None
     waiting: bool = False
+    #: where stdout and stderr go (None: containerd's FIFOs), set before the process runs
+    outputs: Outputs | None = None
 
     @property
     def label(self) -> str:

@@ -13,6 +13,7 @@ restarted shim computes the same names.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from shim.errors import (
     NotSupportedError,
 )
 from shim.hypervisor import BlockDevice, Device, Hypervisor, NetDevice
+from shim.metrics.recorder import HOTPLUG
 
 #: vsock CIDs 0-2 are reserved (hypervisor, local, host); 2**32-1 is VMADDR_CID_ANY
 CID_MIN = 3
@@ -134,7 +136,9 @@ class DeviceManager:
                 f"device {device.id} is already attached to sandbox {self.sandbox_id}"
             )
         self._check_capable(device)
+        started = time.monotonic()
         await self.hypervisor.add_device(device)
+        HOTPLUG.observe((_kind(device), "add"), time.monotonic() - started)
         self._attached[device.id] = device
         return device
 
@@ -143,7 +147,9 @@ class DeviceManager:
         device = self._attached.get(device_id)
         if device is None:
             raise NotFoundError(f"device {device_id} is not attached to sandbox {self.sandbox_id}")
+        started = time.monotonic()
         await self.hypervisor.remove_device(device)
+        HOTPLUG.observe((_kind(device), "remove"), time.monotonic() - started)
         del self._attached[device_id]
 
     @property
@@ -156,3 +162,8 @@ class DeviceManager:
         needed = {BlockDevice: caps.block_hotplug, NetDevice: caps.net_hotplug}
         if not needed.get(type(device), False):
             raise NotSupportedError(self.hypervisor.name, f"hot-add of {type(device).__name__}")
+
+
+def _kind(device: Device) -> str:
+    """``block``, ``net``, ``vsock``, ``sharedfs``: the metrics label of a device."""
+    return type(device).__name__.removesuffix("Device").lower()

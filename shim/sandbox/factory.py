@@ -23,16 +23,20 @@ from shim.sandbox.state import SandboxState
 
 #: the guest agent logs at debug level when its kernel command line says so
 AGENT_DEBUG_PARAM = "husk.debug=1"
+#: the guest agent serves its debug console when its kernel command line says so
+DEBUG_CONSOLE_PARAM = "husk.debug_console=1"
 
 #: makes the (not yet booted) sandbox with this id on this pod netns (None: loopback only)
 SandboxFactory = Callable[[str, str | None], Sandbox]
 
 
 def kernel_params(config: Config) -> str:
-    """The configured guest kernel parameters, plus the agent's debug switch."""
+    """The configured guest kernel parameters, plus the agent's debug switches."""
     params = [str(config.hypervisor.get("kernel_params", ""))]
     if config.agent.enable_debug:
         params.append(AGENT_DEBUG_PARAM)
+    if config.agent.debug_console:
+        params.append(DEBUG_CONSOLE_PARAM)
     return " ".join(p for p in params if p)
 
 
@@ -51,6 +55,7 @@ def vm_spec(config: Config, state: SandboxState) -> VmSpec:
         shared_fs=rootfs.shared_fs_device(str(section["shared_fs"]), state.shared_dir),
         agent_transport=config.agent.transport,
         record=state.record,
+        debug_console=config.agent.debug_console,
     )
 
 
@@ -67,6 +72,7 @@ def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
         state = SandboxState.create(config.runtime.state_dir, sandbox_id, namespace)
         state.claim(os.getpid())
         spec = vm_spec(config, state)
+        state.describe_vm(plugin.name, spec.vcpus, spec.memory_mib)
         if config.runtime.internetworking_model == "none":
             netns = None
         return Sandbox(

@@ -21,7 +21,7 @@ import trio
 
 from agent_proto import agent_pb2, mount_pb2
 from shim.agent.client import AgentClient, wait_ready
-from shim.agent.transport import connect
+from shim.agent.transport import connect, endpoint_record
 from shim.containerd.stdio import StdioPaths, StdioPump
 from shim.errors import FailedPreconditionError, HuskError, NotFoundError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSpec
@@ -30,7 +30,7 @@ from shim.sandbox.console import ConsoleLog
 from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.pod_network import SandboxNetwork
-from shim.sandbox.state import SandboxState
+from shim.sandbox.state import RUNNING, STOPPING, SandboxState
 from ttrpc import Code, ConnectionClosed, RpcError
 
 log = logging.getLogger("husk.sandbox")
@@ -126,6 +126,8 @@ class Sandbox:
                     vm_tasks.start_soon(self.console.run, console)
                 try:
                     await self.hypervisor.start(self.boot_timeout)
+                    console_endpoint = self.hypervisor.debug_console_endpoint()
+                    self.state.set_debug_console(endpoint_record(console_endpoint))
                     await self._serve(started)
                 except Exception as e:
                     error = e
@@ -156,6 +158,7 @@ class Sandbox:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_oom, agent)
+                self.state.set_status(RUNNING)
                 self._ready.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
@@ -188,6 +191,7 @@ class Sandbox:
 
     async def _teardown(self) -> None:
         self._agent = None
+        self.state.set_status(STOPPING)
         for container in list(self.containers.values()):
             self._mark_all_exited(container)
             try:
@@ -289,7 +293,9 @@ class Sandbox:
             return
         process.waiting = True
         agent = self.agent
-        pump = StdioPump(agent, process.container_id, process.exec_id, process.stdio)
+        pump = StdioPump(
+            agent, process.container_id, process.exec_id, process.stdio, process.outputs
+        )
         process.pump = pump
         self.nursery.start_soon(pump.run)
         self.nursery.start_soon(self._wait, agent, process)

@@ -5,7 +5,12 @@ itself: nothing in it is any other host user's business) and a
 ``sandbox.json`` in it::
 
     {"id": "...", "namespace": "default", "shim_pid": 1234, "shim_start": 5678,
-     "containers": ["c1"], "resources": [{"kind": "mount", "path": "..."}, ...]}
+     "containers": ["c1"], "resources": [{"kind": "mount", "path": "..."}, ...],
+     "hypervisor": "qemu", "created": 1767225600.0, "vcpus": 1, "memory_mib": 512,
+     "status": "running", "debug_console": {"kind": "serial", "path": "..."}}
+
+The last six are for operators (``husk sandbox ls``, ``husk exec``); a record
+written before they existed reads with their defaults.
 
 A resource is written to the record **before** it is created and dropped only
 after it is gone, so ``delete``, ``Shutdown`` and ``husk cleanup`` can reclaim
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +45,12 @@ def make_private_dir(path: Path) -> None:
     if path.stat().st_mode & 0o777 != DIR_MODE:
         path.chmod(DIR_MODE)
 
+#: where the serving shim answers ``GET /metrics`` (Prometheus text)
+METRICS_SOCKET = "metrics.sock"
+
+#: ``status`` of a sandbox while its shim lives
+BOOTING, RUNNING, STOPPING = "booting", "running", "stopping"
+
 
 @dataclass
 class SandboxState:
@@ -51,11 +63,24 @@ class SandboxState:
     shim_start: int = 0
     containers: list[str] = field(default_factory=list)
     resources: list[Resource] = field(default_factory=list)
+    hypervisor: str = ""
+    #: wall-clock time (seconds since the epoch) the sandbox was made
+    created: float = 0.0
+    vcpus: int = 0
+    memory_mib: int = 0
+    status: str = BOOTING
+    #: where ``husk exec`` reaches the guest's debug console (``{}``: none)
+    debug_console: dict[str, Any] = field(default_factory=dict)
 
     @property
     def socket(self) -> Path:
         """Where the sandbox's shim serves containerd."""
         return self.dir / SOCKET
+
+    @property
+    def metrics_socket(self) -> Path:
+        """Where the sandbox's shim serves Prometheus metrics."""
+        return self.dir / METRICS_SOCKET
 
     @property
     def shared_dir(self) -> Path:
@@ -97,6 +122,12 @@ class SandboxState:
             shim_start=int(raw.get("shim_start", 0)),
             containers=[str(c) for c in raw.get("containers", [])],
             resources=[Resource(**r) for r in raw.get("resources", [])],
+            hypervisor=str(raw.get("hypervisor", "")),
+            created=float(raw.get("created", 0.0)),
+            vcpus=int(raw.get("vcpus", 0)),
+            memory_mib=int(raw.get("memory_mib", 0)),
+            status=str(raw.get("status", BOOTING)),
+            debug_console=dict(raw.get("debug_console") or {}),
         )
 
     def save(self) -> None:
@@ -108,6 +139,12 @@ class SandboxState:
             "shim_start": self.shim_start,
             "containers": self.containers,
             "resources": [asdict(r) for r in self.resources],
+            "hypervisor": self.hypervisor,
+            "created": self.created,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "status": self.status,
+            "debug_console": self.debug_console,
         }
         tmp = self.dir / f".{RECORD}.{os.getpid()}"
         tmp.write_text(json.dumps(data, indent=1))
@@ -118,6 +155,24 @@ class SandboxState:
         self.shim_pid = pid
         self.shim_start = process_start_time(pid)
         self.save()
+
+    def describe_vm(self, hypervisor: str, vcpus: int, memory_mib: int) -> None:
+        """Note what the sandbox runs on, and when it was made (kept if already known)."""
+        self.hypervisor, self.vcpus, self.memory_mib = hypervisor, vcpus, memory_mib
+        self.created = self.created or time.time()
+        self.save()
+
+    def set_debug_console(self, endpoint: dict[str, Any]) -> None:
+        """Where ``husk exec`` reaches the guest's shell (``{}``: the sandbox has none)."""
+        if endpoint != self.debug_console:
+            self.debug_console = endpoint
+            self.save()
+
+    def set_status(self, status: str) -> None:
+        """``booting``, ``running`` or ``stopping``, for ``husk sandbox ls``."""
+        if status != self.status:
+            self.status = status
+            self.save()
 
     def shim_alive(self) -> bool:
         """Whether the recorded shim process still runs."""

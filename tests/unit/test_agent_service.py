@@ -182,3 +182,24 @@ async def test_over_ttrpc_copy_file_and_guest_details(tmp_path: Path) -> None:
         assert details.mem_block_size_bytes == 0x8000000
         assert details.support_mem_hotplug_probe is False
         assert "9p" in details.agent_details.storage_handlers
+
+
+async def test_get_metrics_answers_the_guests_figures_and_the_client_times_it(
+    tmp_path: Path,
+) -> None:
+    from shim.agent.client import AgentClient
+    from shim.metrics.recorder import AGENT_RPC
+    from shim.metrics.snapshot import guest_samples
+
+    AGENT_RPC.clear()
+    server = build_server(make_service(tmp_path))
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.serve_stream, server_side)
+        async with AgentClient.open(client_side, request_timeout=10) as agent:
+            text = await agent.get_metrics()
+            await agent.check()
+        nursery.cancel_scope.cancel()
+    assert {s.family for s in guest_samples(text)} >= {"husk_guest_memory_bytes"}
+    counted = {labels[0]: buckets[-1][1] for labels, buckets, _ in AGENT_RPC.cumulative()}
+    assert counted == {"GetMetrics": 1.0, "Check": 1.0}

@@ -136,3 +136,15 @@ async def test_manager_checks_capabilities_first() -> None:
         await manager.attach(VsockDevice("vsock0", 3))
     assert hv.calls == []
     assert isinstance(manager.block(Path("/y")), BlockDevice)
+
+
+async def test_hot_plug_durations_feed_the_metrics_histogram() -> None:
+    from shim.metrics.recorder import HOTPLUG
+
+    HOTPLUG.clear()
+    manager = DeviceManager("sb", RecordingHypervisor(Capabilities(block_hotplug=True)))
+    disk = manager.block(Path("/tmp/d.img"))
+    await manager.attach(disk)
+    await manager.detach(disk.id)
+    counts = {labels: buckets[-1][1] for labels, buckets, _ in HOTPLUG.cumulative()}
+    assert counts == {("block", "add"): 1.0, ("block", "remove"): 1.0}

@@ -208,3 +208,15 @@ def test_runas_drops_to_a_user_and_keeps_the_seccomp_filter_otherwise_whole() ->
 def test_no_seccomp_filter_when_turned_off() -> None:
     argv = build_argv(spec(), QemuSettings(seccomp_sandbox=""), VmPaths(STATE / "qemu"))
     assert "-sandbox" not in argv
+
+
+def test_debug_console_is_a_second_virtio_serial_port_only_when_asked() -> None:
+    paths = VmPaths(STATE / "qemu")
+    with_console = build_argv(spec(debug_console=True), QemuSettings(), paths, qmp_fd=7)
+    assert f"socket,id=debugcon,path={D}/debug-console.sock,server=on,wait=off" in with_console
+    assert "virtserialport,chardev=debugcon,id=debugcon0,name=console.channel.0" in with_console
+    without = build_argv(spec(), QemuSettings(), paths, qmp_fd=7)
+    assert not [a for a in without if "debugcon" in a]
+    vsock = QemuSettings(agent_transport="vsock")
+    assert not [a for a in build_argv(spec(debug_console=True), vsock, paths, guest_cid=9)
+                if "debugcon" in a]  # fmt: skip

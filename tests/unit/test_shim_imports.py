@@ -8,7 +8,7 @@ import sys
 SERVING_SHIM = (
     "import shim.containerd.main, shim.containerd.serve, shim.sandbox.factory; "
     "from shim import registry; registry.lookup('qemu').create({}); "
-    "import plugins.qemu.driver"
+    "import plugins.qemu.driver, shim.metrics.server, shim.metrics.snapshot"
 )
 
 

@@ -51,3 +51,33 @@ async def test_fifo_eof_closes_stdin_once(tmp_path: Path) -> None:
         os.close(writer)
     await pump.close_stdin()
     assert agent.calls == [("write", b"abc"), ("close", b"")]
+
+
+class OutputAgent:
+    """An agent whose process printed fixed stdout and stderr, then reached EOF."""
+
+    def __init__(self, stdout: list[bytes], stderr: list[bytes]) -> None:
+        self.streams = {"stdout": list(stdout), "stderr": list(stderr)}
+
+    async def _next(self, which: str) -> bytes:
+        await trio.lowlevel.checkpoint()
+        chunks = self.streams[which]
+        return chunks.pop(0) if chunks else b""
+
+    async def read_stdout(self, container_id: str, exec_id: str) -> bytes:
+        return await self._next("stdout")
+
+    async def read_stderr(self, container_id: str, exec_id: str) -> bytes:
+        return await self._next("stderr")
+
+
+async def test_the_pump_writes_outputs_where_the_log_uri_says(tmp_path: Path) -> None:
+    from shim.containerd.outputs import OutputsRequest, open_outputs
+
+    log = tmp_path / "c1.log"
+    paths = StdioPaths(stdout=f"file://{log}", stderr=f"file://{log}")
+    outputs = await open_outputs(OutputsRequest(paths, "c1", "default", "container c1"))
+    agent = OutputAgent([b"out-1\n", b"out-2\n"], [b"err-1\n"])
+    pump = StdioPump(agent, "c1", "", paths, outputs)  # type: ignore[arg-type]
+    await pump.run()
+    assert sorted(log.read_bytes().splitlines()) == [b"err-1", b"out-1", b"out-2"]
