@@ -141,9 +141,9 @@ async def test_over_ttrpc_errors_become_statuses(tmp_path: Path) -> None:
         assert err.value.code == Code.NOT_FOUND
         assert "container 'ghost' not found" in str(err.value)
         with pytest.raises(RpcError) as err:
-            await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
+            await agent.AddSwap(agent_pb2.AddSwapRequest())
         assert err.value.code == Code.UNIMPLEMENTED
-        assert "GetOOMEvent" in str(err.value)
+        assert "AddSwap" in str(err.value)
         with pytest.raises(RpcError) as err:
             await agent.UpdateInterface(agent_pb2.UpdateInterfaceRequest())
         assert err.value.code == Code.FAILED_PRECONDITION
@@ -182,3 +182,20 @@ async def test_over_ttrpc_copy_file_and_guest_details(tmp_path: Path) -> None:
         assert details.mem_block_size_bytes == 0x8000000
         assert details.support_mem_hotplug_probe is False
         assert "9p" in details.agent_details.storage_handlers
+
+
+async def test_get_oom_event_waits_for_a_kill_in_a_watched_container(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    group = tmp_path / "cg" / "c1"
+    group.mkdir(parents=True)
+    (group / "memory.events").write_text("max 0\noom 0\noom_kill 0\n")
+    service.sandbox.oom.watch("c1", group)
+    async with served(service) as (agent, _):
+        with trio.move_on_after(0.1) as waiting:
+            await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
+        assert waiting.cancelled_caught  # blocks while nothing happens
+        (group / "memory.events").write_text("max 3\noom 1\noom_kill 1\n")
+        service.sandbox.oom.check("c1")
+        with trio.fail_after(5):
+            event = await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
+        assert event.container_id == "c1"
