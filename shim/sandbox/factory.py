@@ -51,6 +51,8 @@ def vm_spec(config: Config, state: SandboxState) -> VmSpec:
         shared_fs=rootfs.shared_fs_device(str(section["shared_fs"]), state.shared_dir),
         agent_transport=config.agent.transport,
         record=state.record,
+        max_vcpus=int(section.get("default_maxvcpus", 0)),
+        max_memory_mib=int(section.get("default_maxmemory", 0)),
     )
 
 
