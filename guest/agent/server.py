@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import trio
 
 from agent_proto import agent_pb2, health_pb2
-from guest.agent import power, system
+from guest.agent import command, power, system
 from guest.agent.channel import ListenAddress, serve
 from guest.agent.config import AgentConfig
 from guest.agent.health import HealthService
@@ -67,6 +67,7 @@ async def run(config: AgentConfig, addresses: Sequence[ListenAddress], on_destro
     stop = trio.Event()
     if not config.host_mode:
         system.protect_from_oom_killer()
+        command.reset_children_oom_score_adj(0)
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
         nursery.start_soon(service.sandbox.oom.run)

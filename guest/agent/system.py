@@ -81,9 +81,10 @@ def count_online_cpus(layout: SysfsLayout) -> int:
 def protect_from_oom_killer(proc_self: Path = Path("/proc/self")) -> None:
     """Keep the agent out of the guest OOM killer's reach (``oom_score_adj`` -1000, as Kata).
 
-    Children inherit the value, so every container process must get its own
-    (``oci.runc_config`` always writes ``oomScoreAdj``): an unkillable container
-    would make a memory cgroup OOM loop forever instead of killing it.
+    Children inherit the value, so the agent's children must not keep it
+    (``command.reset_children_oom_score_adj``) and every container process gets
+    its own (``oci.runc_config`` always writes ``oomScoreAdj``): an unkillable
+    container would make a memory cgroup OOM loop forever instead of killing it.
     """
     try:
         (proc_self / "oom_score_adj").write_text(str(OOM_SCORE_ADJ_MIN))
