@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent_proto import oci_pb2
-from shim.errors import InvalidArgumentError, ResourceExhaustedError
+from shim.errors import InvalidArgumentError
 from shim.hypervisor import VmSize
 
 MIB = 1 << 20
@@ -137,13 +137,17 @@ class VmSizing:
         )
 
     def wanted_with(self, container_id: str, limits: VmSize, what: str) -> VmSize:
-        """The size with ``container_id`` claiming ``limits``; ResourceExhausted above a maximum."""
+        """The size with ``container_id`` claiming ``limits``; InvalidArgument above a maximum."""
         size = self.wanted({**self.claims, container_id: limits})
         self.check(size, what)
         return size
 
     def check(self, size: VmSize, what: str) -> None:
-        """Refuse a size above the maxima, naming the key and where it is set."""
+        """Refuse a size above the maxima, naming the key and where it is set.
+
+        InvalidArgument rather than ResourceExhausted: containerd 1.6 passes the
+        former on as "invalid argument" and turns the latter into "unknown".
+        """
         for have, limit, unit, default, key in (
             (size.vcpus, self.maximum.vcpus, "vCPUs", "default_vcpus", "default_maxvcpus"),
             (
@@ -155,7 +159,7 @@ class VmSizing:
             ),
         ):
             if have > limit:
-                raise ResourceExhaustedError(
+                raise InvalidArgumentError(
                     f"sandbox {self.sandbox_id}: {what} needs a VM of {have} {unit} "
                     f"({default} plus the containers' limits), above {key} = {limit} "
                     f"in {self.section}"

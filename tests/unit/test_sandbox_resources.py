@@ -19,7 +19,7 @@ from google.protobuf import any_pb2, empty_pb2
 
 from agent_proto import agent_pb2, cgroups_v2_pb2, health_pb2, task_pb2
 from shim.containerd import metrics
-from shim.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from shim.errors import InvalidArgumentError, NotFoundError
 from shim.hypervisor import Capabilities, VmSize, VmSpec
 from shim.sandbox import sizing
 from shim.sandbox.pod_network import SandboxNetwork
@@ -273,10 +273,10 @@ async def test_removing_a_container_gives_its_memory_back(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("resources", "error", "message"),
     [
-        (memory(5 * GIB), ResourceExhaustedError,
+        (memory(5 * GIB), InvalidArgumentError,
          "sandbox c1: update of container c1 needs a VM of 5248 MiB (default_memory plus the "
          "containers' limits), above default_maxmemory = 4096 in [hypervisor.fake]"),
-        (cpus(8), ResourceExhaustedError,
+        (cpus(8), InvalidArgumentError,
          "sandbox c1: update of container c1 needs a VM of 9 vCPUs (default_vcpus plus the "
          "containers' limits), above default_maxvcpus = 4 in [hypervisor.fake]"),
         (memory(-5), InvalidArgumentError,
@@ -285,7 +285,7 @@ async def test_removing_a_container_gives_its_memory_back(tmp_path: Path) -> Non
         ({"cpu": {"quota": 10, "period": 100_000}}, InvalidArgumentError,
          "update of container c1: cpu quota 10 is invalid: use -1 for no limit or at least "
          "1000 µs"),
-        (memory(1 << 62), ResourceExhaustedError, "above default_maxmemory = 4096"),
+        (memory(1 << 62), InvalidArgumentError, "above default_maxmemory = 4096"),
     ],
 )  # fmt: skip
 async def test_bad_or_too_large_updates_fail_in_one_line_and_change_nothing(
@@ -315,7 +315,7 @@ async def test_a_container_above_the_maximum_fails_and_leaves_nothing(tmp_path: 
     async with trio.open_nursery() as nursery:
         h = SizedHarness(tmp_path, nursery)
         h.resources["big"] = memory(8 * GIB)
-        with pytest.raises(ResourceExhaustedError) as err:
+        with pytest.raises(InvalidArgumentError) as err:
             await h.service.Create(h.create_request("big", ["true"]), None)
         assert str(err.value) == (
             "sandbox big: container big needs a VM of 8320 MiB (default_memory plus the "
