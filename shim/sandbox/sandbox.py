@@ -30,9 +30,9 @@ from agent_proto import agent_pb2, mount_pb2, oci_pb2
 from shim.agent.client import AgentClient, wait_ready
 from shim.agent.transport import connect
 from shim.containerd.stdio import StdioPaths, StdioPump
-from shim.errors import FailedPreconditionError, HuskError, NotFoundError, NotSupportedError
+from shim.errors import FailedPreconditionError, HuskError, NotFoundError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSize, VmSpec
-from shim.sandbox import cleanup, oci, rootfs, sizing
+from shim.sandbox import cleanup, liveness, oci, rootfs, sizing
 from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.pod_network import SandboxNetwork
@@ -165,8 +165,10 @@ class Sandbox:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._watch_oom, agent)
-                    nursery.start_soon(self._watch_vm)
-                    nursery.start_soon(self._watch_agent, agent)
+                    nursery.start_soon(liveness.watch_vm, self.hypervisor, self._lose)
+                    nursery.start_soon(
+                        liveness.watch_agent, agent, self.liveness_interval, self._lose
+                    )
                     self._ready.set()
                     await self._stop.wait()
                     nursery.cancel_scope.cancel()
@@ -409,23 +411,6 @@ class Sandbox:
             self._nursery.start_soon(self.resizer.fit, self._agent)
 
     # -- the VM and its agent dying --------------------------------------------
-
-    async def _watch_vm(self) -> None:
-        try:
-            status = await self.hypervisor.wait()
-        except NotSupportedError:
-            return
-        self._lose(f"the VM exited (VMM status {status})")
-
-    async def _watch_agent(self, agent: AgentClient) -> None:
-        """Health.Check every ``liveness_interval``; no answer in ``request_timeout``: lost."""
-        while True:
-            await trio.sleep(self.liveness_interval)
-            try:
-                await agent.check()
-            except RpcError as e:
-                self._lose(f"the agent stopped answering ({e})")
-                return
 
     def _lose(self, reason: str) -> None:
         """The VM or its agent is gone: every task of the sandbox exits, then the sandbox stops.
