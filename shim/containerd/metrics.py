@@ -8,9 +8,9 @@ which ``ctr task metrics`` and the CRI's stats decode.
 The figures come from the agent's ``StatsContainer`` (Kata's ``CgroupStats``,
 which the agent fills from the cgroup's files): CPU times back to the
 microseconds of ``cpu.stat``, memory from ``memory.current``/``memory.max``
-and every ``memory.stat`` key by its own name. A limit the agent reports as 0
-is ``max`` (the agent reads "max" as 0), which cgroups v2 metrics give as
-2^64 - 1. The agent sends no I/O, RDMA, hugetlb or memory.events figures for
+and every ``memory.stat`` key by its own name. A memory, swap or pids limit
+the agent reports as 0 is ``max`` (the agent reads "max" as 0), which cgroups
+v2 metrics give as 2^64 - 1. The agent sends no I/O, RDMA, hugetlb or memory.events figures for
 cgroup2, so those stay unset. ``pids``, ``cpu`` and ``memory`` are always
 present: ctr 1.6 prints their fields without checking for nil.
 """
@@ -32,7 +32,7 @@ def from_agent(response: agent_pb2.StatsContainerResponse) -> cgroups_v2_pb2.Met
     stats = response.cgroup_stats
     metrics = cgroups_v2_pb2.Metrics()
     metrics.pids.current = stats.pids_stats.current
-    metrics.pids.limit = stats.pids_stats.limit
+    metrics.pids.limit = stats.pids_stats.limit or UNLIMITED
     usage, throttling = stats.cpu_stats.cpu_usage, stats.cpu_stats.throttling_data
     metrics.cpu.usage_usec = usage.total_usage // _NS_PER_USEC
     metrics.cpu.user_usec = usage.usage_in_usermode // _NS_PER_USEC

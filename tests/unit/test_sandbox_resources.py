@@ -345,7 +345,7 @@ async def test_stats_are_containerds_cgroups_v2_metrics(tmp_path: Path) -> None:
         assert (got.cpu.usage_usec, got.cpu.user_usec) == (3000, 2000)
         assert (got.memory.usage, got.memory.anon, got.memory.file) == (50 * MIB, 40 * MIB, 8 * MIB)
         assert got.memory.usage_limit == metrics.UNLIMITED  # the agent says 0 for "max"
-        assert got.pids.current == 2
+        assert (got.pids.current, got.pids.limit) == (2, metrics.UNLIMITED)
         await h.service.teardown()
 
 
