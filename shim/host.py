@@ -22,6 +22,9 @@ class HostFacts:
     kvm_device: bool
     kvm_hardware: bool
     vhost_vsock: bool
+    #: CPUs this process may run on, and the host's memory in MiB (0: unknown)
+    cpus: int = 1
+    memory_mib: int = 0
 
     @property
     def kvm_usable(self) -> bool:
@@ -48,12 +51,16 @@ class HostFacts:
         return "KVM unavailable, TCG will be used: no /dev/kvm and no vmx/svm"
 
     @classmethod
-    def probe(cls, cpuinfo: Path = Path("/proc/cpuinfo")) -> HostFacts:
+    def probe(
+        cls, cpuinfo: Path = Path("/proc/cpuinfo"), meminfo: Path = Path("/proc/meminfo")
+    ) -> HostFacts:
         """Read the facts from this host."""
         return cls(
             kvm_device=KVM.exists() and os.access(KVM, os.R_OK | os.W_OK),
             kvm_hardware=_cpu_has_virt(cpuinfo),
             vhost_vsock=VHOST_VSOCK.exists() and os.access(VHOST_VSOCK, os.R_OK | os.W_OK),
+            cpus=len(os.sched_getaffinity(0)),
+            memory_mib=_memory_mib(meminfo),
         )
 
 
@@ -67,3 +74,15 @@ def _cpu_has_virt(cpuinfo: Path) -> bool:
             flags = set(line.partition(":")[2].split())
             return bool(flags & {"vmx", "svm"})
     return False
+
+
+def _memory_mib(meminfo: Path) -> int:
+    try:
+        text = meminfo.read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            fields = line.split()
+            return int(fields[1]) // 1024 if len(fields) > 1 and fields[1].isdigit() else 0
+    return 0

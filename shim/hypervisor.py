@@ -8,6 +8,12 @@ config section, how to adjust them for this host, and how to make a
 
 Callers check ``capabilities()`` before asking for optional operations; a plugin
 that is asked anyway raises ``NotSupportedError`` naming itself and the operation.
+
+A VM boots with ``VmSpec.vcpus``/``memory_mib`` and room to grow up to
+``max_vcpus``/``max_memory_mib``; ``resize`` hot-plugs towards a new size and
+``size`` reads back what the VM has. Growing and shrinking are separate
+capabilities because a VMM may add what it cannot safely take back (QEMU 7.2
+under TCG crashes on the next vCPU add after a vCPU unplug).
 """
 
 from __future__ import annotations
@@ -49,6 +55,14 @@ class Capabilities:
     shared_fs: frozenset[str] = frozenset()
     pause: bool = False
     save_restore: bool = False
+    #: vCPUs can be hot-added up to ``VmSpec.max_vcpus``
+    cpu_hotplug: bool = False
+    #: hot-added vCPUs can be taken away again
+    vcpu_unplug: bool = False
+    #: memory can be hot-added up to ``VmSpec.max_memory_mib``
+    memory_hotplug: bool = False
+    #: hot-added memory can be given back (never below the boot memory)
+    memory_unplug: bool = False
 
 
 # --- devices -------------------------------------------------------------------
@@ -128,6 +142,15 @@ AgentEndpoint = VsockEndpoint | HybridVsockEndpoint | SerialEndpoint
 
 # --- the sandbox VM's description --------------------------------------------------
 
+
+@dataclass(frozen=True, order=True)
+class VmSize:
+    """How many vCPUs and how much memory (MiB) a VM has or should have."""
+
+    vcpus: int
+    memory_mib: int
+
+
 #: writes a host resource to the sandbox's record; called *before* creating it
 Recorder = Callable[[Resource], object]
 
@@ -156,6 +179,14 @@ class VmSpec:
     record: Recorder = record_nothing
     #: give the guest's debug console a channel of its own (see ``debug_console_endpoint``)
     debug_console: bool = False
+    #: how far ``resize`` may grow the VM; at or below the boot size: no room to grow
+    max_vcpus: int = 0
+    max_memory_mib: int = 0
+
+    @property
+    def maximum(self) -> VmSize:
+        """The largest size this VM can reach (never below its boot size)."""
+        return VmSize(max(self.vcpus, self.max_vcpus), max(self.memory_mib, self.max_memory_mib))
 
 
 class Hypervisor(abc.ABC):
@@ -237,6 +268,22 @@ class Hypervisor(abc.ABC):
     async def remove_device(self, device: Device) -> None:
         """Hot-remove a device, returning once the guest has released it."""
         raise NotSupportedError(self.name, f"hot-remove of {type(device).__name__}")
+
+    async def resize(self, vcpus: int, memory_mib: int) -> VmSize:
+        """Hot-plug vCPUs and memory until the running VM has ``vcpus`` and ``memory_mib``.
+
+        Growing needs ``cpu_hotplug``/``memory_hotplug`` and stays within
+        ``VmSpec.maximum``; shrinking needs ``vcpu_unplug``/``memory_unplug`` and
+        never goes below the boot size (a smaller request means "as small as
+        possible"). Memory is rounded up to the plugin's granularity. Returns
+        once the VMM reports the new size, or, when shrinking, once the guest
+        has given back what it could: the result is the size reached.
+        """
+        raise NotSupportedError(self.name, "resizing the VM")
+
+    async def size(self) -> VmSize:
+        """The vCPUs and memory the running VM has now."""
+        raise NotSupportedError(self.name, "reading the VM's size")
 
     async def save(self, path: Path) -> None:
         """Write the paused VM's state to ``path``."""

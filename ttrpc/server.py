@@ -129,16 +129,25 @@ class Server:
         """Listen on a unix socket at ``path`` and serve it until ``shutdown()``.
 
         A stale socket file at ``path`` is replaced; the file is removed on exit.
-        ``task_status.started`` receives the path.
+        ``task_status.started`` receives the path. The socket is bound under a
+        temporary name and renamed into place once it listens, so a client that
+        sees the file can connect at once (never ECONNREFUSED in between).
         """
         path = os.fspath(path)
         _remove_stale_socket(path)
+        staging = f"{path}.{os.getpid()}.tmp"
+        if len(os.fsencode(staging)) > _SUN_PATH_MAX:
+            staging = path  # no room for a longer name: bind in place
+        _remove_stale_socket(staging)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
-            await sock.bind(path)
+            await sock.bind(staging)
             sock.listen(128)
+            if staging != path:
+                os.replace(staging, path)
         except BaseException:
             sock.close()
+            _remove_stale_socket(staging)
             raise
         try:
             listener = trio.SocketListener(sock)
@@ -168,6 +177,10 @@ class Server:
                 connection.abort()
             while self._connections:
                 await self._connection_gone.park()
+
+
+#: sun_path holds 108 bytes, NUL included
+_SUN_PATH_MAX = 107
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -8,7 +8,9 @@ step with no checkpoint between, so its status always reaches its watcher.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,8 +20,37 @@ import trio
 from common.errors import HuskError
 from guest.agent.reaper import ExitWatch, Reaper
 
+SHELL = "/bin/sh"
+
 _RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 """Python ignores these; a child must start with the default disposition."""
+
+_child_oom_score_adj: int | None = None
+"""What every child's ``oom_score_adj`` is reset to (None: children inherit the agent's)."""
+
+
+def reset_children_oom_score_adj(value: int) -> None:
+    """Start every child with ``oom_score_adj`` = ``value`` instead of the agent's own.
+
+    The agent protects itself with -1000, which children inherit, and neither
+    crun (which skips an ``oomScoreAdj`` of 0, and applies none on exec) nor
+    runc (none on exec) undoes that: a container would be unkillable by the OOM
+    killer and its memory cgroup would loop in OOM. posix_spawn cannot change
+    it, so each child starts as ``sh -c 'echo V > /proc/self/oom_score_adj;
+    exec PROGRAM ...'`` (busybox: a millisecond).
+    """
+    global _child_oom_score_adj
+    _child_oom_score_adj = value
+
+
+def _with_oom_reset(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    if _child_oom_score_adj is None:
+        return list(argv)
+    program = shutil.which(argv[0], path=env.get("PATH"))
+    if program is None:
+        raise FileNotFoundError(errno.ENOENT, "no such program", argv[0])
+    script = f'echo {_child_oom_score_adj} > /proc/self/oom_score_adj && exec "$@"'
+    return [SHELL, "-c", script, argv[0], program, *argv[1:]]
 
 
 class CommandError(HuskError):
@@ -67,12 +98,10 @@ def spawn(
                 actions.append((os.POSIX_SPAWN_DUP2, os.dup(source), target))
             else:
                 actions.append((os.POSIX_SPAWN_DUP2, source, target))
+        environment = dict(os.environ if env is None else env)
+        argv = _with_oom_reset(argv, environment)
         pid = os.posix_spawnp(
-            argv[0],
-            list(argv),
-            dict(os.environ if env is None else env),
-            file_actions=actions,
-            setsigdef=_RESET_SIGNALS,
+            argv[0], argv, environment, file_actions=actions, setsigdef=_RESET_SIGNALS
         )
     finally:
         os.close(devnull)

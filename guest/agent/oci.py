@@ -18,7 +18,10 @@ the container runs inside the VM:
 
 And what runc needs is filled in: ``root.path`` (where the agent put the
 rootfs), a ``mount`` namespace, ``PATH`` in the environment, ``cwd``,
-``user.uid``/``gid``, ``ociVersion``, device rules' ``type``/``access``.
+``user.uid``/``gid``, ``ociVersion``, device rules' ``type``/``access``, and
+``process.oomScoreAdj`` (0 unless the spec says otherwise): the agent runs with
+-1000 to stay out of the OOM killer's reach, and a process left to inherit
+that could never be OOM-killed, so its memory cgroup would loop in OOM forever.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from common.errors import InvalidArgumentError
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: a container process's ``oom_score_adj`` when its spec has none (proto3 drops a 0)
+DEFAULT_OOM_SCORE_ADJ = 0
 
 Json = dict[str, Any]
 
@@ -72,6 +77,7 @@ def _process(process: Json, terminal: bool | None) -> Json:
     for key in ("apparmorProfile", "selinuxLabel"):
         process.pop(key, None)
     process["terminal"] = bool(process.get("terminal")) if terminal is None else terminal
+    process.setdefault("oomScoreAdj", DEFAULT_OOM_SCORE_ADJ)
     user = process.setdefault("user", {})
     user.setdefault("uid", 0)
     user.setdefault("gid", 0)

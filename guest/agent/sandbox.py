@@ -13,6 +13,7 @@ from common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundE
 from guest.agent import cgroups, storage
 from guest.agent.config import AgentConfig, check_id
 from guest.agent.container import Container, Runtime
+from guest.agent.oom import OomWatcher
 from guest.agent.process import Process
 from guest.agent.reaper import Reaper
 
@@ -30,6 +31,8 @@ class Sandbox:
         self.created = False
         self.storages: list[str] = []
         self.containers: dict[str, Container] = {}
+        #: OOM kills in the containers' cgroups (its ``run`` belongs to the server's nursery)
+        self.oom = OomWatcher()
         self._creating: set[str] = set()
         self._lock = trio.Lock()
 
@@ -94,6 +97,7 @@ class Sandbox:
                 storage.unmount_all(mounts)
                 raise
             self.containers[cid] = container
+            self.oom.watch(cid, self.config.cgroup_root / container.cgroups_path.lstrip("/"))
             return container
         finally:
             self._creating.discard(cid)
@@ -101,8 +105,10 @@ class Sandbox:
     async def remove_container(self, container_id: str, timeout: float = 0) -> None:
         """Destroy a container (``timeout`` seconds, 0 for no limit) and forget it."""
         container = self.container(container_id)
+        self.oom.check(container_id)  # the counter goes away with the cgroup
         with trio.fail_after(timeout) if timeout > 0 else trio.CancelScope():
             failures = await container.destroy()
+        self.oom.unwatch(container_id)
         self.containers.pop(container_id, None)
         if failures:
             log.warning("container %s: %s", container_id, "; ".join(failures))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import trio
 
 from agent_proto import agent_pb2, health_pb2
-from guest.agent import debug_console, logs, power
+from guest.agent import command, debug_console, logs, power, system
 from guest.agent.channel import ListenAddress, serve
 from guest.agent.config import AgentConfig
 from guest.agent.health import HealthService
@@ -65,8 +65,12 @@ async def run(config: AgentConfig, addresses: Sequence[ListenAddress], on_destro
     service = AgentService(Sandbox(config, reaper), Network())
     server = build_server(service)
     stop = trio.Event()
+    if not config.host_mode:
+        system.protect_from_oom_killer()
+        command.reset_children_oom_score_adj(0)
     async with trio.open_nursery() as nursery:
         await nursery.start(reaper.run)
+        nursery.start_soon(service.sandbox.oom.run)
         served = 0
         for address in addresses:
             try:

@@ -33,7 +33,6 @@ UNIMPLEMENTED = {
     "SetIPTables": "the guest image has no iptables",
     "MemAgentMemcgSet": "the memory agent is not part of husk",
     "MemAgentCompactSet": "the memory agent is not part of husk",
-    "GetOOMEvent": "OOM events are not reported yet",
     "AddSwap": "swap devices are not supported",
     "ResizeVolume": "volume resizing is not supported",
     "SetPolicy": "agent policies are not supported",
@@ -120,6 +119,12 @@ class AgentService:
     ) -> agent_pb2.StatsContainerResponse:
         """cgroup figures (no per-container network figures: the VM's network is shared)."""
         return self.sandbox.stats(request.container_id)
+
+    async def GetOOMEvent(
+        self, request: agent_pb2.GetOOMEventRequest, ctx: object
+    ) -> agent_pb2.OOMEvent:
+        """Block until the kernel OOM-kills a process of a container; that container's id."""
+        return agent_pb2.OOMEvent(container_id=await self.sandbox.oom.next_event())
 
     # --- processes -------------------------------------------------------------
 

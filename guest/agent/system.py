@@ -15,6 +15,8 @@ from guest.agent.storage import SysfsLayout
 log = logging.getLogger("husk.agent.system")
 
 AGENT_VERSION = "0.1.0"
+#: the agent's own ``oom_score_adj``: the OOM killer never picks it
+OOM_SCORE_ADJ_MIN = -1000
 API_VERSION = "0.0.1"
 
 
@@ -74,6 +76,20 @@ def count_online_cpus(layout: SysfsLayout) -> int:
         except OSError:
             continue
     return total
+
+
+def protect_from_oom_killer(proc_self: Path = Path("/proc/self")) -> None:
+    """Keep the agent out of the guest OOM killer's reach (``oom_score_adj`` -1000, as Kata).
+
+    Children inherit the value, so the agent's children must not keep it
+    (``command.reset_children_oom_score_adj``) and every container process gets
+    its own (``oci.runc_config`` always writes ``oomScoreAdj``): an unkillable
+    container would make a memory cgroup OOM loop forever instead of killing it.
+    """
+    try:
+        (proc_self / "oom_score_adj").write_text(str(OOM_SCORE_ADJ_MIN))
+    except OSError as exc:
+        log.warning("cannot protect the agent from the OOM killer: %s", exc)
 
 
 def mem_hotplug_probe(addresses: list[int], layout: SysfsLayout) -> None:

@@ -48,6 +48,7 @@ KERNEL_MODULES: tuple[str, ...] = (
     "virtio_blk",
     "virtio_net",
     "virtio_rng",
+    "virtio_mem",  # memory hot-plug: the sandbox grows (and shrinks) with its containers
     "vsock",
     "vmw_vsock_virtio_transport",
     "9p",

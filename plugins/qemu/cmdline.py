@@ -21,10 +21,14 @@ from shim.hypervisor import BlockDevice, Device, NetDevice, SharedFsDevice, VmSp
 
 #: the guest kernel's own parameters on a QEMU machine, before the spec's and the config's:
 #: the serial console, no reboot loop on panic, no probing of the PS/2 controller
-#: and no TSC calibration (both slow under TCG), no crypto self-tests at boot
+#: and no TSC calibration (both slow under TCG), no crypto self-tests at boot;
+#: hot-plugged memory comes online by itself, in ZONE_MOVABLE where it can be
+#: unplugged again (``auto-movable``); no bounce buffers for the hot-plug range
+#: above 4 GiB, which would cost the guest 64 MiB at boot (virtio does not need them)
 BASE_KERNEL_PARAMS = (
     "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp "
-    "i8042.dumbkbd tsc=reliable no_timer_check noreplace-smp cryptomgr.notests"
+    "i8042.dumbkbd tsc=reliable no_timer_check noreplace-smp cryptomgr.notests "
+    "memhp_default_state=online memory_hotplug.online_policy=auto-movable swiotlb=noforce"
 )
 #: the virtio-serial port name the guest agent opens
 AGENT_PORT = "agent.channel.0"
@@ -35,6 +39,11 @@ SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourceco
 DEBUG_CONSOLE_PORT = "console.channel.0"
 #: sun_path is 108 bytes, NUL included
 UNIX_PATH_MAX = 107
+#: the virtio-mem device that carries every hot-plugged MiB, and its memory backend
+VIRTIO_MEM_ID = "vmem0"
+VIRTIO_MEM_BACKEND = "vmem0-ram"
+#: virtio-mem's unit of plugging (the guest's subblock); sizes are multiples of it
+VIRTIO_MEM_BLOCK_MIB = 2
 
 
 @dataclass(frozen=True)
@@ -180,8 +189,8 @@ def build_argv(
         "-machine", _machine(settings),
         "-accel", settings.accel,
         "-cpu", settings.cpu_model,
-        "-smp", str(spec.vcpus),
-        "-m", f"{spec.memory_mib}M",
+        "-smp", smp_option(spec, settings),
+        "-m", memory_option(spec, settings),
         "-pidfile", str(paths.pidfile),
         "-kernel", str(spec.kernel),
     ]  # fmt: skip
@@ -208,6 +217,7 @@ def build_argv(
         argv += ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={index + 1}"]
     argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom"]
     argv += ["-device", f"{_virtio('virtio-rng', settings)},rng=rng0"]
+    argv += memory_hotplug_args(spec, settings)
     argv += _agent_channel(spec, settings, paths, guest_cid)
     if spec.debug_console and settings.agent_transport == "virtio-serial":
         # its own port on the agent's virtio-serial device; under vsock it is a vsock port
@@ -237,6 +247,50 @@ def _seccomp(settings: QemuSettings) -> str:
         options = [o for o in options if not o.startswith("elevateprivileges=")]
         options.append("elevateprivileges=allow")
     return ",".join(options)
+
+
+def hotplug_memory_mib(spec: VmSpec, settings: QemuSettings) -> int:
+    """MiB the virtio-mem device can plug beyond the boot memory (0: no device).
+
+    Only q35 has a device-memory region; the room is cut to whole virtio-mem blocks.
+    """
+    if not settings.pcie:
+        return 0
+    room = spec.maximum.memory_mib - spec.memory_mib
+    return room - room % VIRTIO_MEM_BLOCK_MIB
+
+
+def smp_option(spec: VmSpec, settings: QemuSettings) -> str:
+    """``-smp``: the boot vCPUs, and on q35 (ACPI CPU hot-plug) room up to the maximum."""
+    if settings.pcie and spec.maximum.vcpus > spec.vcpus:
+        return f"{spec.vcpus},maxcpus={spec.maximum.vcpus}"
+    return str(spec.vcpus)
+
+
+def memory_option(spec: VmSpec, settings: QemuSettings) -> str:
+    """``-m``: the boot memory, and ``maxmem`` when a virtio-mem device gets room."""
+    room = hotplug_memory_mib(spec, settings)
+    if room:
+        return f"{spec.memory_mib}M,maxmem={spec.memory_mib + room}M"
+    return f"{spec.memory_mib}M"
+
+
+def memory_hotplug_args(spec: VmSpec, settings: QemuSettings) -> list[str]:
+    """One virtio-mem device holding the whole hot-plug room, plugged with nothing at boot.
+
+    Its backend is reserved address space only (``reserve=off``: no swap or
+    commit accounting for memory the guest has not been given); ``resize``
+    moves ``requested-size`` and the guest driver plugs or unplugs blocks.
+    """
+    room = hotplug_memory_mib(spec, settings)
+    if not room:
+        return []
+    return [
+        "-object", f"memory-backend-ram,id={VIRTIO_MEM_BACKEND},size={room}M,reserve=off",
+        "-device",
+        f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_BACKEND},requested-size=0,"
+        f"block-size={VIRTIO_MEM_BLOCK_MIB}M",
+    ]  # fmt: skip
 
 
 def _machine(settings: QemuSettings) -> str:

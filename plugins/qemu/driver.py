@@ -30,8 +30,8 @@ from typing import Any
 
 import trio
 
-from plugins.qemu import hotplug
-from plugins.qemu.cmdline import Placed, QemuSettings, VmPaths, build_argv
+from plugins.qemu import hotplug, resize
+from plugins.qemu.cmdline import Placed, QemuSettings, VmPaths, build_argv, hotplug_memory_mib
 from plugins.qemu.process import QemuProcess
 from plugins.qemu.qmp import QmpClient, open_qmp
 from plugins.qemu.qmp_errors import QmpCommandError, QmpError
@@ -40,6 +40,7 @@ from shim.errors import (
     FailedPreconditionError,
     HostError,
     HypervisorError,
+    InvalidArgumentError,
     NotSupportedError,
     VmmExitedError,
 )
@@ -52,6 +53,7 @@ from shim.hypervisor import (
     Hypervisor,
     NetDevice,
     SerialEndpoint,
+    VmSize,
     VmSpec,
     VmState,
     VsockDevice,
@@ -67,6 +69,10 @@ DEBUG_CONSOLE_VSOCK_PORT = 1026
 REMOVE_TIMEOUT = 30.0
 #: seconds a save or restore may take
 MIGRATE_TIMEOUT = 120.0
+#: seconds the guest has to plug hot-added memory (it takes ~0.1 s under TCG)
+PLUG_TIMEOUT = 30.0
+#: seconds to wait for the guest to give memory back before reporting what it kept
+UNPLUG_WAIT = 10.0
 _POLL = 0.05
 #: the name a migration file's fd gets in QEMU (``getfd``), used as ``fd:<name>``
 MIGRATION_FD = "migration"
@@ -105,7 +111,14 @@ class QemuHypervisor(Hypervisor):
     # --- description ----------------------------------------------------------
 
     def capabilities(self) -> Capabilities:
+        """What QEMU does here; CPU and memory hot-plug need q35 (ACPI, device memory).
+
+        vCPU unplug only under KVM: under TCG, QEMU 7.2 aborts with heap corruption
+        on the first CPU ``device_add`` after a CPU ``device_del`` (reproduced 5/5),
+        so a TCG sandbox gives CPU back through the containers' cgroups instead.
+        """
         hotplug = self.settings.pcie and self.settings.pcie_root_ports > 0
+        q35 = self.settings.pcie
         return Capabilities(
             block_hotplug=hotplug,
             net_hotplug=hotplug,
@@ -114,6 +127,10 @@ class QemuHypervisor(Hypervisor):
             shared_fs=frozenset({"9p"}),
             pause=True,
             save_restore=True,
+            cpu_hotplug=q35,
+            vcpu_unplug=q35 and self.settings.accel == "kvm",
+            memory_hotplug=q35,
+            memory_unplug=q35,
         )
 
     def console_socket(self) -> Path | None:
@@ -392,6 +409,69 @@ class QemuHypervisor(Hypervisor):
     def devices(self) -> Sequence[Placed]:
         """The devices the VM has (cold- and hot-plugged) and their root ports."""
         return list(self._placed.values())
+
+    # --- vCPUs and memory ---------------------------------------------------------
+
+    async def resize(self, vcpus: int, memory_mib: int) -> VmSize:
+        spec = self._require_spec()
+        maximum = self._maximum()
+        if vcpus > maximum.vcpus or memory_mib > maximum.memory_mib:
+            raise InvalidArgumentError(
+                f"qemu: sandbox {spec.sandbox_id} cannot grow to {vcpus} vCPUs and "
+                f"{memory_mib} MiB: its VM was started with room for {maximum.vcpus} vCPUs "
+                f"and {maximum.memory_mib} MiB"
+            )
+        async with self._monitor() as qmp:
+            await self._resize_vcpus(qmp, max(vcpus, spec.vcpus))
+            if maximum.memory_mib > spec.memory_mib:
+                await self._resize_memory(qmp, max(memory_mib - spec.memory_mib, 0))
+            return await self._size(qmp)
+
+    async def _resize_vcpus(self, qmp: QmpClient, vcpus: int) -> None:
+        have = resize.plugged(await resize.cpu_slots(qmp))
+        if vcpus > have:
+            self._require(self.capabilities().cpu_hotplug, "vCPU hot-plug")
+            await resize.add_vcpus(qmp, vcpus - have)
+        elif vcpus < have:
+            self._require(self.capabilities().vcpu_unplug, "vCPU hot-unplug")
+            await resize.remove_vcpus(qmp, have - vcpus, REMOVE_TIMEOUT)
+
+    async def _resize_memory(self, qmp: QmpClient, hot_mib: int) -> None:
+        plugged = await resize.plugged_memory_mib(qmp)
+        if hot_mib > plugged:
+            self._require(self.capabilities().memory_hotplug, "memory hot-plug")
+            await resize.set_memory(qmp, hot_mib, PLUG_TIMEOUT, must_reach=True)
+        elif hot_mib < plugged:
+            self._require(self.capabilities().memory_unplug, "memory hot-unplug")
+            await resize.set_memory(qmp, hot_mib, UNPLUG_WAIT, must_reach=False)
+
+    async def size(self) -> VmSize:
+        async with self._monitor() as qmp:
+            return await self._size(qmp)
+
+    async def _size(self, qmp: QmpClient) -> VmSize:
+        spec = self._require_spec()
+        vcpus = resize.plugged(await resize.cpu_slots(qmp))
+        hot = 0
+        if self._maximum().memory_mib > spec.memory_mib:
+            hot = await resize.plugged_memory_mib(qmp)
+        return VmSize(vcpus, spec.memory_mib + hot)
+
+    def _maximum(self) -> VmSize:
+        """What the VM was started with room for (virtio-mem's room is whole blocks)."""
+        spec = self._require_spec()
+        return VmSize(spec.maximum.vcpus, spec.memory_mib + hotplug_memory_mib(spec, self.settings))
+
+    def _require(self, capable: bool, operation: str) -> None:
+        if capable:
+            return
+        if not self.settings.pcie:
+            reason = f"machine {self.settings.machine_type} has no ACPI hot-plug; use q35"
+        elif operation == "vCPU hot-unplug":
+            reason = "under TCG, QEMU 7.2 crashes on the next vCPU hot-add after an unplug"
+        else:
+            reason = ""
+        raise NotSupportedError(self.name, operation, reason)
 
     # --- save / restore ---------------------------------------------------------
 

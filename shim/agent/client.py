@@ -247,6 +247,13 @@ class AgentClient:
         request = agent_pb2.StatsContainerRequest(container_id=container_id)
         return await self._agent("StatsContainer", request, agent_pb2.StatsContainerResponse)
 
+    # -- the guest machine --------------------------------------------------------
+
+    async def online_cpu_mem(self, nb_cpus: int, *, cpu_only: bool) -> None:
+        """``OnlineCPUMem``: bring hot-added vCPUs (and memory) online; ``nb_cpus`` in total."""
+        request = agent_pb2.OnlineCPUMemRequest(wait=True, nb_cpus=nb_cpus, cpu_only=cpu_only)
+        await self._agent("OnlineCPUMem", request, empty_pb2.Empty)
+
     # -- network ----------------------------------------------------------------
 
     async def update_interface(self, interface: types_pb2.Interface) -> types_pb2.Interface:

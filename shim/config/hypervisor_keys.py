@@ -1,12 +1,20 @@
 """Config keys every ``[hypervisor.<name>]`` section shares.
 
 A plugin lists these first and adds its own; defaults point at the guest image
-that ``husk image build`` writes.
+that ``husk image build`` writes. The loader resolves the maxima (``0``: from
+the host) with ``adjust_common`` and checks them with ``validate_common``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from shim.config.schema import Key
+from shim.host import HostFacts
+
+#: the most vCPUs a sandbox may have (QEMU's q35 without an IOMMU stops at 255 APIC ids)
+MAX_VCPUS = 255
 
 DEFAULT_IMAGE_DIR = "/var/lib/husk/images"
 
@@ -26,6 +34,21 @@ def common_keys(binary: str, shared_fs: str = "9p") -> tuple[Key, ...]:
         Key("default_vcpus", int, 1, "vCPUs of a sandbox", minimum=1, maximum=255),
         Key("default_memory", int, 512, "MiB of memory of a sandbox", minimum=64),
         Key(
+            "default_maxvcpus",
+            int,
+            0,
+            "the most vCPUs a sandbox may grow to; 0: the host's CPUs plus default_vcpus",
+            minimum=0,
+            maximum=MAX_VCPUS,
+        ),
+        Key(
+            "default_maxmemory",
+            int,
+            0,
+            "the most MiB a sandbox may grow to; 0: the host's memory",
+            minimum=0,
+        ),
+        Key(
             "shared_fs",
             str,
             shared_fs,
@@ -42,3 +65,30 @@ def common_keys(binary: str, shared_fs: str = "9p") -> tuple[Key, ...]:
         Key("stop_timeout", float, 10.0, "seconds for each step of a graceful stop", minimum=0.1),
         Key("enable_debug", bool, False, "VMM debug output in the sandbox's log"),
     )
+
+
+def adjust_common(values: dict[str, Any], host: HostFacts) -> dict[str, Any]:
+    """Resolve ``default_maxvcpus``/``default_maxmemory`` = 0 for this host.
+
+    vCPUs: the host's CPUs on top of ``default_vcpus``, so containers whose
+    limits add up to every host CPU fit beside the sandbox's own (a vCPU is a
+    thread; more of them than host CPUs only shares the same CPUs). Memory: the
+    host's, as Kata; a sandbox asking for more could never have it.
+    """
+    if values.get("default_maxvcpus") == 0:
+        values["default_maxvcpus"] = min(MAX_VCPUS, host.cpus + int(values["default_vcpus"]))
+    if values.get("default_maxmemory") == 0:
+        values["default_maxmemory"] = max(host.memory_mib, int(values["default_memory"]))
+    return values
+
+
+def validate_common(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A maximum below its default is a mistake the operator should hear about."""
+    problems = []
+    for maximum, default, zero in (
+        ("default_maxvcpus", "default_vcpus", "the host's CPUs plus default_vcpus"),
+        ("default_maxmemory", "default_memory", "the host's memory"),
+    ):
+        if 0 < int(values.get(maximum, 0)) < int(values[default]):
+            problems.append((maximum, f"below {default} ({values[default]}); use 0 for {zero}"))
+    return problems

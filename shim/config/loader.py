@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shim import registry
+from shim.config import hypervisor_keys
 from shim.config.schema import Key, format_value, validate_section
 from shim.errors import ConfigError
 from shim.host import HostFacts
@@ -209,7 +210,10 @@ def _plugin_section(
     plugin: registry.HypervisorPlugin, table: Mapping[str, Any], src: str, host: HostFacts
 ) -> Mapping[str, Any]:
     section = f"hypervisor.{plugin.name}"
-    values = plugin.adjust(validate_section(src, section, table, plugin.keys), host)
+    values = validate_section(src, section, table, plugin.keys)
+    for key, problem in hypervisor_keys.validate_common(values):
+        raise ConfigError(f"{src}: [{section}] {key} = {format_value(values.get(key))}: {problem}")
+    values = hypervisor_keys.adjust_common(plugin.adjust(values, host), host)
     for key, problem in plugin.validate(values, host):
         raise ConfigError(f"{src}: [{section}] {key} = {format_value(values.get(key))}: {problem}")
     return values

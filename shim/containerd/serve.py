@@ -3,9 +3,10 @@
 It listens on fd 3 (passed by ``start``), logs to the bundle's ``log`` FIFO that
 containerd reads, publishes events to ``TTRPC_ADDRESS``, serves Prometheus
 metrics on ``metrics.sock`` in the sandbox's state dir and, as soon as it
-runs, begins booting the sandbox its bundle names, so the VM boots while
-containerd prepares the ``Create`` call. It exits after ``Shutdown`` (or
-SIGTERM) once the sandbox and every host resource it recorded are gone.
+runs, begins booting the sandbox its bundle names, sized for that container's
+limits, so the VM boots while containerd prepares the ``Create`` call. It
+exits after ``Shutdown`` (or SIGTERM) once the sandbox and every host resource
+it recorded are gone.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _preboot(service: TaskService, args: ShimArgs, model: str) -> None:
         spec = oci.read_bundle_spec(args.bundle)
         place = placement(args.id, spec, model)
         if place.owner:
-            service.boot(place.sandbox_id, network.netns_path(spec))
+            service.boot(place.sandbox_id, network.netns_path(spec), spec)
     except HuskError as e:
         log.info("not booting ahead of Create: %s", e)
 

@@ -20,8 +20,9 @@ from typing import Any
 import trio
 from google.protobuf import any_pb2, empty_pb2
 
-from agent_proto import agent_pb2, events_pb2, task_pb2, task_types_pb2
+from agent_proto import events_pb2, task_pb2, task_types_pb2
 from shim import network
+from shim.containerd import metrics
 from shim.containerd.events import Publisher
 from shim.containerd.outputs import OutputsRequest, open_outputs
 from shim.containerd.stdio import Outputs, StdioPaths
@@ -32,7 +33,7 @@ from shim.errors import (
     NotFoundError,
     UnimplementedError,
 )
-from shim.sandbox import oci
+from shim.sandbox import oci, sizing
 from shim.sandbox.annotations import placement
 from shim.sandbox.container import Container, Process, Status, timestamp
 from shim.sandbox.sandbox import Sandbox
@@ -67,14 +68,23 @@ class TaskService:
 
     # -- the sandbox ------------------------------------------------------------
 
-    def boot(self, sandbox_id: str, netns: str | None = None) -> Sandbox:
+    def boot(
+        self, sandbox_id: str, netns: str | None = None, spec: dict[str, Any] | None = None
+    ) -> Sandbox:
         """Start booting this shim's sandbox (idempotent); returns it.
 
-        ``netns`` is the pod's network namespace, from the spec of the
-        container that owns the sandbox (``network.netns_path``).
+        ``netns`` is the pod's network namespace and ``spec`` the OCI spec of
+        the container that owns the sandbox (its id is the sandbox's): the VM
+        boots with room for that container's limits and, under the CRI, its
+        pod's declared total. Bad limits fail here, before anything is made.
         """
         if self.sandbox is None:
+            what = f"container {sandbox_id}"
+            resources = oci.spec_from_json(spec or {}).Linux.Resources
+            limits = sizing.container_limits(resources, what)
+            pod = sizing.pod_reservation((spec or {}).get("annotations") or {}, what)
             sandbox = self._make_sandbox(sandbox_id, netns)
+            sandbox.reserve_boot(sandbox_id, limits, pod)
             sandbox.on_exit = self._process_exited
             sandbox.on_oom = self._oom
             self.sandbox = sandbox
@@ -160,7 +170,7 @@ class TaskService:
                     "which this shim does not run"
                 )
             netns = network.netns_path(spec) if place.owner else None
-            sandbox = self.boot(place.sandbox_id, netns)
+            sandbox = self.boot(place.sandbox_id, netns, spec if place.owner else None)
             stdio = StdioPaths(request.stdin, request.stdout, request.stderr, request.terminal)
             # a bad log URI or a failing logger fails Create before the guest sees anything
             init = Process(cid, "", stdio)
@@ -332,12 +342,10 @@ class TaskService:
         return Empty()
 
     async def Update(self, request: task_pb2.UpdateTaskRequest, ctx: object) -> Empty:
-        """New cgroup limits for the container, applied in the guest."""
+        """New cgroup limits for the container: the VM grows first if they need it."""
         container = self._container(request.id)
         resources = oci.resources_from_json(_json_any(request.resources, "resources"))
-        await self._running_sandbox().agent.update_container(
-            agent_pb2.UpdateContainerRequest(container_id=container.id, resources=resources)
-        )
+        await self._running_sandbox().update_container(container, resources)
         return Empty()
 
     async def Wait(self, request: task_pb2.WaitRequest, ctx: object) -> task_pb2.WaitResponse:
@@ -349,11 +357,10 @@ class TaskService:
         )
 
     async def Stats(self, request: task_pb2.StatsRequest, ctx: object) -> task_pb2.StatsResponse:
-        """The container's cgroup statistics from the guest (Kata's message)."""
+        """The container's guest cgroup (v2) figures, as containerd's cgroups v2 ``Metrics``."""
         container = self._container(request.id)
         stats = await self._running_sandbox().agent.stats_container(container.id)
-        packed = any_pb2.Any(type_url=stats.DESCRIPTOR.full_name, value=stats.SerializeToString())
-        return task_pb2.StatsResponse(stats=packed)
+        return task_pb2.StatsResponse(stats=metrics.pack(metrics.from_agent(stats)))
 
     async def Connect(
         self, request: task_pb2.ConnectRequest, ctx: object

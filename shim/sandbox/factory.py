@@ -56,6 +56,8 @@ def vm_spec(config: Config, state: SandboxState) -> VmSpec:
         agent_transport=config.agent.transport,
         record=state.record,
         debug_console=config.agent.debug_console,
+        max_vcpus=int(section.get("default_maxvcpus", 0)),
+        max_memory_mib=int(section.get("default_maxmemory", 0)),
     )
 
 

@@ -9,27 +9,35 @@ in its own nursery until ``stop()``; on the way out it destroys the VM,
 removes the taps and reclaims every recorded host resource.
 The task service awaits ``ready()`` before using it; a boot failure is raised
 there, once, as the one-line error it is.
+
+The VM is sized by its containers' limits (:mod:`shim.sandbox.sizing`): it
+boots with room for the container that starts it, grows before each new
+container or ``Update`` needs more, and gives memory back when a container
+goes (:class:`Resizer`). If the VM dies or its agent stops answering, every
+task of the sandbox exits at once (see ``_lose``) and the sandbox tears down.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from agent_proto import agent_pb2, mount_pb2
+from agent_proto import agent_pb2, mount_pb2, oci_pb2
 from shim.agent.client import AgentClient, wait_ready
 from shim.agent.transport import connect, endpoint_record
 from shim.containerd.stdio import StdioPaths, StdioPump
 from shim.errors import FailedPreconditionError, HuskError, NotFoundError
-from shim.hypervisor import AgentEndpoint, Hypervisor, VmSpec
-from shim.sandbox import cleanup, oci, rootfs, share
+from shim.hypervisor import AgentEndpoint, Hypervisor, VmSize, VmSpec
+from shim.sandbox import cleanup, liveness, oci, rootfs, share, sizing
 from shim.sandbox.console import ConsoleLog
 from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.pod_network import SandboxNetwork
+from shim.sandbox.resize import Resizer
 from shim.sandbox.state import RUNNING, STOPPING, SandboxState
 from ttrpc import Code, ConnectionClosed, RpcError
 
@@ -48,6 +56,8 @@ IO_DRAIN_TIMEOUT = 10.0
 OOM_REPORT_INTERVAL = 1.0
 #: seconds between two GetOOMEvent calls (a real OOM kill is rare)
 OOM_PACE = 0.1
+#: seconds between two Health.Check calls that prove the agent still answers
+LIVENESS_INTERVAL = 10.0
 
 
 class Sandbox:
@@ -64,6 +74,7 @@ class Sandbox:
         request_timeout: float,
         network: SandboxNetwork | None = None,
         dial: Dial = connect,
+        liveness_interval: float = LIVENESS_INTERVAL,
     ) -> None:
         self.id = state.id
         self.state = state
@@ -80,6 +91,19 @@ class Sandbox:
         self.network = network if network is not None else SandboxNetwork(None, state)
         self._dial = dial
         self.containers: dict[str, Container] = {}
+        #: the VM's size, from the containers' limits (see ``reserve_boot``)
+        self.resizer = Resizer(
+            sizing.VmSizing(
+                state.id,
+                VmSize(vm_spec.vcpus, vm_spec.memory_mib),
+                vm_spec.maximum,
+                f"[hypervisor.{hypervisor.name}]",
+            ),
+            hypervisor,
+        )
+        #: why the VM or its agent was lost (None while both live)
+        self.lost: str | None = None
+        self.liveness_interval = liveness_interval
         self.on_exit: ExitCallback = lambda process: None
         self.on_oom: OomCallback = lambda container_id: None
         self.boot_seconds = 0.0
@@ -110,9 +134,22 @@ class Sandbox:
                 await self._teardown()
             self.stopped.set()
 
+    def reserve_boot(self, container_id: str, limits: VmSize, pod: VmSize) -> None:
+        """Before ``run``: size the VM for the container that starts it and its pod's total."""
+        self.resizer.sizing.claims[container_id] = limits
+        self.resizer.sizing.pod = pod
+
     async def _boot_and_serve(self, started: float) -> None:
         with trio.CancelScope() as scope:
             self._scope = scope
+            size = self.resizer.sizing.wanted()
+            self.resizer.sizing.check(size, f"container {self.id}")
+            self.vm_spec = dataclasses.replace(
+                self.vm_spec, vcpus=size.vcpus, memory_mib=size.memory_mib
+            )
+            self.resizer.size = size
+            self.resizer.on_resized = self._note_size
+            self._note_size(size)
             await self.network.prepare()
             if self.vm_spec.shared_fs is not None:
                 await trio.to_thread.run_sync(share.prepare, self.state)
@@ -134,6 +171,9 @@ class Sandbox:
                 vm_tasks.cancel_scope.cancel()
             if error is not None:
                 raise error
+
+    def _note_size(self, size: VmSize) -> None:
+        self.state.describe_vm(self.hypervisor.name, size.vcpus, size.memory_mib)
 
     async def _serve(self, started: float) -> None:
         """Connect to the agent, set the sandbox up in the guest, serve until ``stop()``."""
@@ -158,6 +198,10 @@ class Sandbox:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_oom, agent)
+                nursery.start_soon(liveness.watch_vm, self.hypervisor, self._lose)
+                nursery.start_soon(
+                    liveness.watch_agent, agent, self.liveness_interval, self._lose
+                )
                 self.state.set_status(RUNNING)
                 self._ready.set()
                 await self._stop.wait()
@@ -243,14 +287,21 @@ class Sandbox:
         mounts: list[mount_pb2.Mount],
         stdio: StdioPaths,
     ) -> Container:
-        """Share the rootfs, then ``CreateContainer`` in the guest."""
+        """Grow the VM for its limits, share the rootfs, then ``CreateContainer`` in the guest."""
         agent = self.agent
-        self.state.add_container(container_id)
-        shared = await rootfs.attach(
-            container_id, bundle, spec, mounts, self.state, self.devices
-        )
+        oci_spec = oci.spec_from_json(spec)
+        what = f"container {container_id}"
+        limits = sizing.container_limits(oci_spec.Linux.Resources, what)
+        previous = await self.resizer.claim(agent, container_id, limits, what)
         try:
-            oci_spec = oci.spec_from_json(spec)
+            self.state.add_container(container_id)
+            shared = await rootfs.attach(
+                container_id, bundle, spec, mounts, self.state, self.devices
+            )
+        except BaseException:
+            self._give_back(container_id, previous)
+            raise
+        try:
             oci_spec.Root.Path = shared.guest_path
             oci_spec.Process.Terminal = stdio.terminal
             oci_spec.ClearField("Hooks")
@@ -264,6 +315,7 @@ class Sandbox:
             with trio.CancelScope(shield=True):
                 await rootfs.detach(container_id, shared, self.state, self.devices)
             self.state.remove_container(container_id)
+            self._give_back(container_id, previous)
             raise
         init = Process(container_id, "", stdio)
         container = Container(container_id, bundle, mounts, init, shared)
@@ -346,6 +398,11 @@ class Sandbox:
         init = container.init
         if init.status in (Status.RUNNING, Status.PAUSED):
             raise FailedPreconditionError(f"container {container.id} is still running")
+        if self.lost is not None:
+            # the VM is gone: teardown detaches every share and reclaims the state dir
+            await self.stopped.wait()
+            self.containers.pop(container.id, None)
+            return
         try:
             await self.agent.remove_container(container.id)
         except (RpcError, ConnectionClosed) as e:
@@ -359,6 +416,55 @@ class Sandbox:
         await rootfs.detach(container.id, container.shared, self.state, self.devices)
         self.containers.pop(container.id, None)
         self.state.remove_container(container.id)
+        self._give_back(container.id, None)
+
+    async def update_container(
+        self, container: Container, resources: oci_pb2.LinuxResources
+    ) -> None:
+        """New limits: grow the VM first if they need it, then ``UpdateContainer`` in the guest.
+
+        A lower limit gives memory back afterwards; a failed update restores the
+        container's claim (vCPUs hot-added for it stay where they cannot be unplugged).
+        """
+        agent = self.agent
+        what = f"update of container {container.id}"
+        current = self.resizer.sizing.claims.get(container.id, sizing.NOTHING)
+        limits = sizing.updated_limits(current, resources, what)
+        previous = await self.resizer.claim(agent, container.id, limits, what)
+        try:
+            await agent.update_container(
+                agent_pb2.UpdateContainerRequest(container_id=container.id, resources=resources)
+            )
+        except BaseException:
+            self._give_back(container.id, previous)
+            raise
+        self._give_back(None, None)
+
+    def _give_back(self, container_id: str | None, previous: VmSize | None) -> None:
+        """Put ``container_id``'s claim back to ``previous`` and shrink the VM in the background."""
+        if container_id is not None:
+            self.resizer.restore(container_id, previous)
+        if self._nursery is not None and self._agent is not None:
+            self._nursery.start_soon(self.resizer.fit, self._agent)
+
+    # -- the VM and its agent dying --------------------------------------------
+
+    def _lose(self, reason: str) -> None:
+        """The VM or its agent is gone: every task of the sandbox exits, then the sandbox stops.
+
+        Each process that ran gets exit status 137 (128 + SIGKILL), as a process
+        killed with its machine: it did not exit by itself, and the kernel that
+        ran it is gone, so nothing better is known. containerd gets TaskExit for
+        each at once, ``ctr task ls`` shows them STOPPED, and Delete only forgets
+        them, because the teardown that follows reclaims every host resource.
+        """
+        if self.lost is not None or self._stop.is_set():
+            return
+        self.lost = reason
+        log.error("sandbox %s: %s; its tasks exit with status %d", self.id, reason, KILLED_STATUS)
+        for container in list(self.containers.values()):
+            self._mark_all_exited(container)
+        self.stop()
 
     async def _watch_oom(self, agent: AgentClient) -> None:
         """Pass the guest's OOM events on, as far as they can be true.

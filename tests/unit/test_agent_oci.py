@@ -124,6 +124,15 @@ def test_minimal_spec_gets_defaults_and_a_mount_namespace() -> None:
     assert "seccomp" not in config["linux"]
 
 
+def test_every_process_gets_an_oom_score_adj_so_none_inherits_the_agents() -> None:
+    # the agent runs with -1000; a container left to inherit it could never be OOM-killed
+    spec = oci_pb2.Spec()
+    spec.Process.Args.append("true")
+    assert runc_config(spec, root_path="/r", cgroups_path="/husk/x")["process"]["oomScoreAdj"] == 0
+    assert process_config(oci_pb2.Process(Args=["sh"]))["oomScoreAdj"] == 0
+    assert process_config(oci_pb2.Process(Args=["sh"], OOMScoreAdj=-5))["oomScoreAdj"] == -5
+
+
 def test_terminal_override_and_console_size_only_with_a_terminal() -> None:
     p = oci_pb2.Process(Args=["sh"], Terminal=True)
     p.ConsoleSize.Height, p.ConsoleSize.Width = 10, 20

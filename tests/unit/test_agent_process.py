@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import trio
@@ -88,3 +89,24 @@ async def test_command_run_captures_output_and_reports_failure() -> None:
         with pytest.raises(FileNotFoundError):
             await command.run(reaper, ["/no/such/program"])
         nursery.cancel_scope.cancel()
+
+
+async def test_children_can_start_with_their_own_oom_score_adj(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the agent keeps -1000 for itself; its children (crun, runc) must not inherit it
+    own = int(Path("/proc/self/oom_score_adj").read_text())
+    wanted = min(own + 7, 1000)  # raising needs no privilege
+    monkeypatch.setattr(command, "_child_oom_score_adj", None)
+    command.reset_children_oom_score_adj(wanted)
+    reaper = Reaper()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        done = await command.run(reaper, ["cat", "/proc/self/oom_score_adj"])
+        assert int(done.stdout) == wanted
+        done = await command.run(reaper, ["sh", "-c", 'echo "$0:$1"', "a b", "c"])
+        assert done.stdout == b"a b:c\n"  # arguments pass through untouched
+        with pytest.raises(FileNotFoundError):
+            await command.run(reaper, ["no-such-program-anywhere"])
+        nursery.cancel_scope.cancel()
+    assert int(Path("/proc/self/oom_score_adj").read_text()) == own

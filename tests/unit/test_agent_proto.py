@@ -19,6 +19,7 @@ REGENERATE = "python -m agent_proto.generate"
 
 EXPECTED_PROTOS = {
     "agent",
+    "cgroups_v2",
     "events",
     "events_ttrpc",
     "health",

@@ -141,9 +141,9 @@ async def test_over_ttrpc_errors_become_statuses(tmp_path: Path) -> None:
         assert err.value.code == Code.NOT_FOUND
         assert "container 'ghost' not found" in str(err.value)
         with pytest.raises(RpcError) as err:
-            await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
+            await agent.AddSwap(agent_pb2.AddSwapRequest())
         assert err.value.code == Code.UNIMPLEMENTED
-        assert "GetOOMEvent" in str(err.value)
+        assert "AddSwap" in str(err.value)
         with pytest.raises(RpcError) as err:
             await agent.UpdateInterface(agent_pb2.UpdateInterfaceRequest())
         assert err.value.code == Code.FAILED_PRECONDITION
@@ -203,3 +203,20 @@ async def test_get_metrics_answers_the_guests_figures_and_the_client_times_it(
     assert {s.family for s in guest_samples(text)} >= {"husk_guest_memory_bytes"}
     counted = {labels[0]: buckets[-1][1] for labels, buckets, _ in AGENT_RPC.cumulative()}
     assert counted == {"GetMetrics": 1.0, "Check": 1.0}
+
+
+async def test_get_oom_event_waits_for_a_kill_in_a_watched_container(tmp_path: Path) -> None:
+    service = make_service(tmp_path)
+    group = tmp_path / "cg" / "c1"
+    group.mkdir(parents=True)
+    (group / "memory.events").write_text("max 0\noom 0\noom_kill 0\n")
+    service.sandbox.oom.watch("c1", group)
+    async with served(service) as (agent, _):
+        with trio.move_on_after(0.1) as waiting:
+            await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
+        assert waiting.cancelled_caught  # blocks while nothing happens
+        (group / "memory.events").write_text("max 3\noom 1\noom_kill 1\n")
+        service.sandbox.oom.check("c1")
+        with trio.fail_after(5):
+            event = await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
+        assert event.container_id == "c1"

@@ -52,3 +52,13 @@ def test_copy_file_stays_below_its_root(tmp_path: Path) -> None:
     request = agent_pb2.CopyFileRequest(path=str(target), data=b"x", file_size=1, uid=-1, gid=-1)
     system.copy_file(request, tmp_path)
     assert target.read_bytes() == b"x"
+
+
+def test_the_agent_protects_itself_from_the_oom_killer(tmp_path: Path) -> None:
+    (tmp_path / "oom_score_adj").write_text("0\n")
+    system.protect_from_oom_killer(tmp_path)
+    assert (tmp_path / "oom_score_adj").read_text() == "-1000"
+
+
+def test_protection_that_cannot_be_had_is_only_a_warning(tmp_path: Path) -> None:
+    system.protect_from_oom_killer(tmp_path / "absent")

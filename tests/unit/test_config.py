@@ -209,3 +209,32 @@ def test_effective_config_renders_as_toml_that_loads_again(
     cfg = config.load(config.packaged_default(), host=tcg_host)
     again = config.load(write(tmp_path, config.to_toml(cfg)), host=tcg_host)
     assert again.as_dict() == cfg.as_dict()
+
+
+def test_maxima_zero_mean_the_hosts_cpus_beside_default_vcpus_and_the_hosts_memory(
+    tmp_path: Path,
+) -> None:
+    host = HostFacts(kvm_device=False, kvm_hardware=False, vhost_vsock=False, cpus=2,
+                     memory_mib=8000)  # fmt: skip
+    cfg = config.load(config.packaged_default(), host=host)
+    assert (cfg.hypervisor["default_maxvcpus"], cfg.hypervisor["default_maxmemory"]) == (3, 8000)
+    path = write(tmp_path, "[hypervisor.qemu]\ndefault_maxvcpus = 8\ndefault_maxmemory = 2048\n")
+    cfg = config.load(path, host=host)
+    assert (cfg.hypervisor["default_maxvcpus"], cfg.hypervisor["default_maxmemory"]) == (8, 2048)
+
+
+def test_a_maximum_below_its_default_names_both(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, "[hypervisor.qemu]\ndefault_memory = 1024\ndefault_maxmemory = 512\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, host=tcg_host)
+    assert str(err.value) == (
+        f"{path}: [hypervisor.qemu] default_maxmemory = 512: below default_memory (1024); "
+        "use 0 for the host's memory"
+    )
+
+
+def test_host_facts_read_cpus_and_memory(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24684032 kB\nMemFree:        1 kB\n")
+    facts = HostFacts.probe(cpuinfo=tmp_path / "absent", meminfo=meminfo)
+    assert facts.memory_mib == 24105 and facts.cpus >= 1

@@ -220,3 +220,38 @@ def test_debug_console_is_a_second_virtio_serial_port_only_when_asked() -> None:
     vsock = QemuSettings(agent_transport="vsock")
     assert not [a for a in build_argv(spec(debug_console=True), vsock, paths, guest_cid=9)
                 if "debugcon" in a]  # fmt: skip
+
+
+def test_room_to_grow_is_maxcpus_maxmem_and_one_empty_virtio_mem_device() -> None:
+    argv = build_argv(
+        spec(max_vcpus=4, max_memory_mib=1281), QemuSettings(), VmPaths(STATE / "qemu")
+    )
+    assert argv[argv.index("-smp") + 1] == "2,maxcpus=4"
+    # the room (1025 MiB) is cut to whole 2 MiB virtio-mem blocks
+    assert argv[argv.index("-m") + 1] == "256M,maxmem=1280M"
+    assert "memory-backend-ram,id=vmem0-ram,size=1024M,reserve=off" in argv
+    assert "virtio-mem-pci,id=vmem0,memdev=vmem0-ram,requested-size=0,block-size=2M" in argv
+
+
+def test_no_room_no_maxima_and_no_virtio_mem() -> None:
+    argv = build_argv(
+        spec(max_vcpus=1, max_memory_mib=128), QemuSettings(), VmPaths(STATE / "qemu")
+    )
+    assert argv[argv.index("-smp") + 1] == "2"
+    assert argv[argv.index("-m") + 1] == "256M"
+    assert not any("virtio-mem" in a for a in argv)
+
+
+def test_microvm_has_no_hotplug_room() -> None:
+    settings = QemuSettings(machine_type="microvm", pcie_root_ports=0)
+    argv = build_argv(spec(max_vcpus=4, max_memory_mib=4096), settings, VmPaths(STATE / "qemu"))
+    assert (argv[argv.index("-smp") + 1], argv[argv.index("-m") + 1]) == ("2", "256M")
+
+
+def test_guest_onlines_hotplugged_memory_as_movable_without_bounce_buffers() -> None:
+    for param in (
+        "memhp_default_state=online",
+        "memory_hotplug.online_policy=auto-movable",
+        "swiotlb=noforce",
+    ):
+        assert param in BASE_KERNEL_PARAMS.split()

@@ -18,6 +18,7 @@ from shim.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
     HostError,
+    InvalidArgumentError,
     NotSupportedError,
     VmmExitedError,
 )
@@ -27,6 +28,7 @@ from shim.hypervisor import (
     Recorder,
     SerialEndpoint,
     SharedFsDevice,
+    VmSize,
     VmSpec,
     VmState,
     VsockDevice,
@@ -34,7 +36,7 @@ from shim.hypervisor import (
 )
 from shim.resources import Resource, process_alive
 
-FAKE_QEMU = r'''
+FAKE_QEMU = r"""
 import json, os, signal, socket, sys, time
 mode = os.environ.get("FAKE_QEMU_MODE", "ok")
 if mode == "fail":
@@ -50,6 +52,15 @@ listener = socket.socket(fileno=fd)
 if mode == "ignore-term":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 status = "running"
+# CPU slots as QEMU 7.2 lists them for -smp 1,maxcpus=3 (socket 0, cores 0-2), and
+# a virtio-mem device that plugs whatever is requested (shrink: all but 4 MiB, as
+# a guest that still uses some of it)
+slots = [{"props": {"socket-id": 0, "core-id": c, "thread-id": 0}, "vcpus-count": 1,
+          "type": "max-x86_64-cpu"} for c in (2, 1, 0)]
+slots[2]["qom-path"] = "/machine/unattached/device[0]"
+vmem = {"requested-size": 0, "size": 0}
+MiB = 1 << 20
+events = []
 while True:
     conn, _ = listener.accept()
     f = conn.makefile("rwb", buffering=0)
@@ -64,12 +75,33 @@ while True:
             status = "paused"
         elif cmd == "cont":
             status = "running"
+        elif cmd == "query-hotpluggable-cpus":
+            reply["return"] = slots
+        elif cmd == "device_add" and msg["arguments"]["driver"].endswith("-cpu"):
+            args = msg["arguments"]
+            for slot in slots:
+                if slot["props"]["core-id"] == args["core-id"]:
+                    slot["qom-path"] = "/machine/peripheral/" + args["id"]
+        elif cmd == "device_del":
+            for slot in slots:
+                if slot.get("qom-path") == "/machine/peripheral/" + msg["arguments"]["id"]:
+                    del slot["qom-path"]
+            events.append({"event": "DEVICE_DELETED", "data": {"device": msg["arguments"]["id"]},
+                           "timestamp": {"seconds": 0, "microseconds": 0}})
+        elif cmd == "qom-set":
+            wanted = msg["arguments"]["value"]
+            vmem["requested-size"] = wanted
+            vmem["size"] = wanted if wanted >= vmem["size"] else wanted + 4 * MiB
+        elif cmd == "qom-get":
+            reply["return"] = vmem[msg["arguments"]["property"]]
         elif cmd == "quit" and mode == "ok":
             f.write((json.dumps(reply) + "\r\n").encode())
             sys.exit(0)
         f.write((json.dumps(reply) + "\r\n").encode())
+        while events:
+            f.write((json.dumps(events.pop(0)) + "\r\n").encode())
     conn.close()
-'''
+"""
 
 TCG_HOST = HostFacts(kvm_device=True, kvm_hardware=False, vhost_vsock=False)
 
@@ -92,10 +124,14 @@ def fake_qemu(workdir: Path) -> Path:
 
 
 def make(
-    fake_qemu: Path, workdir: Path, record: Recorder = record_nothing, **section: object
+    fake_qemu: Path,
+    workdir: Path,
+    record: Recorder = record_nothing,
+    host: HostFacts = TCG_HOST,
+    **section: object,
 ) -> tuple[QemuHypervisor, VmSpec]:
     values: dict[str, object] = {"path": str(fake_qemu), "stop_timeout": 0.3, **section}
-    hv = QemuHypervisor(values, TCG_HOST)
+    hv = QemuHypervisor(values, host)
     spec = VmSpec(
         sandbox_id="sb",
         state_dir=workdir / "sb",
@@ -104,6 +140,8 @@ def make(
         kernel=workdir / "vmlinuz",
         initrd=None,
         record=record,
+        max_vcpus=3,
+        max_memory_mib=1152,
     )
     return hv, spec
 
@@ -129,6 +167,11 @@ def test_capabilities_are_truthful() -> None:
     assert not micro.capabilities().block_hotplug
     kvm_host = HostFacts(kvm_device=True, kvm_hardware=True, vhost_vsock=True)
     assert QemuHypervisor({}, kvm_host).capabilities().vsock
+    tcg = QemuHypervisor({"accel": "tcg"}, TCG_HOST).capabilities()
+    assert tcg.cpu_hotplug and tcg.memory_hotplug and tcg.memory_unplug
+    assert not tcg.vcpu_unplug  # QEMU 7.2 under TCG crashes on the next add after an unplug
+    assert QemuHypervisor({"accel": "kvm"}, kvm_host).capabilities().vcpu_unplug
+    assert not micro.capabilities().cpu_hotplug and not micro.capabilities().memory_hotplug
 
 
 async def test_qemu_failing_at_start_says_why_and_leaves_nothing(
@@ -232,9 +275,7 @@ async def test_stop_escalates_to_sigkill(
     await hv.destroy()
 
 
-async def test_kill_9_wakes_waiters_and_state_says_stopped(
-    fake_qemu: Path, workdir: Path
-) -> None:
+async def test_kill_9_wakes_waiters_and_state_says_stopped(fake_qemu: Path, workdir: Path) -> None:
     hv, spec = make(fake_qemu, workdir)
     await hv.prepare(spec)
     await hv.start(5)
@@ -256,3 +297,46 @@ async def test_kill_9_wakes_waiters_and_state_says_stopped(
         await hv.pause()
     await hv.destroy()
     assert not hv.paths.dir.exists()
+
+
+async def test_resize_hot_adds_vcpus_and_memory_and_gives_memory_back(
+    fake_qemu: Path, workdir: Path
+) -> None:
+    hv, spec = make(fake_qemu, workdir, accel="tcg")
+    await hv.prepare(spec)
+    await hv.start(5)
+    assert await hv.size() == VmSize(1, 128)
+    # memory rounds up to whole 2 MiB virtio-mem blocks
+    assert await hv.resize(3, 641) == VmSize(3, 642)
+    assert await hv.size() == VmSize(3, 642)
+    # the fake guest keeps 4 MiB it still uses: the result says what it kept
+    assert await hv.resize(3, 128) == VmSize(3, 132)
+    await hv.destroy()
+
+
+async def test_resize_refuses_vcpu_unplug_under_tcg_and_sizes_above_the_room(
+    fake_qemu: Path, workdir: Path
+) -> None:
+    hv, spec = make(fake_qemu, workdir, accel="tcg")
+    await hv.prepare(spec)
+    await hv.start(5)
+    await hv.resize(2, 128)
+    with pytest.raises(NotSupportedError, match="'qemu' does not support vCPU hot-unplug"):
+        await hv.resize(1, 128)
+    with pytest.raises(InvalidArgumentError, match="room for 3 vCPUs and 1152 MiB"):
+        await hv.resize(4, 128)
+    with pytest.raises(InvalidArgumentError, match="room for 3 vCPUs and 1152 MiB"):
+        await hv.resize(1, 1154)
+    assert await hv.size() == VmSize(2, 128)  # nothing changed
+    await hv.destroy()
+
+
+async def test_resize_unplugs_hot_added_vcpus_under_kvm(fake_qemu: Path, workdir: Path) -> None:
+    kvm_host = HostFacts(kvm_device=True, kvm_hardware=True, vhost_vsock=False)
+    hv, spec = make(fake_qemu, workdir, host=kvm_host, accel="kvm", cpu_model="host")
+    await hv.prepare(spec)
+    await hv.start(5)
+    await hv.resize(3, 128)
+    # below the boot size means "as small as possible": the boot vCPU stays
+    assert await hv.resize(0, 0) == VmSize(1, 128)
+    await hv.destroy()
