@@ -63,6 +63,9 @@ class Capabilities:
     memory_hotplug: bool = False
     #: hot-added memory can be given back (never below the boot memory)
     memory_unplug: bool = False
+    #: VM templates: boot with the guest's RAM in a file, save the device state
+    #: alone, start clones that map the RAM copy-on-write (see ``TemplateFiles``)
+    templates: bool = False
 
 
 # --- devices -------------------------------------------------------------------
@@ -140,6 +143,28 @@ class SerialEndpoint:
 AgentEndpoint = VsockEndpoint | HybridVsockEndpoint | SerialEndpoint
 
 
+# --- VM templates ----------------------------------------------------------------
+
+#: what a VM is to a template: booted to become one, or started as a copy of one
+TEMPLATE, CLONE = "template", "clone"
+
+
+@dataclass(frozen=True)
+class TemplateFiles:
+    """A VM template: the guest's RAM in a file (on tmpfs) and its device state.
+
+    A ``template`` VM boots with its RAM in ``memory`` (shared: the file is the
+    RAM) and ``save_template`` writes only its device state to ``state``. A
+    ``clone`` maps ``memory`` privately, copy-on-write, and loads ``state``:
+    clones share every page none of them has written, and start in a fraction
+    of a boot. Both files are immutable once the template is saved.
+    """
+
+    memory: Path
+    state: Path
+    role: str = CLONE
+
+
 # --- the sandbox VM's description --------------------------------------------------
 
 
@@ -177,6 +202,8 @@ class VmSpec:
     agent_transport: str = "auto"
     #: where the plugin records each process, socket and file before it creates it
     record: Recorder = record_nothing
+    #: boot as a template, or start as a clone of one (``Capabilities.templates``)
+    template: TemplateFiles | None = None
     #: give the guest's debug console a channel of its own (see ``debug_console_endpoint``)
     debug_console: bool = False
     #: how far ``resize`` may grow the VM; at or below the boot size: no room to grow
@@ -288,6 +315,10 @@ class Hypervisor(abc.ABC):
     async def save(self, path: Path) -> None:
         """Write the paused VM's state to ``path``."""
         raise NotSupportedError(self.name, "save")
+
+    async def save_template(self) -> None:
+        """Pause a VM booted as a template, write its device state, and stop it."""
+        raise NotSupportedError(self.name, "saving a VM template")
 
     async def restore(self, path: Path, timeout: float) -> None:
         """Start the VM from a state file written by ``save``."""

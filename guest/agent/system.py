@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -137,7 +139,23 @@ def set_time(seconds: int, microseconds: int) -> None:
     time.clock_settime(time.CLOCK_REALTIME, seconds + microseconds / 1_000_000)
 
 
+#: ioctls on /dev/random (linux/random.h)
+RNDADDTOENTCNT = 0x40045201
+RNDRESEEDCRNG = 0x5207
+
+
 def reseed_random(data: bytes) -> None:
-    """Mix ``data`` into the kernel's entropy pool (credited by nothing, harmless)."""
-    with open("/dev/random", "wb") as f:
-        f.write(data)
+    """Mix ``data`` into the kernel's pool, credit it, and reseed the CRNG from it now.
+
+    A VM cloned from a template starts with the template's CRNG state: a
+    write alone only mixes the bytes into the input pool, and the CRNG would
+    go on producing what every other clone produces. ``RNDRESEEDCRNG`` makes
+    it take the new entropy at once (as Kata's agent does).
+    """
+    fd = os.open("/dev/random", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+        fcntl.ioctl(fd, RNDADDTOENTCNT, struct.pack("i", len(data) * 8))
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from shim.errors import InvalidArgumentError, NotSupportedError
-from shim.hypervisor import BlockDevice, Device, NetDevice, SharedFsDevice, VmSpec, VsockDevice
+from shim.hypervisor import (
+    TEMPLATE,
+    BlockDevice,
+    Device,
+    NetDevice,
+    SharedFsDevice,
+    VmSpec,
+    VsockDevice,
+)
 
 #: the guest kernel's own parameters on a QEMU machine, before the spec's and the config's:
 #: the serial console, no reboot loop on panic, no probing of the PS/2 controller
@@ -37,6 +45,8 @@ AGENT_PORT = "agent.channel.0"
 SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 #: the virtio-serial port of the guest's debug console (``common.console``)
 DEBUG_CONSOLE_PORT = "console.channel.0"
+#: the memory backend of a template's (or a clone's) RAM
+TEMPLATE_RAM = "ram0"
 #: sun_path is 108 bytes, NUL included
 UNIX_PATH_MAX = 107
 #: the virtio-mem device that carries every hot-plugged MiB, and its memory backend
@@ -186,7 +196,7 @@ def build_argv(
         "-no-user-config",
         "-display", "none",
         "-no-reboot",
-        "-machine", _machine(settings),
+        "-machine", _machine(settings) + _memory_backend_option(spec),
         "-accel", settings.accel,
         "-cpu", settings.cpu_model,
         "-smp", smp_option(spec, settings),
@@ -194,6 +204,7 @@ def build_argv(
         "-pidfile", str(paths.pidfile),
         "-kernel", str(spec.kernel),
     ]  # fmt: skip
+    argv += template_memory_args(spec)
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     argv += ["-append", kernel_append(spec, settings)]
@@ -291,6 +302,26 @@ def memory_hotplug_args(spec: VmSpec, settings: QemuSettings) -> list[str]:
         f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_BACKEND},requested-size=0,"
         f"block-size={VIRTIO_MEM_BLOCK_MIB}M",
     ]  # fmt: skip
+
+
+def _memory_backend_option(spec: VmSpec) -> str:
+    """``,memory-backend=ram0`` when the guest's RAM is a template's file."""
+    return f",memory-backend={TEMPLATE_RAM}" if spec.template is not None else ""
+
+
+def template_memory_args(spec: VmSpec) -> list[str]:
+    """The guest's RAM as the template's file: the file itself for the template
+    (``share=on``: the RAM is the file), a private copy-on-write mapping of it
+    for a clone (``share=off``), so clones share every page none has written."""
+    template = spec.template
+    if template is None:
+        return []
+    share = "on" if template.role == TEMPLATE else "off"
+    backend = (
+        f"memory-backend-file,id={TEMPLATE_RAM},size={spec.memory_mib}M,"
+        f"mem-path={_opt(template.memory)},share={share}"
+    )
+    return ["-object", backend]
 
 
 def _machine(settings: QemuSettings) -> str:

@@ -46,6 +46,8 @@ from shim.errors import (
 )
 from shim.host import HostFacts
 from shim.hypervisor import (
+    CLONE,
+    TEMPLATE,
     AgentEndpoint,
     BlockDevice,
     Capabilities,
@@ -74,6 +76,8 @@ PLUG_TIMEOUT = 30.0
 #: seconds to wait for the guest to give memory back before reporting what it kept
 UNPLUG_WAIT = 10.0
 _POLL = 0.05
+#: a migration that leaves out RAM in shared backends (a template's file)
+_IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 #: the name a migration file's fd gets in QEMU (``getfd``), used as ``fd:<name>``
 MIGRATION_FD = "migration"
 #: how many guest CIDs to try when the first is taken by another VM
@@ -131,6 +135,7 @@ class QemuHypervisor(Hypervisor):
             vcpu_unplug=q35 and self.settings.accel == "kvm",
             memory_hotplug=q35,
             memory_unplug=q35,
+            templates=True,
         )
 
     def console_socket(self) -> Path | None:
@@ -215,7 +220,60 @@ class QemuHypervisor(Hypervisor):
         return placed
 
     async def start(self, timeout: float) -> None:
-        await self._launch(timeout, incoming=None)
+        template = self._require_spec().template
+        if template is not None and template.role == CLONE:
+            await self._start_clone(template.state, timeout)
+        else:
+            await self._launch(timeout, incoming=None)
+
+    async def _start_clone(self, state: Path, timeout: float) -> None:
+        """A new QEMU on the template's RAM (copy-on-write) that loads its device state.
+
+        ``x-ignore-shared`` makes the stream carry no RAM: the template's file
+        is the RAM. A clone whose state does not load (a stale, truncated or
+        missing template) makes QEMU exit; that is raised as it is, for the
+        caller to fall back to a cold boot.
+        """
+        if not state.is_file():
+            raise FailedPreconditionError(f"qemu: no template state at {state}")
+        await self._launch(timeout, incoming="defer")
+        try:
+            with trio.fail_after(timeout):
+                async with self._monitor() as qmp:
+                    await qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
+                    await _pass_fd(qmp, state, os.O_RDONLY)
+                    await qmp.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
+                    await _wait_migration(qmp, f"starting a clone of the template {state}")
+                    if (await qmp.execute("query-status"))["status"] != "running":
+                        await qmp.execute("cont")
+        except trio.TooSlowError:
+            with trio.CancelScope(shield=True):
+                await self.stop()
+            raise DeadlineExceededError(
+                f"qemu: loading the template {state} took longer than {timeout:g} s"
+            ) from None
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.stop()
+            raise
+
+    async def save_template(self) -> None:
+        """Pause the template VM, write its device state (not its RAM: the file is
+        the RAM), and quit QEMU; the template's files are immutable from now on."""
+        template = self._require_spec().template
+        if template is None or template.role != TEMPLATE:
+            raise FailedPreconditionError("qemu: this VM was not booted as a template")
+        async with self._monitor() as qmp:
+            await qmp.execute("stop")
+            await qmp.execute("migrate-set-capabilities", _IGNORE_SHARED)
+            try:
+                await _pass_fd(qmp, template.state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                await qmp.execute("migrate", {"uri": f"fd:{MIGRATION_FD}"})
+                await _wait_migration(qmp, f"saving the template to {template.state}")
+            except BaseException:
+                template.state.unlink(missing_ok=True)
+                raise
+        await self.stop()
 
     async def _launch(self, timeout: float, incoming: str | None) -> None:
         spec = self._require_spec()

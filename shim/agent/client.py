@@ -171,6 +171,16 @@ class AgentClient:
         """``CreateSandbox``: hostname, shared storages; before any container."""
         await self._agent("CreateSandbox", request, empty_pb2.Empty)
 
+    async def reseed_random_dev(self, data: bytes) -> None:
+        """``ReseedRandomDev``: mix ``data`` into the guest's RNG and reseed it."""
+        request = agent_pb2.ReseedRandomDevRequest(data=data)
+        await self._agent("ReseedRandomDev", request, empty_pb2.Empty)
+
+    async def set_guest_date_time(self, seconds: int, microseconds: int) -> None:
+        """``SetGuestDateTime``: the guest's wall clock."""
+        request = agent_pb2.SetGuestDateTimeRequest(Sec=seconds, Usec=microseconds)
+        await self._agent("SetGuestDateTime", request, empty_pb2.Empty)
+
     async def destroy_sandbox(self) -> None:
         """``DestroySandbox``: the agent stops every container and unmounts."""
         await self._agent("DestroySandbox", agent_pb2.DestroySandboxRequest(), empty_pb2.Empty)

@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     p_metrics = sub.add_parser("metrics", help="Prometheus metrics of one sandbox, or of all")
     p_metrics.add_argument("sandbox", nargs="?", help="a sandbox id (default: every sandbox)")
 
+    p_factory = sub.add_parser("factory", help="the VM template sandboxes are cloned from")
+    factory_sub = p_factory.add_subparsers(dest="factory_command", required=True)
+    factory_sub.add_parser("init", help="make the template now (again if stale)")
+    p_fstatus = factory_sub.add_parser("status", help="whether the template is ready")
+    p_fstatus.add_argument("--json", action="store_true", help="machine-readable output")
+    factory_sub.add_parser("destroy", help="stop and remove the template")
+
     p_cleanup = sub.add_parser("cleanup", help="list and reclaim sandboxes of dead shims")
     p_cleanup.add_argument("--dry-run", action="store_true", help="only list the orphans")
     return parser
@@ -119,6 +126,17 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_factory(args: argparse.Namespace) -> int:
+    from shim.cli import factory
+
+    cfg = config.load(args.config)
+    if args.factory_command == "init":
+        return factory.init(cfg)
+    if args.factory_command == "status":
+        return factory.status(cfg, args.json)
+    return factory.destroy(cfg)
+
+
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from shim.sandbox import cleanup
 
@@ -161,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_metrics(args)
         if args.command == "exec":
             return _cmd_exec(args)
+        if args.command == "factory":
+            return _cmd_factory(args)
     except HuskError as e:
         print(f"husk: {e}", file=sys.stderr)
         return 2

@@ -51,6 +51,18 @@ RUNTIME_KEYS: tuple[Key, ...] = (
         "how the pod's veth reaches the VM's NIC",
         choices=("tcfilter", "none"),
     ),
+    Key(
+        "max_parallel_boots",
+        int,
+        0,
+        "VM boots that run at once on this host (0: one per CPU); the rest queue",
+        minimum=0,
+    ),
+)
+
+FACTORY_KEYS: tuple[Key, ...] = (
+    Key("enable_template", bool, False, "start sandboxes as clones of a booted VM template"),
+    Key("template_path", str, "/run/husk-template", "where the template's files live (a tmpfs)"),
 )
 
 AGENT_KEYS: tuple[Key, ...] = (
@@ -72,6 +84,15 @@ class RuntimeConfig:
     log_level: str
     sandbox_model: str
     internetworking_model: str
+    max_parallel_boots: int
+
+
+@dataclass(frozen=True)
+class FactoryConfig:
+    """The ``[factory]`` section (Kata's name): VM templates."""
+
+    enable_template: bool
+    template_path: Path
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,7 @@ class Config:
     runtime: RuntimeConfig
     agent: AgentConfig
     hypervisors: Mapping[str, Mapping[str, Any]]
+    factory: FactoryConfig = FactoryConfig(False, Path("/run/husk-template"))
 
     @property
     def hypervisor(self) -> Mapping[str, Any]:
@@ -103,8 +125,10 @@ class Config:
         """The config as nested plain values, in the file's section layout."""
         runtime = {k.name: _plain(getattr(self.runtime, k.name)) for k in RUNTIME_KEYS}
         agent = {k.name: _plain(getattr(self.agent, k.name)) for k in AGENT_KEYS}
+        factory = {k.name: _plain(getattr(self.factory, k.name)) for k in FACTORY_KEYS}
         return {
             "runtime": runtime,
+            "factory": factory,
             "agent": {"husk": agent},
             "hypervisor": {n: dict(v) for n, v in self.hypervisors.items()},
         }
@@ -155,10 +179,10 @@ def parse(raw: Mapping[str, Any], *, source: Path, host: HostFacts) -> Config:
     """Validate an already-decoded TOML document."""
     src = str(source)
     for name in raw:
-        if name not in ("runtime", "agent", "hypervisor"):
+        if name not in ("runtime", "factory", "agent", "hypervisor"):
             raise ConfigError(
-                f"{src}: unknown section [{name}] (expected [runtime], [agent.husk], "
-                "[hypervisor.<name>])"
+                f"{src}: unknown section [{name}] (expected [runtime], [factory], "
+                "[agent.husk], [hypervisor.<name>])"
             )
     runtime_values = validate_section(src, "runtime", _table(raw, "runtime", src), RUNTIME_KEYS)
     hypervisors = _hypervisor_sections(raw, src, host)
@@ -175,8 +199,14 @@ def parse(raw: Mapping[str, Any], *, source: Path, host: HostFacts) -> Config:
         log_level=runtime_values["log_level"],
         sandbox_model=runtime_values["sandbox_model"],
         internetworking_model=runtime_values["internetworking_model"],
+        max_parallel_boots=runtime_values["max_parallel_boots"],
     )
-    return Config(source, runtime, AgentConfig(**agent_values), hypervisors)
+    factory_values = validate_section(src, "factory", _table(raw, "factory", src), FACTORY_KEYS)
+    factory = FactoryConfig(
+        enable_template=factory_values["enable_template"],
+        template_path=Path(factory_values["template_path"]),
+    )
+    return Config(source, runtime, AgentConfig(**agent_values), hypervisors, factory)
 
 
 def _table(raw: Mapping[str, Any], name: str, src: str) -> Mapping[str, Any]:
@@ -247,6 +277,7 @@ def to_toml(config: Config) -> str:
 
     data = config.as_dict()
     table("runtime", data["runtime"])
+    table("factory", data["factory"])
     table("agent.husk", data["agent"]["husk"])
     for name, values in data["hypervisor"].items():
         table(f"hypervisor.{name}", values)

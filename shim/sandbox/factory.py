@@ -17,9 +17,11 @@ from shim.errors import HostError
 from shim.host import HostFacts
 from shim.hypervisor import VmSpec
 from shim.sandbox import rootfs
+from shim.sandbox.boot_slots import BootSlots, slot_count
 from shim.sandbox.pod_network import SandboxNetwork
 from shim.sandbox.sandbox import Sandbox
 from shim.sandbox.state import SandboxState
+from shim.sandbox.template import VmTemplate
 
 #: the guest agent logs at debug level when its kernel command line says so
 AGENT_DEBUG_PARAM = "husk.debug=1"
@@ -85,6 +87,24 @@ def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
             dial_timeout=config.agent.dial_timeout,
             request_timeout=config.agent.request_timeout,
             network=SandboxNetwork(netns, state),
+            slots=boot_slots(config),
+            template=vm_template(config) if config.factory.enable_template else None,
         )
 
     return make
+
+
+def boot_slots(config: Config) -> BootSlots:
+    """The host's boot slots, shared by every shim of this state dir."""
+    return BootSlots(config.runtime.state_dir, slot_count(config.runtime.max_parallel_boots))
+
+
+def vm_template(config: Config) -> VmTemplate:
+    """The VM template of this configuration (``[factory]``)."""
+    plugin = registry.lookup(config.runtime.hypervisor)
+    return VmTemplate(
+        config,
+        lambda: plugin.create(config.hypervisor),
+        lambda state: vm_spec(config, state),
+        boot_slots(config),
+    )

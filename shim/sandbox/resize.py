@@ -64,6 +64,11 @@ class Resizer:
         else:
             self.sizing.claims[container_id] = previous
 
+    async def grow(self, agent: AgentClient) -> None:
+        """Grow the VM to what the claims want (a clone starts at its template's size)."""
+        async with self._lock:
+            await self._resize(agent, self.sizing.wanted(), shrink=False)
+
     async def fit(self, agent: AgentClient) -> None:
         """Give back what the claims no longer need, as far as the plugin can; never raises."""
         async with self._lock:

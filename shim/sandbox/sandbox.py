@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,12 +35,15 @@ from shim.containerd.stdio import StdioPaths, StdioPump
 from shim.errors import FailedPreconditionError, HuskError, NotFoundError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSize, VmSpec
 from shim.sandbox import cleanup, liveness, oci, rootfs, share, sizing
+from shim.sandbox.boot import VmLauncher
+from shim.sandbox.boot_slots import BootSlots
 from shim.sandbox.console import ConsoleLog
 from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.pod_network import SandboxNetwork
 from shim.sandbox.resize import Resizer
 from shim.sandbox.state import RUNNING, STOPPING, SandboxState
+from shim.sandbox.template import VmTemplate
 from ttrpc import Code, ConnectionClosed, RpcError
 
 log = logging.getLogger("husk.sandbox")
@@ -58,6 +63,8 @@ OOM_REPORT_INTERVAL = 1.0
 OOM_PACE = 0.1
 #: seconds between two Health.Check calls that prove the agent still answers
 LIVENESS_INTERVAL = 10.0
+#: host randomness a clone's RNG is reseeded with
+RESEED_BYTES = 64
 
 
 class Sandbox:
@@ -75,6 +82,8 @@ class Sandbox:
         network: SandboxNetwork | None = None,
         dial: Dial = connect,
         liveness_interval: float = LIVENESS_INTERVAL,
+        slots: BootSlots | None = None,
+        template: VmTemplate | None = None,
     ) -> None:
         self.id = state.id
         self.state = state
@@ -84,6 +93,17 @@ class Sandbox:
         #: the guest console, bounded (the guest may write it without end)
         self.console = ConsoleLog(state.dir / "console.log")
         self.vm_spec = vm_spec
+        #: starts the VM: a clone of the template if there is one, within a boot slot
+        self.launcher = VmLauncher(
+            state.id,
+            hypervisor,
+            vm_spec,
+            self.console,
+            boot_timeout=boot_timeout,
+            slots=slots,
+            template=template,
+            dial=dial,
+        )
         self.boot_timeout = boot_timeout
         self.dial_timeout = dial_timeout
         self.request_timeout = request_timeout
@@ -148,26 +168,25 @@ class Sandbox:
                 self.vm_spec, vcpus=size.vcpus, memory_mib=size.memory_mib
             )
             self.resizer.size = size
+            self.launcher.spec = self.vm_spec
             self.resizer.on_resized = self._note_size
             self._note_size(size)
             await self.network.prepare()
             if self.vm_spec.shared_fs is not None:
                 await trio.to_thread.run_sync(share.prepare, self.state)
-            await self.hypervisor.prepare(self.vm_spec)
             # The body's error is carried out of the nursery as itself (not wrapped in
             # an ExceptionGroup), so a failed boot stays the one-line error it is.
             error: Exception | None = None
             async with trio.open_nursery() as vm_tasks:
-                console = self.hypervisor.console_socket()
-                if console is not None:
-                    vm_tasks.start_soon(self.console.run, console)
                 try:
-                    await self.hypervisor.start(self.boot_timeout)
+                    await self.launcher.start(vm_tasks)
                     console_endpoint = self.hypervisor.debug_console_endpoint()
                     self.state.set_debug_console(endpoint_record(console_endpoint))
                     await self._serve(started)
                 except Exception as e:
                     error = e
+                finally:
+                    self.launcher.release_slot()
                 vm_tasks.cancel_scope.cancel()
             if error is not None:
                 raise error
@@ -183,8 +202,16 @@ class Sandbox:
             request_timeout=self.request_timeout,
             dial=self._dial,
         ) as agent:
+            self.launcher.release_slot()
             self.boot_seconds = trio.current_time() - started
-            log.info("sandbox %s: agent ready after %.2f s", self.id, self.boot_seconds)
+            how = "cloned from the VM template" if self.launcher.cloned else "booted"
+            log.info("sandbox %s: %s, agent ready after %.2f s", self.id, how, self.boot_seconds)
+            if self.launcher.cloned:
+                await _make_unique(agent)
+                # a clone has its template's size: grow it to what the sandbox wants
+                self.resizer.size = VmSize(self.launcher.spec_started.vcpus,
+                                           self.launcher.spec_started.memory_mib)
+                await self.resizer.grow(agent)
             storage = rootfs.shared_storage(self.vm_spec.shared_fs)
             await agent.create_sandbox(
                 agent_pb2.CreateSandboxRequest(
@@ -494,3 +521,17 @@ class Sandbox:
                 last_reported[container_id] = now
                 self.on_oom(container_id)
             await trio.sleep(OOM_PACE)
+
+
+async def _make_unique(agent: AgentClient) -> None:
+    """A clone stops being a copy of its template before anything else runs in it.
+
+    Its RNG restarts from the template's state and its clock from when the
+    template was saved: reseed the RNG from the host's (the agent also forces
+    the kernel's CRNG to take it at once), then set the clock. The hostname
+    comes with CreateSandbox; ``boot_id`` is made on its first read, which
+    nothing did in the template, so it comes from the reseeded RNG.
+    """
+    await agent.reseed_random_dev(os.urandom(RESEED_BYTES))
+    now = time.time()
+    await agent.set_guest_date_time(int(now), int((now % 1) * 1_000_000))

@@ -169,6 +169,7 @@ def test_default_file_lists_every_declared_key() -> None:
     raw = tomllib.loads((ROOT / "configuration.toml").read_text())
     assert set(raw["runtime"]) == {k.name for k in config.RUNTIME_KEYS}
     assert set(raw["agent"]["husk"]) == {k.name for k in config.AGENT_KEYS}
+    assert set(raw["factory"]) == {k.name for k in config.FACTORY_KEYS}
     declared = {k.name for k in registry.lookup("qemu").keys}
     assert set(raw["hypervisor"]["qemu"]) == declared
 
@@ -199,6 +200,8 @@ def test_default_file_states_every_default() -> None:
         assert raw["runtime"][key.name] == key.default, key.name
     for key in config.AGENT_KEYS:
         assert raw["agent"]["husk"][key.name] == key.default, key.name
+    for key in config.FACTORY_KEYS:
+        assert raw["factory"][key.name] == key.default, key.name
     for key in registry.lookup("qemu").keys:
         assert raw["hypervisor"]["qemu"][key.name] == key.default, key.name
 

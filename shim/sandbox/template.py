@@ -1,0 +1,308 @@
+"""The VM template (Kata's factory): one VM booted once, every sandbox started as its clone.
+
+    <template_path>/               a tmpfs husk mounts, the size of the VM's memory
+        memory                     the template's RAM: the file *is* the RAM
+        state                      its device state (a few hundred KiB), saved without RAM
+        template.json              the digest of what it was made from, when, its size
+        vm/                        the template VM's state dir while it boots (then removed)
+
+The template VM boots with its RAM in ``memory`` (shared), reaches its agent,
+and is saved with ``x-ignore-shared``: the state file holds no RAM. A clone
+maps ``memory`` privately (copy-on-write) and loads ``state``; it answers its
+first call in well under a second and shares every page no clone has written.
+The template has the 9p device but never mounts it (QEMU cannot save a VM
+with a mounted 9p share), so each clone gets its own share on its command
+line; NICs are hot-plugged into clones as into any VM. A clone must stop
+being a copy before anything reads the guest's randomness: the sandbox
+reseeds its RNG and sets its clock first (see ``Sandbox``), and nothing in
+the template reads ``boot_id`` (the kernel makes it on first read).
+
+A template is valid while its digest matches: the kernel, initrd and VMM
+binary (size, mtime, inode) and the VM's shape in the config. A stale or
+damaged template is made again on the next start; one that cannot be made or
+cloned makes that sandbox boot cold, with one line in the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from common import mounts
+from shim.agent.client import wait_ready
+from shim.config import Config
+from shim.errors import FailedPreconditionError, HuskError
+from shim.hypervisor import CLONE, TEMPLATE, Hypervisor, TemplateFiles, VmSpec
+from shim.sandbox import cleanup
+from shim.sandbox.boot_slots import BootSlots
+from shim.sandbox.state import SandboxState, make_private_dir
+
+log = logging.getLogger("husk.sandbox.template")
+
+MANIFEST = "template.json"
+MEMORY, STATE, VM_DIR = "memory", "state", "vm"
+#: tmpfs room beyond the RAM file: the state file and the manifest
+TMPFS_SLACK_MIB = 16
+#: keys of a hypervisor section that do not change the VM's shape
+_NOT_SHAPE = {"boot_timeout", "stop_timeout", "enable_debug"}
+_LOCK_POLL = 0.1
+
+MakeHypervisor = Callable[[], Hypervisor]
+MakeSpec = Callable[[SandboxState], VmSpec]
+
+
+class TemplateError(FailedPreconditionError):
+    """The template cannot be made or used; the sandbox boots cold."""
+
+
+@dataclass(frozen=True)
+class TemplateStatus:
+    """What ``husk factory status`` says."""
+
+    path: Path
+    ready: bool
+    detail: str
+    memory_mib: int = 0
+    created: float = 0.0
+
+
+def _stat_of(path: str) -> list[Any]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def shape_digest(config: Config, spec: VmSpec) -> str:
+    """What the template was made from: its files, and the VM's shape in the config."""
+    section = {k: v for k, v in config.hypervisor.items() if k not in _NOT_SHAPE}
+    shape = {
+        "hypervisor": config.runtime.hypervisor,
+        "section": section,
+        "files": [_stat_of(str(p)) for p in (spec.kernel, spec.initrd) if p is not None]
+        + [_stat_of(str(section.get("path", "")))],
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "kernel_params": spec.kernel_params,
+        "agent_transport": spec.agent_transport,
+        "shared_fs": spec.shared_fs.kind if spec.shared_fs is not None else None,
+        "debug_console": spec.debug_console,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class VmTemplate:
+    """The template of one configuration, in ``[factory] template_path``."""
+
+    def __init__(
+        self,
+        config: Config,
+        make_hypervisor: MakeHypervisor,
+        make_spec: MakeSpec,
+        slots: BootSlots,
+    ) -> None:
+        self.config = config
+        self.path = config.factory.template_path
+        self._make_hypervisor = make_hypervisor
+        self._make_spec = make_spec
+        self._slots = slots
+
+    @property
+    def files(self) -> TemplateFiles:
+        """The files a clone maps and loads."""
+        return TemplateFiles(memory=self.path / MEMORY, state=self.path / STATE, role=CLONE)
+
+    def _vm_state(self) -> SandboxState:
+        return SandboxState(dir=self.path / VM_DIR, id="husk-template")
+
+    def size(self) -> tuple[int, int]:
+        """The template VM's vCPUs and MiB: what every clone starts with."""
+        spec = self._make_spec(self._vm_state())
+        return spec.vcpus, spec.memory_mib
+
+    def digest(self) -> str:
+        """The digest a template made now would have."""
+        return shape_digest(self.config, self._make_spec(self._vm_state()))
+
+    def _manifest(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def problem(self) -> str | None:
+        """Why the template cannot be cloned now (None: it can)."""
+        manifest = self._manifest()
+        if manifest is None:
+            return f"no template in {self.path}"
+        if manifest.get("digest") != self.digest():
+            return "the template is stale (kernel, initrd, VMM or the VM's shape changed)"
+        return self._damage(manifest)
+
+    def _damage(self, manifest: dict[str, Any]) -> str | None:
+        """What is wrong with the files of a current template (None: nothing)."""
+        memory = self.path / MEMORY
+        try:
+            size = memory.stat().st_size
+        except OSError:
+            return f"the template's memory file {memory} is gone"
+        if size != int(manifest.get("memory_mib", 0)) << 20:
+            return f"the template's memory file {memory} is {size} bytes, not its RAM's size"
+        if not (self.path / STATE).is_file():
+            return f"the template's state file {self.path / STATE} is gone"
+        return None
+
+    def status(self) -> TemplateStatus:
+        """For ``husk factory status``."""
+        manifest = self._manifest() or {}
+        problem = self.problem()
+        return TemplateStatus(
+            path=self.path,
+            ready=problem is None,
+            detail=problem or "ready",
+            memory_mib=int(manifest.get("memory_mib", 0)),
+            created=float(manifest.get("created", 0.0)),
+        )
+
+    async def ensure(self) -> TemplateFiles:
+        """The template's files, making the template first if it is missing or stale.
+
+        A template that was made and has since been damaged (its files deleted or
+        truncated under it) is not made again here: this start raises
+        TemplateError and boots cold, and the damaged files are cleared so the
+        next start makes a fresh template.
+        """
+        async with self._lock():
+            damage = self._damaged()
+            if damage is not None:
+                await trio.to_thread.run_sync(self.destroy)
+                raise TemplateError(f"the VM template in {self.path} is damaged: {damage}")
+            problem = self.problem()
+            if problem is not None:
+                log.info("making the VM template in %s: %s", self.path, problem)
+                await self._make()
+        return self.files
+
+    def _damaged(self) -> str | None:
+        """Damage to a template that was made (its tmpfs is mounted), if any."""
+        if not mounts.is_mount_point(self.path):
+            return None  # never made (or destroyed): the first use makes it
+        manifest = self._manifest()
+        if manifest is None:
+            return f"{self.path / MANIFEST} is gone"
+        if manifest.get("digest") != self.digest():
+            return None  # merely stale: made again
+        return self._damage(manifest)
+
+    async def _make(self) -> None:
+        started = trio.current_time()
+        await trio.to_thread.run_sync(self.destroy)
+        await trio.to_thread.run_sync(self._mount)
+        try:
+            digest = self.digest()
+            memory_mib = await self._boot_and_save()
+            manifest = {"digest": digest, "created": time.time(), "memory_mib": memory_mib}
+            tmp = self.path / f".{MANIFEST}.tmp"
+            tmp.write_text(json.dumps(manifest))
+            os.replace(tmp, self.path / MANIFEST)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.destroy)
+            raise
+        log.info("VM template ready in %s (%.2f s)", self.path, trio.current_time() - started)
+
+    def _mount(self) -> None:
+        make_private_dir(self.path)
+        spec = self._make_spec(self._vm_state())
+        size = spec.memory_mib + TMPFS_SLACK_MIB
+        mounts.mount("tmpfs", self.path, "tmpfs", [f"size={size}m", "mode=0700", "nosuid", "nodev"])
+
+    async def _boot_and_save(self) -> int:
+        """Boot the template VM to its agent, save it, stop it; its RAM size in MiB."""
+        state = self._vm_state()
+        make_private_dir(state.dir)
+        state.shared_dir.mkdir(mode=0o700)
+        template = TemplateFiles(memory=self.path / MEMORY, state=self.path / STATE, role=TEMPLATE)
+        base = self._make_spec(state)
+        spec = dataclasses.replace(base, template=template)
+        hypervisor = self._make_hypervisor()
+        if not hypervisor.capabilities().templates:
+            raise TemplateError(f"hypervisor '{hypervisor.name}' cannot make VM templates")
+        section = self.config.hypervisor
+        try:
+            await hypervisor.prepare(spec)
+            async with self._slots.slot("the VM template"):
+                await hypervisor.start(float(section["boot_timeout"]))
+                async with wait_ready(
+                    hypervisor.agent_endpoint(),
+                    self.config.agent.dial_timeout,
+                    request_timeout=self.config.agent.request_timeout,
+                ):
+                    pass  # the agent answers: the guest is up; disconnect before saving
+            await hypervisor.save_template()
+        except HuskError as e:
+            raise TemplateError(f"cannot make the VM template in {self.path}: {e}") from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await hypervisor.destroy()
+            shutil.rmtree(state.dir, ignore_errors=True)
+        return spec.memory_mib
+
+    def destroy(self) -> list[str]:
+        """Stop whatever still runs from the template, unmount it, remove it; problems."""
+        problems: list[str] = []
+        if self.path.exists():
+            for pid in cleanup.kill_and_wait(cleanup.processes_naming(self.path / VM_DIR)):
+                problems.append(f"template VM process {pid} survived SIGKILL")
+        for point in mounts.mounts_under(self.path):
+            try:
+                mounts.unmount(point)
+            except mounts.MountError as e:
+                problems.append(str(e))
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():
+            problems.append(f"cannot remove {self.path}")
+        return problems
+
+    class _Lock:
+        def __init__(self, path: Path) -> None:
+            self.path = path
+            self.fd = -1
+
+        async def __aenter__(self) -> None:
+            make_private_dir(self.path.parent)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            while True:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                await trio.sleep(_LOCK_POLL)
+
+        async def __aexit__(self, *exc: object) -> None:
+            os.close(self.fd)
+
+    def _lock(self) -> VmTemplate._Lock:
+        """Held while the template is checked or made: one maker at a time, host-wide.
+
+        The lock file sits beside the template dir, not in it (the dir is a tmpfs
+        that is unmounted and made again).
+        """
+        return VmTemplate._Lock(self.path.with_name(self.path.name + ".lock"))

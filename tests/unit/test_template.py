@@ -1,0 +1,102 @@
+"""The VM template's bookkeeping: when it is current, stale or damaged (no VM here)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from shim import config
+from shim.host import HostFacts
+from shim.hypervisor import TEMPLATE, Hypervisor
+from shim.sandbox import factory
+from shim.sandbox.boot_slots import BootSlots
+from shim.sandbox.template import VmTemplate
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> config.Config:
+    for name in ("vmlinux", "initrd.img"):
+        (tmp_path / name).write_bytes(b"x")
+    path = tmp_path / "husk.toml"
+    path.write_text(
+        f'[runtime]\nstate_dir = "{tmp_path}/state"\n'
+        f'[factory]\nenable_template = true\ntemplate_path = "{tmp_path}/tpl"\n'
+        f'[hypervisor.qemu]\nkernel = "{tmp_path}/vmlinux"\ninitrd = "{tmp_path}/initrd.img"\n'
+    )
+    host = HostFacts(kvm_device=False, kvm_hardware=False, vhost_vsock=False)
+    return config.load(path, host=host)
+
+
+def template(cfg: config.Config) -> VmTemplate:
+    def no_vm() -> Hypervisor:
+        raise AssertionError("no VM in a unit test")
+
+    return VmTemplate(
+        cfg, no_vm, lambda state: factory.vm_spec(cfg, state), BootSlots(cfg.runtime.state_dir, 1)
+    )
+
+
+def made(t: VmTemplate, memory_mib: int = 512) -> None:
+    """Files as a made template leaves them."""
+    t.path.mkdir(parents=True)
+    (t.path / "memory").write_bytes(b"")
+    os.truncate(t.path / "memory", memory_mib << 20)
+    (t.path / "state").write_bytes(b"state")
+    manifest = {"digest": t.digest(), "memory_mib": memory_mib, "created": 1.0}
+    (t.path / "template.json").write_text(json.dumps(manifest))
+
+
+def test_a_template_is_usable_when_made_for_this_configuration(cfg: config.Config) -> None:
+    t = template(cfg)
+    assert t.problem() == f"no template in {t.path}"
+    made(t)
+    assert t.problem() is None and t.status().ready
+
+
+def test_a_rebuilt_kernel_makes_the_template_stale(cfg: config.Config, tmp_path: Path) -> None:
+    t = template(cfg)
+    made(t)
+    (tmp_path / "vmlinux").write_bytes(b"a new kernel")
+    assert "stale" in (t.problem() or "")
+
+
+def test_another_vm_shape_makes_the_template_stale(cfg: config.Config, tmp_path: Path) -> None:
+    t = template(cfg)
+    made(t)
+    (tmp_path / "husk.toml").write_text(
+        (tmp_path / "husk.toml").read_text() + "default_memory = 1024\n"
+    )
+    host = HostFacts(kvm_device=False, kvm_hardware=False, vhost_vsock=False)
+    bigger = template(config.load(tmp_path / "husk.toml", host=host))
+    assert "stale" in (bigger.problem() or "")
+
+
+def test_timeouts_do_not_change_the_vm_shape(cfg: config.Config, tmp_path: Path) -> None:
+    t = template(cfg)
+    made(t)
+    (tmp_path / "husk.toml").write_text(
+        (tmp_path / "husk.toml").read_text() + "boot_timeout = 99.0\n"
+    )
+    host = HostFacts(kvm_device=False, kvm_hardware=False, vhost_vsock=False)
+    assert template(config.load(tmp_path / "husk.toml", host=host)).problem() is None
+
+
+def test_a_truncated_or_missing_file_is_damage(cfg: config.Config) -> None:
+    t = template(cfg)
+    made(t)
+    os.truncate(t.path / "memory", 1 << 20)
+    assert "not its RAM's size" in (t.problem() or "")
+    made_again = template(cfg)
+    (made_again.path / "memory").unlink()
+    assert "is gone" in (made_again.problem() or "")
+
+
+def test_the_template_vm_maps_the_ram_file_shared_and_clones_privately(
+    cfg: config.Config,
+) -> None:
+    t = template(cfg)
+    assert t.files.role != TEMPLATE
+    assert t.files.memory == t.path / "memory" and t.files.state == t.path / "state"
