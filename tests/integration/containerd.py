@@ -111,3 +111,10 @@ def _mounts_under(base: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
     return sorted(points, key=len, reverse=True)
+
+
+def sandbox_dirs(state_root: Path) -> list[Path]:
+    """The sandboxes' dirs in a husk state dir (not its host-wide ``.boot-slots``)."""
+    if not state_root.exists():
+        return []
+    return sorted(p for p in state_root.iterdir() if not p.name.startswith("."))

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from bench.net_throughput import HUSK, Pod, import_busybox, pod_netns
-from tests.integration.containerd import CTR, Containerd
+from tests.integration.containerd import CTR, Containerd, sandbox_dirs
 from tests.integration.test_network import in_pod, links, veth_state
 
 pytestmark = [
@@ -153,9 +153,9 @@ def _fails_leaving_nothing(ctr: list[str], image: str, state_root: Path, netns: 
     error = proc.stderr.strip()
     assert len(error.splitlines()) == 1, error
     deadline = time.monotonic() + 20
-    while any(state_root.iterdir()) and time.monotonic() < deadline:
+    while sandbox_dirs(state_root) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(state_root.iterdir()), list(state_root.iterdir())  # no state dir
+    assert sandbox_dirs(state_root) == []  # no state dir
     qemus = subprocess.run(["pgrep", "-f", str(state_root)], capture_output=True, text=True)
     assert not qemus.stdout.strip(), qemus.stdout  # no VM
     return error

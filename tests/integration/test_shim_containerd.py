@@ -27,7 +27,7 @@ from shim.errors import NotSupportedError
 from shim.host import HostFacts
 from shim.sandbox import cleanup
 from shim.sandbox.state import SandboxState
-from tests.integration.containerd import Containerd
+from tests.integration.containerd import Containerd, sandbox_dirs
 
 IMAGE = local_images.BUSYBOX_REFERENCE
 RUNTIME = ["--runtime", "io.containerd.husk.v2"]
@@ -89,7 +89,7 @@ def ctd(husk_config: Path) -> Iterator[Containerd]:
 
 
 def leftovers(state_root: Path) -> list[str]:
-    found = [f"state dir {p}" for p in state_root.iterdir()] if state_root.exists() else []
+    found = [f"state dir {p}" for p in sandbox_dirs(state_root)]
     found += [f"process {pid}" for pid in cleanup.processes_naming(state_root)]
     with open("/proc/self/mountinfo") as f:
         found += [f"mount {line.split()[4]}" for line in f if str(state_root) in line.split()[4]]
@@ -194,7 +194,7 @@ def test_two_sandboxes_at_once(ctd: Containerd, state_root: Path) -> None:
     ctd.ctr("run", *RUNTIME, "-d", IMAGE, a, "sleep", "1000")
     ctd.ctr("run", *RUNTIME, "-d", IMAGE, b, "sleep", "1000")
     try:
-        assert {p.name for p in state_root.iterdir()} == {a, b}
+        assert {p.name for p in sandbox_dirs(state_root)} == {a, b}
         assert len(cleanup.processes_naming(state_root / a)) >= 1
         assert len(cleanup.processes_naming(state_root / b)) >= 1
     finally:
@@ -223,7 +223,7 @@ def test_containers_of_a_pod_share_one_sandbox_vm(ctd: Containerd, state_root: P
         ctd.ctr("run", *RUNTIME, "-d", *_pod_annotations("container", pod),
                 IMAGE, app, "sleep", "1000")  # fmt: skip
         # one VM: one sandbox dir, one QEMU, one guest kernel boot for both
-        assert {p.name for p in state_root.iterdir()} == {pod}
+        assert {p.name for p in sandbox_dirs(state_root)} == {pod}
         assert _boot_id(ctd, pod, "b1") == _boot_id(ctd, app, "b2")
         assert sorted(_status(ctd, n) for n in (pod, app)) == ["RUNNING", "RUNNING"]
         ctd.ctr("task", "kill", "-s", "SIGKILL", app)
@@ -270,7 +270,7 @@ def test_missing_kernel_fails_in_one_line_and_leaves_nothing(
     assert proc.returncode != 0
     assert "/nonexistent/vmlinuz" in message and len(message.strip().splitlines()) == 1
     time.sleep(1)
-    assert list(root.iterdir()) == []
+    assert sandbox_dirs(root) == []
     assert cleanup.processes_naming(root) == []
     shutil.rmtree(root, ignore_errors=True)
 
