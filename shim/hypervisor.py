@@ -53,8 +53,6 @@ class Capabilities:
     hybrid_vsock: bool = False
     virtio_serial: bool = False
     shared_fs: frozenset[str] = frozenset()
-    pause: bool = False
-    save_restore: bool = False
     #: vCPUs can be hot-added up to ``VmSpec.max_vcpus``
     cpu_hotplug: bool = False
     #: hot-added vCPUs can be taken away again
@@ -219,7 +217,7 @@ class VmSpec:
 class Hypervisor(abc.ABC):
     """One sandbox VM driven through one VMM.
 
-    The life is ``prepare`` → ``start`` → (``pause``/``resume``, device changes) →
+    The life is ``prepare`` → ``start`` → (device changes, ``resize``) →
     ``stop`` → ``destroy``. The plugin records every host resource it creates
     through ``VmSpec.record`` before creating it, so a crash leaves nothing that
     ``husk cleanup`` cannot find.
@@ -280,14 +278,6 @@ class Hypervisor(abc.ABC):
         """Return once the VMM process has exited, with its status (None if unknown)."""
         raise NotSupportedError(self.name, "waiting for the VM to exit")
 
-    async def pause(self) -> None:
-        """Freeze the guest's vCPUs."""
-        raise NotSupportedError(self.name, "pause")
-
-    async def resume(self) -> None:
-        """Thaw the guest's vCPUs."""
-        raise NotSupportedError(self.name, "resume")
-
     async def add_device(self, device: Device) -> None:
         """Hot-add a device to the running VM."""
         raise NotSupportedError(self.name, f"hot-add of {type(device).__name__}")
@@ -312,17 +302,9 @@ class Hypervisor(abc.ABC):
         """The vCPUs and memory the running VM has now."""
         raise NotSupportedError(self.name, "reading the VM's size")
 
-    async def save(self, path: Path) -> None:
-        """Write the paused VM's state to ``path``."""
-        raise NotSupportedError(self.name, "save")
-
     async def save_template(self) -> None:
         """Pause a VM booted as a template, write its device state, and stop it."""
         raise NotSupportedError(self.name, "saving a VM template")
-
-    async def restore(self, path: Path, timeout: float) -> None:
-        """Start the VM from a state file written by ``save``."""
-        raise NotSupportedError(self.name, "restore")
 
 
 def _is_executable(path: Path) -> bool:

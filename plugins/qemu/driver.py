@@ -17,7 +17,6 @@ connection is reset.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -129,8 +128,6 @@ class QemuHypervisor(Hypervisor):
             vsock=self._host.vhost_vsock,
             virtio_serial=True,
             shared_fs=frozenset({"9p"}),
-            pause=True,
-            save_restore=True,
             cpu_hotplug=q35,
             vcpu_unplug=q35 and self.settings.accel == "kvm",
             memory_hotplug=q35,
@@ -409,19 +406,6 @@ class QemuHypervisor(Hypervisor):
             return VmState.STOPPED
         return _STATES.get(str(status), VmState.PAUSED)
 
-    async def pause(self) -> None:
-        await self._run_state_change("stop", VmState.PAUSED)
-
-    async def resume(self) -> None:
-        await self._run_state_change("cont", VmState.RUNNING)
-
-    async def _run_state_change(self, command: str, wanted: VmState) -> None:
-        async with self._monitor() as qmp:
-            await qmp.execute(command)
-            status = str((await qmp.execute("query-status"))["status"])
-        if _STATES.get(status, VmState.PAUSED) != wanted:
-            raise HypervisorError(f"qemu: after {command} the VM is {status}, not {wanted.value}")
-
     # --- devices ----------------------------------------------------------------
 
     async def add_device(self, device: Device) -> None:
@@ -530,60 +514,6 @@ class QemuHypervisor(Hypervisor):
         else:
             reason = ""
         raise NotSupportedError(self.name, operation, reason)
-
-    # --- save / restore ---------------------------------------------------------
-
-    async def save(self, path: Path) -> None:
-        """Pause the VM and write its state to ``path``; it stays paused.
-
-        QEMU 7.2 has no ``file:`` migration and, under ``-sandbox spawn=deny``,
-        cannot run ``exec:cat``; the shim opens the file and passes its fd
-        over QMP (``getfd``), and QEMU writes the stream to ``fd:``.
-        ``restore`` rebuilds the same devices (this driver's current layout)
-        and needs the same host files (disks, taps).
-
-        QEMU refuses while the guest has a 9p share mounted (virtio-9p keeps
-        no migratable state); then, as on any failure, the VM is left in the
-        state it was in and no file is left at ``path``.
-        """
-        state = await self.state()
-        if state not in (VmState.RUNNING, VmState.PAUSED):
-            raise FailedPreconditionError(f"qemu: cannot save a VM that is {state.value}")
-        path = path.absolute()
-        async with self._monitor() as qmp:
-            if state == VmState.RUNNING:
-                await qmp.execute("stop")
-            try:
-                await _pass_fd(qmp, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                await qmp.execute("migrate", {"uri": f"fd:{MIGRATION_FD}"})
-                await _wait_migration(qmp, f"saving the VM to {path}")
-            except BaseException:
-                path.unlink(missing_ok=True)
-                if state == VmState.RUNNING:
-                    with trio.CancelScope(shield=True), contextlib.suppress(QmpError):
-                        await qmp.execute("cont")
-                raise
-
-    async def restore(self, path: Path, timeout: float) -> None:
-        """Start a new QEMU (same command line) that loads ``path``, then run it."""
-        if not path.is_file():
-            raise FailedPreconditionError(f"qemu: no saved VM state at {path}")
-        path = path.absolute()
-        await self._launch(timeout, incoming="defer")
-        try:
-            with trio.fail_after(timeout):
-                async with self._monitor() as qmp:
-                    await _pass_fd(qmp, path, os.O_RDONLY)
-                    await qmp.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
-                    await _wait_migration(qmp, f"restoring the VM from {path}")
-                    status = (await qmp.execute("query-status"))["status"]
-                    if status != "running":
-                        await qmp.execute("cont")
-        except trio.TooSlowError:
-            await self.stop()
-            raise DeadlineExceededError(
-                f"qemu: restoring from {path} took longer than {timeout:g} s"
-            ) from None
 
     async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
         """Run one QMP command and return its result (diagnostics and tests)."""

@@ -70,15 +70,6 @@ class SlotAllocator:
             "(raise pcie_root_ports in [hypervisor.qemu])"
         )
 
-    def claim(self, slot: str, owner: str) -> None:
-        """Hold a given slot (restoring a known layout)."""
-        if slot not in self._slots:
-            raise NotFoundError(f"hot-plug slot {slot} does not exist")
-        current = self._owner.get(slot)
-        if current is not None and current != owner:
-            raise AlreadyExistsError(f"hot-plug slot {slot} is held by device {current}")
-        self._owner[slot] = owner
-
     def release(self, owner: str) -> str | None:
         """Free the slot ``owner`` holds; returns it (None if it held none)."""
         slot = self.slot_of(owner)
@@ -92,16 +83,6 @@ class SlotAllocator:
             if who == owner:
                 return slot
         return None
-
-    @property
-    def free(self) -> int:
-        """How many slots are free."""
-        return len(self._slots) - len(self._owner)
-
-    @property
-    def held(self) -> Mapping[str, str]:
-        """Slot → owner, for every held slot."""
-        return dict(self._owner)
 
 
 class DeviceManager:

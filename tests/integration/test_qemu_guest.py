@@ -1,4 +1,4 @@
-"""The QEMU plugin's hot-plug and save/restore, seen from inside the guest.
+"""The QEMU plugin's hot-plug, seen from inside the guest.
 
 ``test_qemu_vm`` proves them over QMP; here the guest agent and its
 containers are the witnesses. One VM (TCG, virtio-serial agent channel, 9p
@@ -12,13 +12,10 @@ share mounted by CreateSandbox) serves the module's tests, in order:
 - a NIC on a host tap is hot-added with a given MAC; the agent's
   ListInterfaces shows it; after hot-remove it is gone;
 - a host that reconnects before the guest saw it leave is a new ttrpc
-  session to the agent, not a stale one (``guest.agent.host_sessions``);
-- QEMU refuses to save while 9p is mounted: one line, the VM runs on.
+  session to the agent, not a stale one (``guest.agent.host_sessions``).
 
-Save/restore needs a second VM whose sandbox mounts no share: a container's
-shell counts in memory; the VM is saved, QEMU stopped, a new QEMU restored
-from the file; the agent answers a new connection at once and the same shell
-(same random token, count going on) still runs, and is signalled and reaped.
+Saving and starting from a saved VM is the VM template's business: see
+``test_qemu_vm`` (driver) and ``test_template`` (sandboxes).
 
 The VM, its driver and the agent connection live on one trio loop in a
 thread, so that they outlive each test (a trio run lasts one test).
@@ -47,8 +44,7 @@ from agent_proto import agent_pb2, health_pb2
 from plugins.qemu.driver import QemuHypervisor
 from shim.agent.transport import connect
 from shim.cli.local_images import BUSYBOX, applets
-from shim.errors import HypervisorError
-from shim.hypervisor import BlockDevice, NetDevice, VmState
+from shim.hypervisor import BlockDevice, NetDevice
 from shim.sandbox.rootfs import shared_fs_device, shared_storage
 from tests.integration.test_agent_host import make_spec
 from tests.integration.test_qemu_vm import (
@@ -269,8 +265,8 @@ def make_rootfs(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def booted_vm(image: tuple[Path, Path], *, share: bool) -> Iterator[Vm]:
-    """Boot a VM and create the agent's sandbox (with the 9p share mounted if ``share``)."""
+def booted_vm(image: tuple[Path, Path]) -> Iterator[Vm]:
+    """Boot a VM and create the agent's sandbox, with the 9p share mounted."""
     work = Path(tempfile.mkdtemp(prefix="hqg", dir="/tmp"))  # short: socket paths
     loop = Loop()
     hv = driver()
@@ -282,7 +278,7 @@ def booted_vm(image: tuple[Path, Path], *, share: bool) -> Iterator[Vm]:
         loop.run(machine.connect)
         loop.run(machine.until_healthy)
         device = shared_fs_device("9p", work / "shared")
-        storages = [shared_storage(device)] if share else []
+        storages = [shared_storage(device)]
         sandbox = agent_pb2.CreateSandboxRequest(hostname="husk-qg", storages=storages,
                                                  sandbox_id="qg")  # fmt: skip
         loop.run(machine.agent.CreateSandbox, sandbox, timeout=CALL_TIMEOUT)
@@ -311,7 +307,7 @@ def booted_vm(image: tuple[Path, Path], *, share: bool) -> Iterator[Vm]:
 @pytest.fixture(scope="module")
 def vm(image: tuple[Path, Path]) -> Iterator[Vm]:
     """The module's VM: a sandbox whose containers have their rootfs on the 9p share."""
-    with booted_vm(image, share=True) as machine:
+    with booted_vm(image) as machine:
         yield machine
 
 
@@ -416,104 +412,3 @@ def test_a_quick_reconnect_is_a_new_session(vm: Vm) -> None:
         run(vm.connect)
         check = run(vm.health.Check, health_pb2.CheckRequest(), timeout=CALL_TIMEOUT)
         assert check.status == health_pb2.HealthCheckResponse.SERVING
-
-
-# --- save with a 9p share mounted -------------------------------------------------
-
-
-def test_save_refused_while_9p_is_mounted_leaves_the_vm_running(vm: Vm) -> None:
-    run = vm.loop.run
-    state_file = vm.shared.parent / "refused.state"
-    with pytest.raises(HypervisorError) as info:
-        run(vm.hv.save, state_file)
-    message = str(info.value)
-    assert "VirtFS" in message and "kataShared" in message and "\n" not in message, message
-    assert run(vm.hv.state) == VmState.RUNNING  # save had paused it: resumed
-    assert not state_file.exists()
-    check = run(vm.health.Check, health_pb2.CheckRequest(), timeout=CALL_TIMEOUT)
-    assert check.status == health_pb2.HealthCheckResponse.SERVING
-
-
-# --- save / restore --------------------------------------------------------------
-#
-# QEMU refuses to migrate while a 9p share is mounted in the guest ("Migration
-# is disabled when VirtFS export path ... is mounted in the guest"), so this VM's
-# sandbox mounts no share: the container's rootfs is an ext4 image made on the
-# host and hot-added as a disk, which ``restore`` must bring back too.
-
-ROOTFS_SERIAL = "huskguestroot0"
-ROOTFS_MOUNT = "/run/husk-test/rootfs"
-COUNTER = (
-    # the token and the count live in the shell's memory: a new process would
-    # draw another token and count from 1 again
-    "t=$(cat /proc/sys/kernel/random/uuid); i=0; "
-    'while :; do i=$((i+1)); echo "$t $i" > /count.tmp; mv /count.tmp /count; sleep 0.2; done'
-)
-
-
-@pytest.fixture
-def unshared_vm(image: tuple[Path, Path]) -> Iterator[Vm]:
-    """A VM whose sandbox mounts no 9p share (so that it can be saved)."""
-    with booted_vm(image, share=False) as machine:
-        yield machine
-
-
-async def _exec_output(vm: Vm, cid: str, exec_id: str, args: list[str]) -> str:
-    process = make_spec(args).Process
-    await vm.agent.ExecProcess(
-        agent_pb2.ExecProcessRequest(container_id=cid, exec_id=exec_id, process=process),
-        timeout=CALL_TIMEOUT,
-    )
-    out = await vm.output(cid, exec_id)
-    assert await vm.wait(cid, exec_id) == 0, out
-    return out.decode()
-
-
-async def _count(vm: Vm, exec_id: str) -> tuple[str, int]:
-    """The counter's token and count, read in the container by an exec'd ``cat``."""
-    token, count = (await _exec_output(vm, "counter", exec_id, ["cat", "/count"])).split()
-    return token, int(count)
-
-
-def test_restored_guest_keeps_its_processes(unshared_vm: Vm) -> None:
-    vm = unshared_vm
-    run, hv = vm.loop.run, vm.hv
-    work = vm.shared.parent
-    rootfs_dir, rootfs_img = work / "rootfs", work / "rootfs.img"
-    make_rootfs(rootfs_dir)
-    subprocess.run(["mkfs.ext4", "-F", "-q", "-d", str(rootfs_dir), str(rootfs_img), "32M"],
-                   check=True)  # fmt: skip
-    run(hv.add_device, BlockDevice("blk0", rootfs_img, serial=ROOTFS_SERIAL))
-    rootfs = agent_pb2.Storage(driver="blk", source=ROOTFS_SERIAL, fstype="ext4",
-                               mount_point=ROOTFS_MOUNT)  # fmt: skip
-    run(vm.start, "counter", ["sh", "-c", COUNTER], storages=[rootfs], root=ROOTFS_MOUNT)
-    token, before = run(_count, vm, "cat0")
-    polls = 0
-    while before < 3:  # each poll is a new exec: its id must be new too
-        polls += 1
-        token, before = run(_count, vm, f"cat{polls}")
-
-    state_file = work / "vm.state"
-    run(hv.save, state_file)
-    assert run(hv.state) == VmState.PAUSED
-    run(vm.disconnect)
-    run(hv.stop)
-    assert run(hv.state) == VmState.STOPPED
-    run(hv.restore, state_file, 60)
-    assert run(hv.state) == VmState.RUNNING  # not rebooted: the counter below goes on
-
-    # a new host connection is a new session at once: no retry, no stale stream ids
-    run(vm.connect)
-    check = run(vm.health.Check, health_pb2.CheckRequest(), timeout=CALL_TIMEOUT)
-    assert check.status == health_pb2.HealthCheckResponse.SERVING
-    token_after, after = run(_count, vm, "cat-restored")
-    assert token_after == token  # the same shell, memory and all
-    assert after > before
-    time_passes = run(_count, vm, "cat-later")
-    assert time_passes[0] == token and time_passes[1] > after  # and it still runs
-
-    kill = agent_pb2.SignalProcessRequest(container_id="counter", exec_id="",
-                                          signal=signal.SIGKILL)  # fmt: skip
-    run(vm.agent.SignalProcess, kill, timeout=CALL_TIMEOUT)
-    assert run(vm.wait, "counter") == 128 + signal.SIGKILL
-    run(vm.remove, "counter")

@@ -6,6 +6,7 @@ seconds, and a trio run (one per test) cannot share a process with the next.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from shim.agent.client import AgentClient
 from shim.agent.transport import connect
 from shim.errors import HostError, VmmExitedError
 from shim.host import HostFacts
-from shim.hypervisor import BlockDevice, NetDevice, VmSpec, VmState
+from shim.hypervisor import CLONE, TEMPLATE, BlockDevice, NetDevice, TemplateFiles, VmSpec, VmState
 from shim.resources import process_alive
 from shim.sandbox.console import ConsoleLog
 from shim.sandbox.rootfs import shared_fs_device
@@ -166,19 +167,12 @@ async def booted(workdir: Path, image: tuple[Path, Path]) -> AsyncIterator[QemuH
         assert not qemu_pids(workdir)
 
 
-async def test_boot_agent_pause_resume_stop_destroy(booted: QemuHypervisor, workdir: Path) -> None:
+async def test_boot_agent_stop_destroy(booted: QemuHypervisor, workdir: Path) -> None:
     hv = booted
     assert await hv.state() == VmState.RUNNING
     assert (await hv.qmp("query-status"))["status"] == "running"
     print(f"boot to console marker: {await wait_console(hv, AGENT_MARKER):.2f} s")
     assert await agent_answers(hv, 30)
-
-    await hv.pause()
-    assert await hv.state() == VmState.PAUSED
-    assert not await agent_answers(hv, 1.0)
-    await hv.resume()
-    assert await hv.state() == VmState.RUNNING
-    assert await agent_answers(hv, 10)
 
     pid = hv.pid
     assert pid is not None
@@ -241,40 +235,50 @@ def _pci_ids(buses: list[dict[str, object]]) -> set[str]:
     return found
 
 
-async def test_save_restore_then_kill_9(booted: QemuHypervisor, workdir: Path) -> None:
-    hv = booted
-    await wait_console(hv, AGENT_MARKER)
-    assert await agent_answers(hv, 30)
-    state_file = workdir / "vm.state"
-    started = time.monotonic()
-    await hv.save(state_file)
-    print(f"save: {time.monotonic() - started:.2f} s, {state_file.stat().st_size >> 20} MiB")
-    assert await hv.state() == VmState.PAUSED
-    await hv.stop()
-    assert await hv.state() == VmState.STOPPED
-
-    started = time.monotonic()
-    await hv.restore(state_file, 60)
-    print(f"restore: {time.monotonic() - started:.2f} s")
-    assert await hv.state() == VmState.RUNNING
-    assert await agent_answers(hv, 30)
-    # the guest was not rebooted (a reboot would have printed its init's line again
-    # before its agent could answer)
-    assert _console(hv).count("init started") == 1
-
-    pid = hv.pid
-    assert pid is not None
-    woken: list[int | None] = []
+async def test_a_template_saved_then_cloned_runs_on_then_kill_9_wakes_waiters(
+    workdir: Path, image: tuple[Path, Path]
+) -> None:
+    template_dir = workdir / "tpl"
+    template_dir.mkdir()
+    files = TemplateFiles(template_dir / "memory", template_dir / "state", role=TEMPLATE)
+    hv = driver()
+    await hv.prepare(spec_for(workdir, image, template=files))
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(tap_console, hv)
+        try:
+            await hv.start(30)
+            await wait_console(hv, AGENT_MARKER)
+            assert await agent_answers(hv, 30)
+            await hv.save_template()
+            assert await hv.state() == VmState.STOPPED
+            assert files.state.stat().st_size < 2 << 20  # device state only: no RAM in it
 
-        async def waiter() -> None:
-            woken.append(await hv.wait())
+            clone = dataclasses.replace(files, role=CLONE)
+            await hv.prepare(spec_for(workdir, image, template=clone))
+            started = time.monotonic()
+            await hv.start(60)
+            assert await agent_answers(hv, 30)
+            print(f"clone to agent: {time.monotonic() - started:.2f} s")
+            # not rebooted: a boot would have printed its init's line again first
+            assert _console(hv).count("init started") == 1
 
-        nursery.start_soon(waiter)
-        await trio.sleep(0.1)
-        os.kill(pid, 9)
-    assert woken == [-9]
-    assert await hv.state() == VmState.STOPPED
+            pid = hv.pid
+            assert pid is not None
+            woken: list[int | None] = []
+            async with trio.open_nursery() as waiters:
+
+                async def waiter() -> None:
+                    woken.append(await hv.wait())
+
+                waiters.start_soon(waiter)
+                await trio.sleep(0.1)
+                os.kill(pid, 9)
+            assert woken == [-9]
+            assert await hv.state() == VmState.STOPPED
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.destroy()
+            nursery.cancel_scope.cancel()
 
 
 async def test_one_line_errors_and_nothing_left(workdir: Path, image: tuple[Path, Path]) -> None:

@@ -44,9 +44,11 @@ class Minimal(Hypervisor):
         return SerialEndpoint(Path("/tmp/x.sock"))
 
 
-async def test_unsupported_pause_names_plugin_and_operation() -> None:
-    with pytest.raises(NotSupportedError, match=r"^hypervisor 'minimal' does not support pause$"):
-        await Minimal().pause()
+async def test_unsupported_resize_names_plugin_and_operation() -> None:
+    with pytest.raises(
+        NotSupportedError, match=r"^hypervisor 'minimal' does not support resizing the VM$"
+    ):
+        await Minimal().resize(2, 1024)
 
 
 async def test_unsupported_hot_add_names_the_device_kind() -> None:
@@ -54,8 +56,8 @@ async def test_unsupported_hot_add_names_the_device_kind() -> None:
         await Minimal().add_device(BlockDevice(id="d0", path=Path("/x.img")))
 
 
-async def test_unsupported_save_maps_to_unimplemented() -> None:
+async def test_unsupported_template_save_maps_to_unimplemented() -> None:
     with pytest.raises(NotSupportedError) as err:
-        await Minimal().save(Path("/tmp/state"))
+        await Minimal().save_template()
     assert err.value.code is Code.UNIMPLEMENTED
-    assert (err.value.plugin, err.value.operation) == ("minimal", "save")
+    assert (err.value.plugin, err.value.operation) == ("minimal", "saving a VM template")
