@@ -66,9 +66,9 @@ def state_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def ctd(state_root: Path) -> Iterator[Containerd]:
+def ctd(state_root: Path, shared_template: str) -> Iterator[Containerd]:
     config = state_root.parent / "husk.toml"
-    config.write_text(f'[runtime]\nstate_dir = "{state_root}"\n')
+    config.write_text(f'[runtime]\nstate_dir = "{state_root}"\n{shared_template}')
     base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
     daemon = Containerd(base, {"HUSK_CONFIG": str(config)})
     daemon.ctr("image", "import", str(local_images.build_busybox(base / "busybox.tar")))

@@ -70,9 +70,11 @@ def state_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def husk_config(state_root: Path) -> Path:
+def husk_config(state_root: Path, shared_template: str) -> Path:
     path = state_root.with_name(state_root.name + ".toml")
-    path.write_text(f'[runtime]\nstate_dir = "{state_root}"\nhypervisor = "{HYPERVISOR}"\n')
+    path.write_text(
+        f'[runtime]\nstate_dir = "{state_root}"\nhypervisor = "{HYPERVISOR}"\n{shared_template}'
+    )
     return path
 
 
