@@ -17,6 +17,8 @@ The proto packages are upstream's, because ttrpc routes on the full service name
 - ``health_pb2``        ``grpc.Health`` (``Check``, ``Version``).
 - ``oci_pb2``           ``grpc.Spec`` and friends, Kata's protobuf form of the OCI runtime spec.
 - ``types_pb2``         ``types.Interface``, ``Route``, ``ARPNeighbor``, ``IPAddress``.
+- ``runtime_options_pb2`` ``runtimeoptions.v1.Options``: a runtime handler's ``ConfigPath``,
+  which containerd hands to the shim's ``start`` on stdin.
 
 ``oci_json`` (hand-written) maps ``oci_pb2`` to and from the runtime-spec's JSON; the shim
 and the guest agent both use it, so the mapping is kept once.

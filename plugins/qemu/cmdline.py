@@ -153,7 +153,6 @@ class VmPaths:
         return self.dir / "qemu.pid"
 
 
-
 @dataclass(frozen=True)
 class Placed:
     """A device and the hot-plug slot (root port) it sits on, if any."""

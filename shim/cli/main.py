@@ -48,6 +48,28 @@ def _parser() -> argparse.ArgumentParser:
         help="initrd compression (none boots fastest under TCG; zstd is ~3x smaller)",
     )
 
+    p_pause = image_sub.add_parser(
+        "pause", help="the CRI sandbox (pause) image, made locally from busybox-static"
+    )
+    p_pause.add_argument(
+        "--output", type=Path, default=Path("/var/lib/husk/pause-oci.tar"), help="OCI tarball"
+    )
+    p_pause.add_argument(
+        "--import",
+        dest="import_to",
+        metavar="ADDRESS",
+        nargs="?",
+        const="/run/containerd/containerd.sock",
+        help="also import it into containerd's k8s.io namespace (default socket if no ADDRESS)",
+    )
+
+    p_ctd = sub.add_parser(
+        "containerd-config", help="print (or --install) husk's CRI runtime handlers for containerd"
+    )
+    p_ctd.add_argument("--install", action="store_true", help="merge them into containerd's config")
+    p_ctd.add_argument("--containerd-config", type=Path, default=None, help="containerd's config")
+    p_ctd.add_argument("--template-config", type=Path, default=None, help="husk-template's config")
+
     p_sandbox = sub.add_parser("sandbox", help="the sandboxes on this host")
     sandbox_sub = p_sandbox.add_subparsers(dest="sandbox_command", required=True)
     p_ls = sandbox_sub.add_parser("ls", help="list sandboxes: hypervisor, age, size, state")
@@ -90,7 +112,45 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_image_pause(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from shim.cli import local_images
+
+    tarball = local_images.build_pause(args.output)
+    print(f"{local_images.PAUSE_REFERENCE}: {tarball}")
+    if args.import_to:
+        command = ["ctr", "--address", args.import_to, "-n", "k8s.io", "image", "import"]
+        done = subprocess.run([*command, str(tarball)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(f"husk: ctr image import: {done.stderr.strip()}", file=sys.stderr)
+            return 1
+        print(f"imported into {args.import_to} (namespace k8s.io)")
+    return 0
+
+
+def _cmd_containerd_config(args: argparse.Namespace) -> int:
+    from shim.cli import containerd_config as ctd
+
+    cfg = config.load(args.config)
+    template = args.template_config or ctd.TEMPLATE_CONFIG
+    if not args.install:
+        print(ctd.snippet(cfg.source, template), end="")
+        return 0
+    target = args.containerd_config or ctd.CONTAINERD_CONFIG
+    changes = ctd.install(cfg, target, template)
+    for change in changes:
+        print(change)
+    if changes:
+        print("restart containerd to use them (systemctl restart containerd)")
+    else:
+        print(f"{target} already has husk's handlers")
+    return 0
+
+
 def _cmd_image_build(args: argparse.Namespace) -> int:
+    if args.image_command == "pause":
+        return _cmd_image_pause(args)
     from guest import image  # the image builder is heavy; load it only when asked
 
     out = args.output
@@ -171,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config_show(args)
         if args.command == "image":
             return _cmd_image_build(args)
+        if args.command == "containerd-config":
+            return _cmd_containerd_config(args)
         if args.command == "cleanup":
             return _cmd_cleanup(args)
         if args.command == "sandbox":

@@ -18,6 +18,10 @@ MAX_VCPUS = 255
 
 DEFAULT_IMAGE_DIR = "/var/lib/husk/images"
 
+#: the keys a pod may set for its own VM with an ``io.husk.config.hypervisor.<key>``
+#: annotation, where ``enable_annotations`` allows it (Kata's rule)
+ANNOTATABLE = ("default_vcpus", "default_memory")
+
 
 def common_keys(binary: str, shared_fs: str = "9p") -> tuple[Key, ...]:
     """The shared keys; ``path`` and ``shared_fs`` default to the plugin's own."""
@@ -64,6 +68,13 @@ def common_keys(binary: str, shared_fs: str = "9p") -> tuple[Key, ...]:
         ),
         Key("stop_timeout", float, 10.0, "seconds for each step of a graceful stop", minimum=0.1),
         Key("enable_debug", bool, False, "VMM debug output in the sandbox's log"),
+        Key(
+            "enable_annotations",
+            list,
+            [],
+            "keys a pod may set with io.husk.config.hypervisor.<key> annotations",
+            choices=ANNOTATABLE,
+        ),
     )
 
 

@@ -31,7 +31,8 @@ class Key:
     def expected(self) -> str:
         """Say in words what values this key takes."""
         if self.choices:
-            return "one of " + ", ".join(f'"{c}"' for c in self.choices)
+            listed = ", ".join(f'"{c}"' for c in self.choices)
+            return f"a list of strings from {listed}" if self.type is list else f"one of {listed}"
         words = {
             bool: "true or false",
             int: "an integer",
@@ -56,8 +57,10 @@ class Key:
         value = _any(value)  # isinstance against a runtime type narrows to object
         if self.type is list and not all(isinstance(v, str) for v in value):
             raise ValueError
-        if self.choices and value not in self.choices:
-            raise ValueError
+        if self.choices:
+            values = value if self.type is list else [value]
+            if any(v not in self.choices for v in values):
+                raise ValueError
         if self.minimum is not None and value < self.minimum:
             raise ValueError
         if self.maximum is not None and value > self.maximum:

@@ -60,10 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(version_line(configured_image_dir()))
         return 0
+    from shim.containerd import options
+
     try:
-        cfg: config_mod.Config | HuskError = config_mod.load()
+        # containerd hands a runtime handler's ConfigPath to `start` only
+        if action == "start":
+            config_path = options.read(sys.stdin.buffer)
+            options.record(args.bundle, config_path)
+        else:
+            config_path = options.recorded(args.bundle)
+        cfg: config_mod.Config | HuskError = config_mod.load(config_path)
     except HuskError as e:
         cfg = e
+    except OSError as e:
+        cfg = HuskError(f"bundle {args.bundle}: cannot record the runtime options: {e.strerror}")
     if action == "start":
         return _start(args, cfg)
     if action == "delete":

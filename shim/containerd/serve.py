@@ -19,7 +19,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -85,10 +87,10 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
     )
     state_root = config.runtime.state_dir if isinstance(config, Config) else None
 
-    def make(sandbox_id: str, netns: str | None) -> Sandbox:
+    def make(sandbox_id: str, netns: str | None, annotations: Mapping[str, Any]) -> Sandbox:
         if isinstance(config, HuskError):
             raise config
-        return factory.sandbox_factory(config, args.namespace)(sandbox_id, netns)
+        return factory.sandbox_factory(config, args.namespace)(sandbox_id, netns, annotations)
 
     model = config.runtime.sandbox_model if isinstance(config, Config) else "pod"
     async with trio.open_nursery() as nursery:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -41,8 +41,9 @@ from shim.sandbox.sandbox import Sandbox
 log = logging.getLogger("husk.task")
 
 Empty = empty_pb2.Empty
-#: makes the (not yet booted) sandbox with this id on this pod netns (None: loopback only)
-SandboxFactory = Callable[[str, str | None], Sandbox]
+#: makes the (not yet booted) sandbox with this id on this pod netns (None: loopback
+#: only), from the annotations of the container that owns it
+SandboxFactory = Callable[[str, str | None, Mapping[str, Any]], Sandbox]
 
 
 class TaskService:
@@ -82,8 +83,9 @@ class TaskService:
             what = f"container {sandbox_id}"
             resources = oci.spec_from_json(spec or {}).Linux.Resources
             limits = sizing.container_limits(resources, what)
-            pod = sizing.pod_reservation((spec or {}).get("annotations") or {}, what)
-            sandbox = self._make_sandbox(sandbox_id, netns)
+            annotations = (spec or {}).get("annotations") or {}
+            pod = sizing.pod_reservation(annotations, what)
+            sandbox = self._make_sandbox(sandbox_id, netns, annotations)
             sandbox.reserve_boot(sandbox_id, limits, pod)
             sandbox.on_exit = self._process_exited
             sandbox.on_oom = self._oom

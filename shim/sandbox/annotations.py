@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shim.errors import InvalidArgumentError
+
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 TYPE_SANDBOX = "sandbox"
@@ -35,3 +37,56 @@ def placement(container_id: str, spec: Mapping[str, Any], sandbox_model: str = "
         if sandbox_id and sandbox_id != container_id:
             return Placement(sandbox_id, owner=False)
     return Placement(container_id, owner=True)
+
+
+#: husk's own pod annotations; a CRI handler passes them on with
+#: ``pod_annotations = ["io.husk.*"]``
+HUSK_PREFIX = "io.husk."
+#: ``io.husk.config.hypervisor.<key>``: a ``[hypervisor.*]`` key for this pod's VM
+HYPERVISOR_PREFIX = "io.husk.config.hypervisor."
+
+
+def hypervisor_overrides(
+    annotations: Mapping[str, Any],
+    section: Mapping[str, Any],
+    section_name: str,
+    what: str,
+) -> dict[str, int]:
+    """The ``[hypervisor.*]`` keys a pod sets for its VM through annotations.
+
+    Only keys the section's ``enable_annotations`` lists are taken (Kata's
+    rule); any other ``io.husk.*`` annotation, a value that is not a whole
+    number, or one outside the key's range fails in one line naming it.
+    """
+    enabled = set(section.get("enable_annotations") or ())
+    limits = {
+        "default_vcpus": (1, int(section.get("default_maxvcpus") or 0), "default_maxvcpus"),
+        "default_memory": (64, int(section.get("default_maxmemory") or 0), "default_maxmemory"),
+    }
+    found: dict[str, int] = {}
+    for name, raw in annotations.items():
+        if not name.startswith(HUSK_PREFIX):
+            continue
+        key = name.removeprefix(HYPERVISOR_PREFIX) if name.startswith(HYPERVISOR_PREFIX) else ""
+        if key not in limits:
+            known = ", ".join(HYPERVISOR_PREFIX + k for k in limits)
+            raise InvalidArgumentError(f"{what}: unknown annotation {name} (husk knows {known})")
+        if key not in enabled:
+            raise InvalidArgumentError(
+                f"{what}: annotation {name} is not enabled: add \"{key}\" to "
+                f"enable_annotations in {section_name}"
+            )
+        try:
+            value = int(str(raw))
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{what}: annotation {name}={raw!r} is not a whole number"
+            ) from None
+        low, high, high_key = limits[key]
+        if value < low or (high and value > high):
+            raise InvalidArgumentError(
+                f"{what}: annotation {name}={value} is outside {low}..{high} "
+                f"({high_key} in {section_name})"
+            )
+        found[key] = value
+    return found

@@ -7,9 +7,11 @@ about a sandbox is read here, so the sandbox itself sees only what it needs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from shim import registry
 from shim.config import Config
@@ -17,6 +19,7 @@ from shim.errors import HostError
 from shim.host import HostFacts
 from shim.hypervisor import VmSpec
 from shim.sandbox import rootfs
+from shim.sandbox.annotations import hypervisor_overrides
 from shim.sandbox.boot_slots import BootSlots, slot_count
 from shim.sandbox.pod_network import SandboxNetwork
 from shim.sandbox.sandbox import Sandbox
@@ -28,8 +31,9 @@ AGENT_DEBUG_PARAM = "husk.debug=1"
 #: the guest agent serves its debug console when its kernel command line says so
 DEBUG_CONSOLE_PARAM = "husk.debug_console=1"
 
-#: makes the (not yet booted) sandbox with this id on this pod netns (None: loopback only)
-SandboxFactory = Callable[[str, str | None], Sandbox]
+#: makes the (not yet booted) sandbox with this id on this pod netns (None: loopback
+#: only), from the annotations of the container that owns it
+SandboxFactory = Callable[[str, str | None, Mapping[str, Any]], Sandbox]
 
 
 def kernel_params(config: Config) -> str:
@@ -66,9 +70,15 @@ def vm_spec(config: Config, state: SandboxState) -> VmSpec:
 def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
     """Return ``make(sandbox_id, netns) -> Sandbox`` for the configured hypervisor."""
 
-    def make(sandbox_id: str, netns: str | None) -> Sandbox:
+    def make(sandbox_id: str, netns: str | None, annotations: Mapping[str, Any]) -> Sandbox:
         plugin = registry.lookup(config.runtime.hypervisor)
         section = config.hypervisor
+        overrides = hypervisor_overrides(
+            annotations,
+            section,
+            f"[hypervisor.{config.runtime.hypervisor}] of {config.source}",
+            f"sandbox {sandbox_id}",
+        )
         problems = plugin.unmet_requirements(section, HostFacts.probe())
         if problems:
             raise HostError(f"cannot start sandbox {sandbox_id}: " + "; ".join(problems))
@@ -76,6 +86,11 @@ def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
         state = SandboxState.create(config.runtime.state_dir, sandbox_id, namespace)
         state.claim(os.getpid())
         spec = vm_spec(config, state)
+        spec = dataclasses.replace(
+            spec,
+            vcpus=overrides.get("default_vcpus", spec.vcpus),
+            memory_mib=overrides.get("default_memory", spec.memory_mib),
+        )
         state.describe_vm(plugin.name, spec.vcpus, spec.memory_mib)
         if config.runtime.internetworking_model == "none":
             netns = None

@@ -209,8 +209,9 @@ class Sandbox:
             if self.launcher.cloned:
                 await _make_unique(agent)
                 # a clone has its template's size: grow it to what the sandbox wants
-                self.resizer.size = VmSize(self.launcher.spec_started.vcpus,
-                                           self.launcher.spec_started.memory_mib)
+                self.resizer.size = VmSize(
+                    self.launcher.spec_started.vcpus, self.launcher.spec_started.memory_mib
+                )
                 await self.resizer.grow(agent)
             storage = rootfs.shared_storage(self.vm_spec.shared_fs)
             await agent.create_sandbox(
@@ -226,9 +227,7 @@ class Sandbox:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_oom, agent)
                 nursery.start_soon(liveness.watch_vm, self.hypervisor, self._lose)
-                nursery.start_soon(
-                    liveness.watch_agent, agent, self.liveness_interval, self._lose
-                )
+                nursery.start_soon(liveness.watch_agent, agent, self.liveness_interval, self._lose)
                 self.state.set_status(RUNNING)
                 self._ready.set()
                 await self._stop.wait()

@@ -45,6 +45,7 @@ def make_private_dir(path: Path) -> None:
     if path.stat().st_mode & 0o777 != DIR_MODE:
         path.chmod(DIR_MODE)
 
+
 #: where the serving shim answers ``GET /metrics`` (Prometheus text)
 METRICS_SOCKET = "metrics.sock"
 

@@ -82,7 +82,7 @@ def cid() -> str:
 
 
 def started_how(ctd: Containerd, name: str) -> str:
-    """"cloned" or "cold", from the shim's log line about this sandbox."""
+    """ "cloned" or "cold", from the shim's log line about this sandbox."""
     for line in ctd.log_text().splitlines():
         if f"sandbox {name}: " in line and "agent ready" in line:
             return "cloned" if CLONED in line else "cold"
@@ -102,8 +102,7 @@ def remove(ctd: Containerd, *names: str) -> None:
 
 def probe(ctd: Containerd, name: str, exec_id: str) -> list[str]:
     script = (
-        "cat /proc/sys/kernel/random/boot_id; "
-        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+        "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
     )
     out = ctd.ctr("task", "exec", "--exec-id", exec_id, name, "sh", "-c", script)
     return out.stdout.decode().split()
@@ -118,8 +117,7 @@ def test_a_clone_runs_a_container_from_its_image_with_a_bind_mount_and_a_pod_net
     run(ctd, "true")  # the first start makes the template; this one is a clone
     name = cid()
     script = (
-        "cat /vol/in; cat /etc/hostname; ip -o -4 addr show eth0; "
-        f"ping -c 1 -W 5 {pod.host_ip}"
+        f"cat /vol/in; cat /etc/hostname; ip -o -4 addr show eth0; ping -c 1 -W 5 {pod.host_ip}"
     )
     out = ctd.ctr(
         "run", *RUNTIME, "--rm", "--with-ns", f"network:{pod.path}",
@@ -219,8 +217,7 @@ def test_cold_boots_beyond_the_boot_slots_queue_and_all_answer(
     daemon.ctr("image", "import", str(local_images.build_busybox(daemon.base / "bb.tar")))
     ctr = ["ctr", "--address", daemon.address, "run", *RUNTIME, "--rm", IMAGE]
     runs = [
-        subprocess.Popen([*ctr, cid(), "echo", f"n{i}"], stdout=subprocess.PIPE)
-        for i in range(3)
+        subprocess.Popen([*ctr, cid(), "echo", f"n{i}"], stdout=subprocess.PIPE) for i in range(3)
     ]
     outputs = sorted(p.communicate(timeout=300)[0].decode().strip() for p in runs)
     assert outputs == ["n0", "n1", "n2"]

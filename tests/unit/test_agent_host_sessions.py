@@ -21,9 +21,7 @@ from ttrpc.frame import encode_header
 DATA = 3
 
 
-def frame(
-    stream_id: int, message_type: int = MessageType.REQUEST, payload: bytes = b"x"
-) -> bytes:
+def frame(stream_id: int, message_type: int = MessageType.REQUEST, payload: bytes = b"x") -> bytes:
     return encode_header(len(payload), stream_id, message_type) + payload
 
 

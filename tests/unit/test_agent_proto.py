@@ -25,6 +25,7 @@ EXPECTED_PROTOS = {
     "health",
     "mount",
     "oci",
+    "runtime_options",
     "status",
     "task",
     "task_types",

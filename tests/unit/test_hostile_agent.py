@@ -12,8 +12,9 @@ keep working, and what the shim logs or publishes stays bounded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -68,8 +69,10 @@ class TamperingAgent(Harness):
         self.tamper: dict[str, Tamper] = {}
         self.oom_answers: list[str] = []
 
-    def make_sandbox(self, sandbox_id: str, netns: str | None) -> Sandbox:
-        sandbox = super().make_sandbox(sandbox_id, netns)
+    def make_sandbox(
+        self, sandbox_id: str, netns: str | None, annotations: Mapping[str, Any]
+    ) -> Sandbox:
+        sandbox = super().make_sandbox(sandbox_id, netns, annotations)
         sandbox.request_timeout = REQUEST_TIMEOUT
         return sandbox
 

@@ -9,6 +9,7 @@ tests/integration/test_resources.py.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,9 @@ class SizedHarness(Harness):
         self.resources: dict[str, dict[str, Any]] = {}
         self.liveness = 10.0
 
-    def make_sandbox(self, sandbox_id: str, netns: str | None) -> Sandbox:
+    def make_sandbox(
+        self, sandbox_id: str, netns: str | None, annotations: Mapping[str, Any]
+    ) -> Sandbox:
         state = SandboxState.create(self.tmp / "state", sandbox_id)
         spec = VmSpec(
             sandbox_id, state.dir, 1, 128, Path("/k"), None, max_vcpus=4, max_memory_mib=4096

@@ -8,6 +8,7 @@ only; the proof is tests/integration/test_shim_containerd.py.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,9 @@ class Harness:
         self.nursery.start_soon(self.server.serve_stream, theirs)
         return ours
 
-    def make_sandbox(self, sandbox_id: str, netns: str | None) -> Sandbox:
+    def make_sandbox(
+        self, sandbox_id: str, netns: str | None, annotations: Mapping[str, Any]
+    ) -> Sandbox:
         state = SandboxState.create(self.tmp / "state", sandbox_id)
         spec = VmSpec(sandbox_id, state.dir, 1, 128, Path("/k"), None)
         network = SandboxNetwork(

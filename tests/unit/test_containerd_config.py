@@ -1,0 +1,78 @@
+"""``husk containerd-config``: husk's CRI runtime handlers in containerd's config."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shim import config
+from shim.cli import containerd_config as ctd
+from shim.cli import local_images
+from shim.host import HostFacts
+
+CRI = 'plugins."io.containerd.grpc.v1.cri"'
+
+
+def _runtimes(text: str) -> dict[str, dict[str, object]]:
+    doc = tomllib.loads(text)
+    runtimes: dict[str, dict[str, object]] = doc["plugins"][ctd.CRI]["containerd"]["runtimes"]
+    return runtimes
+
+
+def test_snippet_names_both_handlers_with_their_config_paths() -> None:
+    text = ctd.snippet(Path("/etc/husk/configuration.toml"), Path("/etc/husk/t.toml"))
+    runtimes = _runtimes(text)
+    assert runtimes["husk"]["runtime_type"] == "io.containerd.husk.v2"
+    assert runtimes["husk"]["options"] == {"ConfigPath": "/etc/husk/configuration.toml"}
+    assert runtimes["husk-template"]["options"] == {"ConfigPath": "/etc/husk/t.toml"}
+    assert runtimes["husk"]["pod_annotations"] == ["io.husk.*"]
+    assert tomllib.loads(text)["plugins"][ctd.CRI]["sandbox_image"] == local_images.PAUSE_REFERENCE
+
+
+def test_merging_into_no_config_makes_a_version_2_file() -> None:
+    text, added = ctd.merged("", Path("/a.toml"), Path("/b.toml"))
+    assert tomllib.loads(text)["version"] == 2
+    assert set(_runtimes(text)) == {"husk", "husk-template"}
+    assert len(added) == 3
+
+
+def test_merging_twice_adds_nothing() -> None:
+    once, _ = ctd.merged("", Path("/a.toml"), Path("/b.toml"))
+    twice, added = ctd.merged(once, Path("/a.toml"), Path("/b.toml"))
+    assert twice == once and added == []
+
+
+def test_an_operators_sandbox_image_and_runtimes_are_kept() -> None:
+    existing = (
+        f"version = 2\n[{CRI}]\n  sandbox_image = 'registry.k8s.io/pause:3.6'\n"
+        f"[{CRI}.containerd.runtimes.runc]\n  runtime_type = 'io.containerd.runc.v2'\n"
+    )
+    text, _ = ctd.merged(existing, Path("/a.toml"), Path("/b.toml"))
+    doc = tomllib.loads(text)
+    assert doc["plugins"][ctd.CRI]["sandbox_image"] == "registry.k8s.io/pause:3.6"
+    assert set(_runtimes(text)) == {"runc", "husk", "husk-template"}
+
+
+def test_a_version_1_config_is_refused_in_one_line() -> None:
+    with pytest.raises(ctd.ContainerdConfigError, match=r"version 1.*version = 2"):
+        ctd.merged("[plugins.cri]\n  x = 1\n", Path("/a.toml"), Path("/b.toml"))
+
+
+def test_broken_containerd_config_is_refused_unchanged(tmp_path: Path) -> None:
+    broken = tmp_path / "config.toml"
+    broken.write_text("version = 2\n[plugins\n")
+    cfg = config.load(config.packaged_default(), host=HostFacts.probe())
+    with pytest.raises(ctd.ContainerdConfigError, match="not valid TOML"):
+        ctd.install(cfg, broken, tmp_path / "t.toml")
+    assert broken.read_text() == "version = 2\n[plugins\n"
+
+
+def test_the_template_config_turns_templates_on_and_loads(tmp_path: Path) -> None:
+    cfg = config.load(config.packaged_default(), host=HostFacts.probe())
+    changes = ctd.install(cfg, tmp_path / "config.toml", tmp_path / "t.toml")
+    assert len(changes) == 2
+    twin = config.load(tmp_path / "t.toml", host=HostFacts.probe())
+    assert twin.factory.enable_template and not cfg.factory.enable_template
+    assert ctd.install(cfg, tmp_path / "config.toml", tmp_path / "t.toml") == []
