@@ -50,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
 
-    base = Path(tempfile.mkdtemp(prefix="bpod-", dir="/tmp"))
+    # short: CRI ids are 64 characters and a VM's sockets live under <root>/<id>/
+    base = Path(tempfile.mkdtemp(prefix="b", dir="/tmp"))
     cold, template = base / "husk.toml", base / "husk-template.toml"
-    cold.write_text(f'[runtime]\nstate_dir = "{base / "cold"}"\n')
+    cold.write_text(f'[runtime]\nstate_dir = "{base / "c"}"\n')
     template.write_text(
-        f'[runtime]\nstate_dir = "{base / "clones"}"\n'
+        f'[runtime]\nstate_dir = "{base / "t"}"\n'
         f'[factory]\nenable_template = true\ntemplate_path = "{base / "template"}"\n'
     )
     (base / "ctd").mkdir()

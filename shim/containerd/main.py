@@ -90,8 +90,9 @@ def _start(args: ShimArgs, cfg: object) -> int:
     from shim.config import Config
     from shim.containerd import launch
 
+    # containerd quotes start's output in its error: no trailing newline keeps it one line
     if not isinstance(cfg, Config):
-        print(f"husk: {cfg}", file=sys.stderr)
+        print(f"husk: {cfg}", file=sys.stderr, end="")
         return 1
     if not args.id:
         print("husk: start needs -id", file=sys.stderr)
@@ -107,7 +108,7 @@ def _start(args: ShimArgs, cfg: object) -> int:
             args, cfg.runtime.state_dir, cfg.runtime.sandbox_model, serve_forever
         )
     except (HuskError, OSError) as e:
-        print(f"husk: cannot start the shim for {args.id}: {e}", file=sys.stderr)
+        print(f"husk: cannot start the shim for {args.id}: {e}", file=sys.stderr, end="")
         return 1
     sys.stdout.write(address)
     sys.stdout.flush()

@@ -20,8 +20,10 @@ atomically (write + rename), so a crash never leaves half a record.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,6 +32,9 @@ from typing import Any
 
 from shim import identifiers
 from shim.resources import Resource, process_alive, process_start_time
+
+#: numbers the record's temp files, so concurrent writes never share one
+_WRITES = itertools.count()
 
 RECORD = "sandbox.json"
 SOCKET = "shim.sock"
@@ -147,9 +152,17 @@ class SandboxState:
             "status": self.status,
             "debug_console": self.debug_console,
         }
-        tmp = self.dir / f".{RECORD}.{os.getpid()}"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.dir / RECORD)
+        # one name per write: the shim saves from trio's threads too, and two writers
+        # sharing a temp name would rename each other's file away
+        tmp = self.dir / f".{RECORD}.{os.getpid()}.{threading.get_ident()}.{next(_WRITES)}"
+        try:
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.dir / RECORD)
+        except FileNotFoundError:
+            if self.dir.exists():
+                raise
+            # the sandbox's dir went with its teardown: there is nothing left to record,
+            # and the error that ended the sandbox is the one to report
 
     def claim(self, pid: int) -> None:
         """Note ``pid`` as the shim serving this sandbox."""
