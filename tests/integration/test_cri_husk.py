@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,8 +36,17 @@ from shim.sandbox import cleanup
 from tests.integration.containerd import sandbox_dirs
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import CriClient, GRPCError
-from tests.kubelet.cri_containerd import CNI_BIN_DIR, CriContainerd, husk_handler
-from tests.kubelet.pods import container_config, pod_config
+from tests.kubelet.cri_containerd import CriContainerd, husk_handler
+from tests.kubelet.pods import (
+    Pod,
+    container_config,
+    http_get,
+    pod_config,
+    remove_container,
+    remove_pod,
+    skip_reason,
+    start_container,
+)
 
 MiB = 1 << 20
 CLONED = "cloned from the VM template"
@@ -48,29 +56,15 @@ POD_MEMORY_MIB = 768
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (containerd, CNI, QEMU)"
-    if not shutil.which("containerd") or not shutil.which("ctr"):
-        return "containerd is not installed"
-    if not Path(CNI_BIN_DIR, "bridge").exists():
-        return f"no CNI plugins in {CNI_BIN_DIR}: install containernetworking-plugins"
     if not os.path.exists("/var/lib/husk/images/initrd.img"):
         return "no guest image: run `husk image build`"
-    return None
+    return skip_reason()
 
 
 pytestmark = [pytest.mark.integration]
 _REASON = _skip_reason()
 if _REASON:
     pytestmark.append(pytest.mark.skip(reason=_REASON))
-
-
-@dataclass(frozen=True)
-class Pod:
-    """A running pod sandbox and the config it was made from."""
-
-    id: str
-    config: cri.PodSandboxConfig
 
 
 @dataclass(frozen=True)
@@ -132,22 +126,6 @@ def _run_pod(
     return Pod(client.run_pod_sandbox(config, handler), config)
 
 
-def _start(client: CriClient, pod: Pod, config: cri.ContainerConfig) -> str:
-    container_id = client.create_container(pod.id, config, pod.config)
-    client.start_container(container_id)
-    return container_id
-
-
-def _remove_container(client: CriClient, container_id: str) -> None:
-    client.stop_container(container_id, timeout=0)
-    client.remove_container(container_id)
-
-
-def _remove_pod(client: CriClient, pod: Pod) -> None:
-    client.stop_pod_sandbox(pod.id)
-    client.remove_pod_sandbox(pod.id)
-
-
 def _vmms(root: Path, pod_id: str) -> list[int]:
     """The QEMU processes of a sandbox (they name its state dir)."""
     found = []
@@ -186,20 +164,6 @@ def _wait_gone(root: Path, pod_id: str, netns: str, timeout: float = 30.0) -> li
     return _leftovers(root, pod_id, netns)
 
 
-def _http_get(ip: str, port: int, path: str, timeout: float = 60.0) -> bytes:
-    """A raw HTTP/1.0 GET; retries until the server listens."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((ip, port), timeout=5) as conn:
-                conn.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
-                return b"".join(iter(lambda: conn.recv(4096), b""))
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-
-
 def _out(client: CriClient, container_id: str, script: str) -> str:
     result = client.exec_sync(container_id, ["sh", "-c", script], timeout=60)
     assert result.exit_code == 0, result
@@ -223,14 +187,14 @@ def _processors(client: CriClient, container_id: str) -> int:
 def pod(cri_ctd: CriContainerd, client: CriClient) -> Iterator[Pod]:
     pod = _run_pod(cri_ctd, client, "web", "husk", {MEMORY_ANNOTATION: str(POD_MEMORY_MIB)})
     yield pod
-    _remove_pod(client, pod)
+    remove_pod(client, pod)
 
 
 @pytest.fixture(scope="module")
 def sleeper(client: CriClient, pod: Pod) -> Iterator[str]:
-    container_id = _start(client, pod, container_config("sleeper", ["sleep", "3600"]))
+    container_id = start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
     yield container_id
-    _remove_container(client, container_id)
+    remove_container(client, container_id)
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +204,9 @@ def worker(client: CriClient, pod: Pod) -> Iterator[str]:
         "x=$(head -c 8000000 /dev/zero | tr '\\0' a); "
         "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; sleep 3600"
     )
-    container_id = _start(client, pod, container_config("worker", ["sh", "-c", script]))
+    container_id = start_container(client, pod, container_config("worker", ["sh", "-c", script]))
     yield container_id
-    _remove_container(client, container_id)
+    remove_container(client, container_id)
 
 
 def test_the_handlers_config_path_decides_where_the_sandbox_lives(roots: Roots, pod: Pod) -> None:
@@ -298,13 +262,13 @@ def test_exec_sync_returns_stdout_stderr_and_exit_code(client: CriClient, sleepe
 
 def test_a_server_in_the_pod_answers_the_host_at_the_pod_ip(client: CriClient, pod: Pod) -> None:
     script = "mkdir /www && echo hello-from-vm > /www/index.html && exec httpd -f -p 8080 -h /www"
-    httpd = _start(client, pod, container_config("httpd", ["sh", "-c", script]))
+    httpd = start_container(client, pod, container_config("httpd", ["sh", "-c", script]))
     try:
         ip = client.pod_sandbox_status(pod.id).status.network.ip
-        reply = _http_get(ip, 8080, "/index.html")
+        reply = http_get(ip, 8080, "/index.html")
         assert reply.startswith(b"HTTP/1.") and reply.endswith(b"hello-from-vm\n")
     finally:
-        _remove_container(client, httpd)
+        remove_container(client, httpd)
 
 
 def test_container_stats_report_memory_and_cpu_of_a_working_container(
@@ -380,13 +344,13 @@ def test_the_template_handler_starts_its_pods_as_clones(
     pod = _run_pod(cri_ctd, client, "clone", "husk-template")
     netns = _netns(client, pod.id)
     try:
-        container = _start(client, pod, container_config("c", ["sleep", "3600"]))
+        container = start_container(client, pod, container_config("c", ["sleep", "3600"]))
         assert client.exec_sync(container, ["true"], timeout=60).exit_code == 0
         assert [d.name for d in sandbox_dirs(roots.template)] == [pod.id]
         boots = [line for line in cri_ctd.log_text().splitlines() if f"sandbox {pod.id}: " in line]
         assert any(CLONED in line for line in boots)
     finally:
-        _remove_pod(client, pod)
+        remove_pod(client, pod)
     assert _wait_gone(roots.template, pod.id, netns) == []
 
 
@@ -394,7 +358,7 @@ def test_stop_and_remove_of_a_pod_leave_no_vmm_tap_mount_netns_or_state(
     cri_ctd: CriContainerd, client: CriClient, roots: Roots
 ) -> None:
     pod = _run_pod(cri_ctd, client, "brief", "husk-template")
-    container = _start(client, pod, container_config("sleeper", ["sleep", "3600"]))
+    container = start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
     netns = _netns(client, pod.id)
     links = _in_netns(netns, "ip -o link show")
     filters = _in_netns(
@@ -403,8 +367,8 @@ def test_stop_and_remove_of_a_pod_leave_no_vmm_tap_mount_netns_or_state(
     assert len(_vmms(roots.template, pod.id)) == 1 and _mount_points(pod.id)
     assert "tap0_husk" in links and "mirred" in filters, "the veth is not wired to the VM"
 
-    _remove_container(client, container)
-    _remove_pod(client, pod)
+    remove_container(client, container)
+    remove_pod(client, pod)
 
     assert _wait_gone(roots.template, pod.id, netns) == []
     assert client.list_pod_sandbox(pod_id=pod.id) == []
@@ -425,7 +389,7 @@ def test_removing_a_running_pod_without_stopping_it_first_cleans_up(
     cri_ctd: CriContainerd, client: CriClient, roots: Roots
 ) -> None:
     pod = _run_pod(cri_ctd, client, "abrupt", "husk-template")
-    _start(client, pod, container_config("sleeper", ["sleep", "3600"]))
+    start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
     netns = _netns(client, pod.id)
     client.remove_pod_sandbox(pod.id)
     assert _wait_gone(roots.template, pod.id, netns) == []
@@ -436,7 +400,7 @@ def test_a_killed_vmm_makes_the_pod_notready_its_containers_exited_and_removal_c
     cri_ctd: CriContainerd, client: CriClient, roots: Roots
 ) -> None:
     pod = _run_pod(cri_ctd, client, "doomed", "husk-template")
-    container = _start(client, pod, container_config("sleeper", ["sleep", "3600"]))
+    container = start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
     netns = _netns(client, pod.id)
     (vmm,) = _vmms(roots.template, pod.id)
     os.kill(vmm, 9)
@@ -451,6 +415,6 @@ def test_a_killed_vmm_makes_the_pod_notready_its_containers_exited_and_removal_c
     status = client.container_status(container).status
     assert status.state == cri.CONTAINER_EXITED and status.exit_code == 137
 
-    _remove_pod(client, pod)
+    remove_pod(client, pod)
     assert _wait_gone(roots.template, pod.id, netns) == []
     assert client.list_containers(container_id=container) == []

@@ -13,13 +13,9 @@ import contextlib
 import ipaddress
 import json
 import os
-import shutil
-import socket
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,34 +24,25 @@ from shim.cli import local_images
 from tests.integration.containerd import Containerd
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import CriClient, TasksClient
-from tests.kubelet.cri_containerd import CNI_BIN_DIR, PAUSE_IMAGE, CriContainerd
-from tests.kubelet.pods import container_config, pod_config
+from tests.kubelet.cri_containerd import PAUSE_IMAGE, CriContainerd
+from tests.kubelet.pods import (
+    Pod,
+    container_config,
+    http_get,
+    pod_config,
+    remove_container,
+    remove_pod,
+    skip_reason,
+    start_container,
+)
 
 MiB = 1 << 20
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (containerd, CNI, mounts)"
-    if not shutil.which("containerd") or not shutil.which("ctr"):
-        return "containerd is not installed"
-    if not Path(CNI_BIN_DIR, "bridge").exists():
-        return f"no CNI plugins in {CNI_BIN_DIR}: install containernetworking-plugins"
-    return None
-
-
 pytestmark = [pytest.mark.integration]
-_REASON = _skip_reason()
+_REASON = skip_reason()
 if _REASON:
     pytestmark.append(pytest.mark.skip(reason=_REASON))
-
-
-@dataclass(frozen=True)
-class Pod:
-    """A running pod sandbox and the config it was made from."""
-
-    id: str
-    config: cri.PodSandboxConfig
 
 
 @pytest.fixture(scope="module")
@@ -76,34 +63,18 @@ def _run_pod(cri_ctd: CriContainerd, client: CriClient, name: str) -> Pod:
     return Pod(client.run_pod_sandbox(config, "runc"), config)
 
 
-def _remove_pod(client: CriClient, pod: Pod) -> None:
-    client.stop_pod_sandbox(pod.id)
-    client.remove_pod_sandbox(pod.id)
-
-
-def _start(client: CriClient, pod: Pod, config: cri.ContainerConfig) -> str:
-    container_id = client.create_container(pod.id, config, pod.config)
-    client.start_container(container_id)
-    return container_id
-
-
-def _remove_container(client: CriClient, container_id: str) -> None:
-    client.stop_container(container_id, timeout=0)
-    client.remove_container(container_id)
-
-
 @pytest.fixture(scope="module")
 def pod(cri_ctd: CriContainerd, client: CriClient) -> Iterator[Pod]:
     pod = _run_pod(cri_ctd, client, "web")
     yield pod
-    _remove_pod(client, pod)
+    remove_pod(client, pod)
 
 
 @pytest.fixture(scope="module")
 def sleeper(client: CriClient, pod: Pod) -> Iterator[str]:
-    container_id = _start(client, pod, container_config("sleeper", ["sleep", "3600"]))
+    container_id = start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
     yield container_id
-    _remove_container(client, container_id)
+    remove_container(client, container_id)
 
 
 def _pid(client: CriClient, container_id: str) -> int:
@@ -119,20 +90,6 @@ def _host_memory_limit(pid: int) -> int:
             limit = Path("/sys/fs/cgroup/memory", path.lstrip("/"), "memory.limit_in_bytes")
             return int(limit.read_text())
     raise AssertionError(f"pid {pid} is in no cgroup v1 memory cgroup")
-
-
-def _http_get(ip: str, port: int, path: str, timeout: float = 60.0) -> bytes:
-    """A raw HTTP/1.0 GET (no proxy settings apply); retries until the server listens."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((ip, port), timeout=5) as conn:
-                conn.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
-                return b"".join(iter(lambda: conn.recv(4096), b""))
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
 
 
 def _mount_lines(*needles: str) -> list[str]:
@@ -189,13 +146,13 @@ def test_server_in_the_pod_is_reachable_from_the_host_at_the_pod_ip(
     client: CriClient, pod: Pod
 ) -> None:
     script = "mkdir /www && echo hello-from-pod > /www/index.html && exec httpd -f -p 8080 -h /www"
-    httpd = _start(client, pod, container_config("httpd", ["sh", "-c", script]))
+    httpd = start_container(client, pod, container_config("httpd", ["sh", "-c", script]))
     try:
         ip = client.pod_sandbox_status(pod.id).status.network.ip
-        reply = _http_get(ip, 8080, "/index.html")
+        reply = http_get(ip, 8080, "/index.html")
         assert reply.startswith(b"HTTP/1.") and reply.endswith(b"hello-from-pod\n")
     finally:
-        _remove_container(client, httpd)
+        remove_container(client, httpd)
 
 
 # ---- stats and resources ----
@@ -237,14 +194,14 @@ def test_stopping_and_removing_a_pod_leaves_no_netns_veth_or_mount(
     ports = Path("/sys/class/net", cri_ctd.network.bridge, "brif")
     before = set(os.listdir(ports)) if ports.exists() else set()
     pod = _run_pod(cri_ctd, client, "brief")
-    container = _start(client, pod, container_config("sleeper", ["sleep", "3600"]))
+    container = start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
     spec = json.loads(client.pod_sandbox_status(pod.id, verbose=True).info["info"])["runtimeSpec"]
     netns = next(ns["path"] for ns in spec["linux"]["namespaces"] if ns["type"] == "network")
     (veth,) = set(os.listdir(ports)) - before
     assert Path(netns).exists() and _mount_lines(pod.id, container)
 
-    _remove_container(client, container)
-    _remove_pod(client, pod)
+    remove_container(client, container)
+    remove_pod(client, pod)
 
     assert not Path(netns).exists()
     assert not Path("/sys/class/net", veth).exists()
