@@ -25,24 +25,18 @@ from common import mounts
 from shim.sandbox import cleanup
 from tests.kubelet.client import CriClient
 from tests.kubelet.cri_containerd import CriContainerd, husk_handler
-from tests.kubelet.pods import container_config, pod_config
+from tests.kubelet.pods import Pod, container_config, pod_config, remove_pod, start_container
 
 HANDLERS = ("runc", "husk", "husk-template")
 
 
-def start_pod(client: CriClient, handler: str, name: str) -> tuple[float, str]:
-    """Seconds to run a pod and start one container in it; returns (seconds, pod id)."""
+def start_pod(client: CriClient, handler: str, name: str) -> tuple[float, Pod]:
+    """Seconds to run a pod and start one container in it; returns (seconds, pod)."""
     config = pod_config(name)
     started = time.monotonic()
-    pod_id = client.run_pod_sandbox(config, handler)
-    container = client.create_container(pod_id, container_config("main", ["sleep", "3600"]), config)
-    client.start_container(container)
-    return time.monotonic() - started, pod_id
-
-
-def remove_pod(client: CriClient, pod_id: str) -> None:
-    client.stop_pod_sandbox(pod_id)
-    client.remove_pod_sandbox(pod_id)
+    pod = Pod(client.run_pod_sandbox(config, handler), config)
+    start_container(client, pod, container_config("main", ["sleep", "3600"]))
+    return time.monotonic() - started, pod
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         assert daemon.cri is not None
         client = daemon.cri
         # the first husk-template pod makes the template; not a round
-        seconds, pod_id = start_pod(client, "husk-template", "warmup")
-        remove_pod(client, pod_id)
+        seconds, pod = start_pod(client, "husk-template", "warmup")
+        remove_pod(client, pod)
         print(f"template made (first husk-template pod): {seconds:.2f} s", flush=True)
         times: dict[str, list[float]] = {h: [] for h in HANDLERS}
         for round_ in range(args.rounds):
             for handler in HANDLERS:
-                seconds, pod_id = start_pod(client, handler, f"{handler}-{round_}")
-                remove_pod(client, pod_id)
+                seconds, pod = start_pod(client, handler, f"{handler}-{round_}")
+                remove_pod(client, pod)
                 times[handler].append(seconds)
                 print(f"round {round_ + 1} {handler}: {seconds:.3f} s", flush=True)
         medians = {h: statistics.median(t) for h, t in times.items()}

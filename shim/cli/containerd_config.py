@@ -53,7 +53,7 @@ class Handler:
 
     def table(self) -> str:
         """The handler's TOML tables (containerd config version 2)."""
-        base = f'plugins."{CRI}".containerd.runtimes.{_key(self.name)}'
+        base = f'plugins."{CRI}".containerd.runtimes.{self.name}'
         return (
             f"[{base}]\n"
             f'  runtime_type = "{RUNTIME_TYPE}"\n'
@@ -61,10 +61,6 @@ class Handler:
             f"[{base}.options]\n"
             f"  ConfigPath = {_string(str(self.config_path))}\n"
         )
-
-
-def _key(name: str) -> str:
-    return name if name.replace("-", "").replace("_", "").isalnum() else _string(name)
 
 
 def _string(value: str) -> str:

@@ -149,8 +149,6 @@ def _cmd_containerd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_image_build(args: argparse.Namespace) -> int:
-    if args.image_command == "pause":
-        return _cmd_image_pause(args)
     from guest import image  # the image builder is heavy; load it only when asked
 
     out = args.output
@@ -229,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_check(args)
         if args.command == "config":
             return _cmd_config_show(args)
+        if args.command == "image" and args.image_command == "pause":
+            return _cmd_image_pause(args)
         if args.command == "image":
             return _cmd_image_build(args)
         if args.command == "containerd-config":

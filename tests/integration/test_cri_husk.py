@@ -357,9 +357,7 @@ def test_the_template_handler_starts_its_pods_as_clones(
 def test_stop_and_remove_of_a_pod_leave_no_vmm_tap_mount_netns_or_state(
     cri_ctd: CriContainerd, client: CriClient, roots: Roots
 ) -> None:
-    pod = _run_pod(cri_ctd, client, "brief", "husk-template")
-    container = start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
-    netns = _netns(client, pod.id)
+    pod, container, netns = _pod_with_a_sleeper(cri_ctd, client, "brief")
     links = _in_netns(netns, "ip -o link show")
     filters = _in_netns(
         netns, "for d in $(ls /sys/class/net); do tc filter show dev $d ingress; done"
@@ -375,6 +373,15 @@ def test_stop_and_remove_of_a_pod_leave_no_vmm_tap_mount_netns_or_state(
     assert client.list_containers(container_id=container) == []
 
 
+def _pod_with_a_sleeper(
+    cri_ctd: CriContainerd, client: CriClient, name: str
+) -> tuple[Pod, str, str]:
+    """A ``husk-template`` pod with one sleeping container: (pod, container id, netns path)."""
+    pod = _run_pod(cri_ctd, client, name, "husk-template")
+    container = start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
+    return pod, container, _netns(client, pod.id)
+
+
 def _in_netns(netns: str, script: str) -> str:
     """What ``script`` prints in the pod's network namespace."""
     return subprocess.run(
@@ -388,9 +395,7 @@ def _in_netns(netns: str, script: str) -> str:
 def test_removing_a_running_pod_without_stopping_it_first_cleans_up(
     cri_ctd: CriContainerd, client: CriClient, roots: Roots
 ) -> None:
-    pod = _run_pod(cri_ctd, client, "abrupt", "husk-template")
-    start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
-    netns = _netns(client, pod.id)
+    pod, _, netns = _pod_with_a_sleeper(cri_ctd, client, "abrupt")
     client.remove_pod_sandbox(pod.id)
     assert _wait_gone(roots.template, pod.id, netns) == []
     assert client.list_pod_sandbox(pod_id=pod.id) == []
@@ -399,9 +404,7 @@ def test_removing_a_running_pod_without_stopping_it_first_cleans_up(
 def test_a_killed_vmm_makes_the_pod_notready_its_containers_exited_and_removal_clean(
     cri_ctd: CriContainerd, client: CriClient, roots: Roots
 ) -> None:
-    pod = _run_pod(cri_ctd, client, "doomed", "husk-template")
-    container = start_container(client, pod, container_config("sleeper", ["sleep", "3600"]))
-    netns = _netns(client, pod.id)
+    pod, container, netns = _pod_with_a_sleeper(cri_ctd, client, "doomed")
     (vmm,) = _vmms(roots.template, pod.id)
     os.kill(vmm, 9)
     deadline = time.monotonic() + 60
