@@ -61,17 +61,17 @@ def parse(data: bytes) -> Path | None:
     return path
 
 
-def read(stream: BinaryIO) -> Path | None:
-    """Read the options containerd wrote to ``start``'s stdin (nothing from a terminal)."""
+def read(stream: BinaryIO) -> bytes:
+    """What containerd wrote to ``start``'s (or ``-info``'s) stdin; nothing from a terminal."""
     try:
         if os.isatty(stream.fileno()):
-            return None
+            return b""
     except (OSError, ValueError):
-        return None
+        return b""
     data = stream.read(MAX_OPTIONS_BYTES + 1)
     if len(data) > MAX_OPTIONS_BYTES:
         raise RuntimeOptionsError(f"runtime options on stdin exceed {MAX_OPTIONS_BYTES} bytes")
-    return parse(data)
+    return data
 
 
 def record(bundle: str, config_path: Path | None) -> None:

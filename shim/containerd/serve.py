@@ -1,6 +1,7 @@
 """The long-lived shim process: the task service on the socket ``start`` bound.
 
-It listens on fd 3 (passed by ``start``), logs to the bundle's ``log`` FIFO that
+It serves ``containerd.task.v2.Task`` and ``containerd.task.v3.Task`` (one set of
+handlers) on fd 3 (passed by ``start``), logs to the bundle's ``log`` FIFO that
 containerd reads, publishes events to ``TTRPC_ADDRESS``, serves Prometheus
 metrics on ``metrics.sock`` in the sandbox's state dir and, as soon as it
 runs, begins booting the sandbox its bundle names, sized for that container's
@@ -25,7 +26,7 @@ from typing import Any
 
 import trio
 
-from agent_proto import task_pb2
+from agent_proto import task_pb2, task_v3_pb2
 from shim import network
 from shim.config import Config
 from shim.containerd.events import Publisher, RecordingPublisher, TtrpcPublisher
@@ -42,7 +43,12 @@ from ttrpc import Server
 
 log = logging.getLogger("husk.shim")
 
-TASK_SERVICE = task_pb2.DESCRIPTOR.services_by_name["Task"]
+#: containerd.task.v2.Task and containerd.task.v3.Task: the same RPCs and messages;
+#: which one containerd calls follows what ``start`` printed (``bootstrap``)
+TASK_SERVICES = (
+    task_pb2.DESCRIPTOR.services_by_name["Task"],
+    task_v3_pb2.DESCRIPTOR.services_by_name["Task"],
+)
 SHUTDOWN_GRACE = 2.0
 
 
@@ -99,7 +105,8 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
             nursery, make, publisher, sandbox_model=model, namespace=args.namespace
         )
         server = Server()
-        server.register(TASK_SERVICE, service)
+        for descriptor in TASK_SERVICES:
+            server.register(descriptor, service)
         socket_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await nursery.start(server.serve_listener, socket_listener)
         if state_root is not None:
