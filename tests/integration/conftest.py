@@ -116,8 +116,9 @@ class Provisioner:
         return self.start(line).result()
 
     def close(self) -> None:
-        """Drop what has not begun; a build under way finishes into the cache."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Drop what has not begun and stop what is under way (the session is over)."""
+        containerd_versions.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 _PROVISIONER = Provisioner()

@@ -38,9 +38,11 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -303,13 +305,18 @@ def go_module(line: str, cache: Path | None = None) -> ContainerdBinaries:
 
 
 def newest_module_version(go: str, line: str) -> str:
-    """The newest release ``v<line>.N`` the Go module proxy lists (no pre-releases)."""
+    """The newest release ``v<line>.N`` the Go module proxy lists."""
     out = _run(
         [go, "list", "-m", "-versions", GO_MODULE], "go list -m -versions", cwd=Path("/"),
         env=_go_env(),
     )  # fmt: skip
+    return newest_release(out.split()[1:], line)
+
+
+def newest_release(versions: Sequence[str], line: str) -> str:
+    """The highest ``v<line>.N`` among ``versions`` (pre-releases such as -rc.1 left out)."""
     prefix = f"v{line}."
-    releases = [v for v in out.split()[1:] if v.startswith(prefix) and v[len(prefix) :].isdigit()]
+    releases = [v for v in versions if v.startswith(prefix) and v[len(prefix) :].isdigit()]
     if not releases:
         raise ProvisionError(f"the Go module proxy lists no {prefix}x of {GO_MODULE}")
     return max(releases, key=lambda v: int(v[len(prefix) :]))
@@ -354,6 +361,20 @@ def _safe(version: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+_-]", "_", version)
 
 
+_RUNNING: set[subprocess.Popen[str]] = set()
+_RUNNING_LOCK = threading.Lock()
+_CANCELLED = threading.Event()
+
+
+def cancel() -> None:
+    """Stop the fetches and builds under way (the test session is over); they raise."""
+    _CANCELLED.set()
+    with _RUNNING_LOCK:
+        for proc in _RUNNING:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+
+
 def _run(
     argv: Sequence[str],
     what: str,
@@ -361,19 +382,30 @@ def _run(
     env: dict[str, str] | None = None,
     timeout: float = FETCH_TIMEOUT,
 ) -> str:
+    if _CANCELLED.is_set():
+        raise ProvisionError(f"{what}: cancelled")
     try:
-        proc = subprocess.run(
-            list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-            check=False,
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
         )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise ProvisionError(f"{what}: no result after {timeout:.0f} s") from None
     except OSError as e:
         raise ProvisionError(f"{what}: {e.strerror}") from None
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise ProvisionError(f"{what}: no result after {timeout:.0f} s") from None
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
     if proc.returncode != 0:
-        last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+        last = (stderr.strip() or stdout.strip()).splitlines()[-3:]
         raise ProvisionError(f"{what} failed (exit {proc.returncode}): {' | '.join(last)}")
-    return proc.stdout
+    return stdout
 
 
 #: how each release line the suite knows is provided
