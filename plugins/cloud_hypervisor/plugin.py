@@ -19,11 +19,21 @@ from shim.config.schema import Key
 from shim.host import HostFacts
 from shim.hypervisor import HybridVsockKvmPlugin, Hypervisor
 
-DEFAULT_VIRTIOFSD = "/usr/libexec/virtiofsd"
+#: where virtiofsd is found for ``virtiofsd = "auto"``, first match wins: the Rust
+#: daemon (Debian 13's ``virtiofsd`` package), then QEMU's own (Debian 12's
+#: ``qemu-system-common``); the first is named when neither is there
+VIRTIOFSD_PLACES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
+DEFAULT_VIRTIOFSD = VIRTIOFSD_PLACES[0]
 
 KEYS: tuple[Key, ...] = (
     *common_keys("/usr/bin/cloud-hypervisor", "virtio-fs"),
-    Key("virtiofsd", str, DEFAULT_VIRTIOFSD, 'virtiofsd binary, for shared_fs = "virtio-fs"'),
+    Key(
+        "virtiofsd",
+        str,
+        "auto",
+        'virtiofsd binary, for shared_fs = "virtio-fs"; auto: the first installed of '
+        + ", ".join(VIRTIOFSD_PLACES),
+    ),
     Key(
         "seccomp",
         str,
@@ -68,6 +78,12 @@ class CloudHypervisorPlugin(HybridVsockKvmPlugin):
     @property
     def keys(self) -> Sequence[Key]:
         return KEYS
+
+    def adjust(self, values: dict[str, Any], host: HostFacts) -> dict[str, Any]:
+        if values["virtiofsd"] == "auto":
+            found = [p for p in VIRTIOFSD_PLACES if Path(p).is_file()]
+            values["virtiofsd"] = found[0] if found else DEFAULT_VIRTIOFSD
+        return values
 
     def unmet_requirements(self, values: Mapping[str, Any], host: HostFacts) -> list[str]:
         # the base class checks the binary, kernel and initrd; KVM and virtiofsd in our words

@@ -1,11 +1,13 @@
 """virtiofsd: the vhost-user daemon behind a virtio-fs share.
 
 Cloud Hypervisor has no 9p; a host directory reaches the guest through
-virtio-fs, served by one ``virtiofsd`` per share (the Rust daemon Debian ships
-as ``/usr/libexec/virtiofsd``). It runs in its own namespaces (``--sandbox
-namespace``) with the shared directory as its root; mounts the sandbox makes
-there later (container rootfs, volumes) propagate into its view, and
-``--announce-submounts`` gives each its own inode space in the guest.
+virtio-fs, served by one ``virtiofsd`` per share. The command line is the one
+both daemons take: QEMU's C ``virtiofsd`` (all Debian 12 has, in
+``qemu-system-common``) and the Rust one (Debian 13's ``virtiofsd``, which
+keeps the ``-o`` options for compatibility). It runs in its own namespaces
+(``sandbox=namespace``) with the shared directory as its root; mounts the
+sandbox makes there later (container rootfs, volumes) propagate into its view,
+and ``announce_submounts`` gives each its own inode space in the guest.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ def argv(binary: str, device: SharedFsDevice, sock: Path) -> list[str]:
     return [
         binary,
         f"--socket-path={sock}",
-        f"--shared-dir={device.path}",
-        "--cache=auto",
-        "--sandbox=namespace",
-        "--announce-submounts",
+        "-o",
+        f"source={device.path}",
+        "-o",
+        "cache=auto",
+        "-o",
+        "sandbox=namespace",
+        "-o",
+        "announce_submounts",
         "--thread-pool-size=1",
     ]
 
