@@ -12,9 +12,11 @@ Hot-plug is ``vm.add-disk``/``vm.add-net``/``vm.add-fs`` and
 ``vm.info``. ``stop`` asks for ``vm.shutdown``, ``vm.delete`` and
 ``vmm.shutdown``, then escalates to SIGTERM and SIGKILL.
 
-No nursery of its own, like the QEMU driver: each request opens its own
-connection (``api.ApiClient``), process liveness is ``trio.Process.wait``,
-and the event monitor is read by whoever waits for the VM's end (``wait``).
+The process, its API and its event monitor are ``vmm.Vmm``; this module is
+the VM: its spec, devices and size. No nursery of its own, like the QEMU
+driver: each request opens its own connection (``api.ApiClient``), process
+liveness is ``trio.Process.wait``, and the event monitor is read by whoever
+waits for the VM's end (``wait``).
 
 Templates are not offered (``capabilities().templates`` is False): Cloud
 Hypervisor's ``vm.snapshot``/``vm.restore`` can make copy-on-write clones (a
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -37,8 +38,7 @@ from typing import Any, TypeVar
 import trio
 
 from plugins.cloud_hypervisor import virtiofsd
-from plugins.cloud_hypervisor.api import ApiClient, ApiError, ApiUnreachableError
-from plugins.cloud_hypervisor.events import EventMonitor
+from plugins.cloud_hypervisor.api import ApiClient, ApiError
 from plugins.cloud_hypervisor.plugin import kvm_problem
 from plugins.cloud_hypervisor.process import HelperProcess
 from plugins.cloud_hypervisor.vmconfig import (
@@ -53,6 +53,7 @@ from plugins.cloud_hypervisor.vmconfig import (
     round_memory_mib,
     vm_config,
 )
+from plugins.cloud_hypervisor.vmm import NAME, Vmm
 from shim.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -112,16 +113,12 @@ class CloudHypervisor(Hypervisor):
         self._host = host if host is not None else HostFacts.probe()
         self._spec: VmSpec | None = None
         self._paths: VmPaths | None = None
-        self._process: HelperProcess | None = None
-        self._events: EventMonitor | None = None
-        self._api: ApiClient | None = None
+        self._vmm: Vmm | None = None
         self._virtiofsd: dict[str, HelperProcess] = {}
         #: attached devices (cold- and hot-plugged) and, once hot-plugged, their PCI address
         self._devices: dict[str, Device] = {}
         self.bdf: dict[str, str] = {}
         self._booted = False
-        #: Cloud Hypervisor's version, from ``vmm.ping``
-        self.version = ""
         self._lock = trio.Lock()
 
     # --- description ----------------------------------------------------------
@@ -159,8 +156,8 @@ class CloudHypervisor(Hypervisor):
         return self._require_paths()
 
     def vmm_pid(self) -> int | None:
-        process = self._process
-        return process.pid if process is not None and process.alive else None
+        vmm = self._vmm
+        return vmm.pid if vmm is not None and vmm.alive else None
 
     # --- life -------------------------------------------------------------------
 
@@ -221,7 +218,7 @@ class CloudHypervisor(Hypervisor):
     async def start(self, timeout: float) -> None:
         spec = self._require_spec()
         async with self._lock:
-            if self._process is not None and self._process.alive:
+            if self._vmm is not None and self._vmm.alive:
                 raise FailedPreconditionError(
                     f"sandbox {spec.sandbox_id}: the VM is already running"
                 )
@@ -229,8 +226,15 @@ class CloudHypervisor(Hypervisor):
             try:
                 for share in _shares(spec):
                     await self._start_virtiofsd(share, max(deadline - trio.current_time(), 0))
-                await self._spawn()
-                await self._wait_api(deadline, timeout)
+                vmm = await Vmm.spawn(self.settings, self._require_paths())
+                self._vmm, self._booted = vmm, False
+                # after the spawn (the pid is new); a crash in between is covered by
+                # cleanup, which also kills every process whose command line names the
+                # state dir
+                spec.record(
+                    Resource(PROCESS, pid=vmm.pid, start=process_start_time(vmm.pid), name=NAME)
+                )
+                await vmm.wait_api(deadline, timeout)
                 await self._create_and_boot(deadline, timeout)
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -238,68 +242,10 @@ class CloudHypervisor(Hypervisor):
                 raise
         log.debug("sandbox %s: cloud-hypervisor %s booted", spec.sandbox_id, self.version)
 
-    async def _spawn(self) -> None:
-        spec, paths = self._require_spec(), self._require_paths()
-        for stale in paths.sockets():
-            stale.unlink(missing_ok=True)
-        events = EventMonitor()
-        argv = [
-            self.settings.binary,
-            "--api-socket",
-            f"path={paths.api}",
-            "--event-monitor",
-            f"fd={events.write_fd}",
-            "--seccomp",
-            self.settings.seccomp,
-        ]
-        if self.settings.enable_debug:
-            argv.append("-vv")
-        try:
-            process = await HelperProcess.spawn(
-                argv, log=paths.log, name="cloud-hypervisor", key="path", pass_fds=[events.write_fd]
-            )
-        except BaseException:
-            await events.aclose()
-            raise
-        events.close_writer()  # the VMM holds the only write end: EOF when it exits
-        self._process, self._events = process, events
-        self._api = ApiClient(paths.api, self.settings.api_timeout)
-        self._booted = False
-        # after the spawn (the pid is new); a crash in between is covered by cleanup,
-        # which also kills every process whose command line names the state dir
-        spec.record(
-            Resource(
-                PROCESS, pid=process.pid, start=process_start_time(process.pid), name=self.name
-            )
-        )
-
-    async def _wait_api(self, deadline: float, timeout: float) -> None:
-        """Poll until ``vmm.ping`` answers; the VMM may still be creating its socket."""
-        process, api = self._require_process(), self._require_api()
-        appeared = False
-        try:
-            with trio.fail_at(deadline):
-                while True:
-                    if not process.alive:
-                        raise process.exited_error()
-                    try:
-                        ping = await api.get("vmm.ping")
-                    except ApiUnreachableError as exc:
-                        appeared = appeared or not exc.absent
-                        await trio.sleep(_POLL)
-                        continue
-                    self.version = str(ping.get("version", "")) if isinstance(ping, dict) else ""
-                    return
-        except trio.TooSlowError:
-            what = (
-                "did not answer on its API socket"
-                if appeared or api.path.exists()
-                else "did not create its API socket"
-            )
-            raise DeadlineExceededError(
-                f"cloud-hypervisor {what} {api.path} within {timeout:g} s; "
-                f"killed it (see {self._require_paths().log})"
-            ) from None
+    @property
+    def version(self) -> str:
+        """Cloud Hypervisor's version, once it answered ``vmm.ping``."""
+        return self._vmm.version if self._vmm is not None else ""
 
     async def _create_and_boot(self, deadline: float, timeout: float) -> None:
         spec, paths = self._require_spec(), self._require_paths()
@@ -335,13 +281,11 @@ class CloudHypervisor(Hypervisor):
 
     async def _kill_all(self) -> None:
         """After a failed start: no VMM, no virtiofsd, no sockets left."""
-        if self._process is not None:
-            await self._process.kill()
+        if self._vmm is not None:
+            await self._vmm.kill()
         for process in self._virtiofsd.values():
             await process.kill()
         self._virtiofsd.clear()
-        if self._events is not None:
-            await self._events.aclose()
         self._remove_sockets()
 
     def _remove_sockets(self) -> None:
@@ -353,87 +297,54 @@ class CloudHypervisor(Hypervisor):
             paths.virtiofs(spec.shared_fs.id).unlink(missing_ok=True)
 
     async def stop(self) -> None:
-        process = self._process
-        if process is not None and process.alive:
+        vmm = self._vmm
+        if vmm is not None and vmm.alive:
             step = self.settings.stop_timeout
-            # each step once: a VMM that does not answer one gets signals, not more requests
-            if await self._answers(step) and await self._try("vm.delete", step):
-                await self._try("vmm.shutdown", step)
-            await process.wait_for(step)
-            await process.terminate(step)
-        if process is not None:
-            process.signal_group(signal.SIGKILL)  # anything it left in its group
+            await vmm.shut_down(step, await self._running(step))
         for helper in self._virtiofsd.values():
             await helper.terminate(self.settings.stop_timeout)
         self._virtiofsd.clear()
         if self._paths is not None:
             self._remove_sockets()
 
-    async def _answers(self, step: float) -> bool:
-        """Shut a booted VM down (``vm.shutdown``); whether the VMM still answers at all."""
+    async def _running(self, step: float) -> bool | None:
+        """Whether a VM is booted (running or paused); None: the VMM does not answer."""
         with trio.move_on_after(step):
             try:
-                state = await self.state()
+                return await self.state() in (VmState.RUNNING, VmState.PAUSED)
             except (HypervisorError, DeadlineExceededError):
-                return False
-            if state in (VmState.RUNNING, VmState.PAUSED):
-                return await self._try("vm.shutdown", step)
-            return True
-        return False
-
-    async def _try(self, endpoint: str, timeout: float) -> bool:
-        """PUT an endpoint if the VMM still answers; whether it answered (even an error)."""
-        api = self._require_api()
-        try:
-            await api.request("PUT", endpoint, timeout=timeout)
-        except ApiError:
-            return True
-        except (HypervisorError, DeadlineExceededError):
-            return False
-        return True
+                return None
+        return None
 
     async def destroy(self) -> None:
         if self._paths is None:
             return
         with trio.CancelScope(shield=True):
             await self.stop()
-            if self._events is not None:
-                await self._events.aclose()
+            if self._vmm is not None:
+                await self._vmm.aclose()
         shutil.rmtree(self._paths.dir, ignore_errors=True)
 
     async def wait(self) -> int | None:
         """Return once the VM is gone: the VMM exited (its status), or the event monitor
         reported a guest panic or reboot while the VMM lives on (None)."""
-        process, events = self._process, self._events
-        if process is None or events is None:
+        vmm = self._vmm
+        if vmm is None:
             return None
-        status: list[int] = []
-
-        async with trio.open_nursery() as nursery:
-
-            async def exited() -> None:
-                status.append(await process.wait())
-                nursery.cancel_scope.cancel()
-
-            async def lost() -> None:
-                event = await events.wait_lost()
-                if event is not None:
-                    log.warning(
-                        "sandbox %s: the VM is gone (%s)",
-                        self._require_spec().sandbox_id,
-                        event.describe(),
-                    )
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(exited)
-            nursery.start_soon(lost)
-        return status[0] if status else None
+        status = await vmm.wait()
+        if vmm.lost is not None and vmm.alive:
+            log.warning(
+                "sandbox %s: the VM is gone (%s)",
+                self._require_spec().sandbox_id,
+                vmm.lost.describe(),
+            )
+        return status
 
     async def state(self) -> VmState:
-        process = self._process
-        if process is None:
+        vmm = self._vmm
+        if vmm is None:
             return VmState.NOT_STARTED
-        if not process.alive or (self._events is not None and self._events.lost is not None):
+        if not vmm.alive or vmm.lost is not None:
             return VmState.STOPPED
         try:
             info = await self._call(lambda api: api.get("vm.info"))
@@ -442,7 +353,7 @@ class CloudHypervisor(Hypervisor):
                 raise
             return VmState.STOPPED if self._booted else VmState.NOT_STARTED
         except HypervisorError:
-            if not process.alive:
+            if not vmm.alive:
                 return VmState.STOPPED
             raise
         status = str(info.get("state", "")) if isinstance(info, dict) else ""
@@ -583,14 +494,7 @@ class CloudHypervisor(Hypervisor):
     # --- internals ----------------------------------------------------------------
 
     async def _call(self, request: Callable[[ApiClient], Awaitable[T]]) -> T:
-        """One API request; a VMM that died under it becomes ``VmmExitedError``."""
-        api, process = self._require_api(), self._require_process()
-        try:
-            return await request(api)
-        except ApiUnreachableError as exc:
-            if await process.wait_for(1.0):
-                raise process.exited_error() from exc
-            raise
+        return await self._require_vmm().call(request)
 
     def _require_spec(self) -> VmSpec:
         if self._spec is None:
@@ -602,15 +506,10 @@ class CloudHypervisor(Hypervisor):
             raise FailedPreconditionError("cloud-hypervisor: prepare() was not called")
         return self._paths
 
-    def _require_api(self) -> ApiClient:
-        if self._api is None:
+    def _require_vmm(self) -> Vmm:
+        if self._vmm is None:
             raise FailedPreconditionError("cloud-hypervisor: the VM is not started")
-        return self._api
-
-    def _require_process(self) -> HelperProcess:
-        if self._process is None:
-            raise FailedPreconditionError("cloud-hypervisor: the VM is not started")
-        return self._process
+        return self._vmm
 
 
 def _shares(spec: VmSpec) -> list[SharedFsDevice]:
