@@ -18,12 +18,15 @@ driver: each request opens its own connection (``api.ApiClient``), process
 liveness is ``trio.Process.wait``, and the event monitor is read by whoever
 waits for the VM's end (``wait``).
 
-Templates are not offered (``capabilities().templates`` is False): Cloud
-Hypervisor's ``vm.snapshot``/``vm.restore`` can make copy-on-write clones (a
-template's RAM as a shared file-backed memory zone that the snapshot leaves
-out, restored with ``shared`` patched to false, as Kata's runtime-rs does), but
-a clone's guest RAM is then private, and virtio-fs, husk's only way to share
-the rootfs with a Cloud Hypervisor guest, is vhost-user and needs shared RAM.
+Templates are not offered (``capabilities().templates`` is False). Cloud
+Hypervisor's ``vm.snapshot``/``vm.restore`` can make copy-on-write clones, as
+Kata's runtime-rs does: the template's RAM is a shared, file-backed memory
+zone that the snapshot leaves out, and each clone is restored with the zone's
+``shared`` patched to false, so it maps the file privately. That fits only
+sandboxes without virtio-fs (vhost-user needs shared RAM: Kata refuses a
+shared fs there too), and the snapshot is a directory whose ``config.json``
+names the template's own sockets (vsock, console), which every clone would
+need rewritten; husk's template is one RAM file and one state file. Not done.
 """
 
 from __future__ import annotations
@@ -190,7 +193,7 @@ class CloudHypervisor(Hypervisor):
             )
         if spec.template is not None:
             raise NotSupportedError(
-                self.name, "VM templates", "a clone's private RAM cannot back virtio-fs"
+                self.name, "VM templates", "snapshot/restore clones are not implemented for it"
             )
         for device in [*([spec.shared_fs] if spec.shared_fs else []), *spec.devices]:
             _check_device(self.name, device, "a boot device")

@@ -300,6 +300,34 @@ async def test_a_guest_panic_reported_by_the_event_monitor_ends_the_vm(
     assert not process_alive(pid)
 
 
+async def test_every_waiter_wakes_when_the_guest_is_lost(
+    driver: CloudHypervisor, spec: VmSpec, vmm: Vmm
+) -> None:
+    await started(driver, spec)
+    results: list[int | None] = []
+
+    async def waiter() -> None:
+        results.append(await driver.wait())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(waiter)
+            await trio.sleep(0.1)
+            os.kill(driver.vmm_pid() or 0, signal.SIGUSR1)
+    assert results == [None, None, None]
+    await driver.destroy()
+
+
+async def test_the_debug_console_is_a_vsock_port_of_its_own_only_when_asked(
+    driver: CloudHypervisor, spec: VmSpec, vmm: Vmm
+) -> None:
+    await driver.prepare(spec)
+    assert driver.debug_console_endpoint() is None
+    await driver.prepare(_with(spec, debug_console=True))
+    assert driver.debug_console_endpoint() == HybridVsockEndpoint(driver.paths.vsock, 1026)
+
+
 async def test_stop_escalates_when_the_vmm_ignores_shutdown_and_sigterm(
     section: dict[str, Any], kvm: HostFacts, spec: VmSpec, vmm: Vmm, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from plugins.cloud_hypervisor.driver import CloudHypervisor
+from plugins.cloud_hypervisor.plugin import VIRTIOFSD_PLACES
 from shim import config, registry
 from shim.errors import ConfigError, HostError
 from shim.host import HostFacts
@@ -68,3 +69,11 @@ def test_virtiofsd_is_required_only_for_virtio_fs(tmp_path: Path, kvm_host: Host
     assert plugin.unmet_requirements({**section, "shared_fs": "virtio-fs"}, kvm_host) == [
         "virtiofsd binary /nonexistent/virtiofsd not found or not executable (key 'virtiofsd')"
     ]
+
+
+def test_virtiofsd_auto_is_the_first_installed_daemon(tcg_host: HostFacts) -> None:
+    plugin = registry.lookup("cloud-hypervisor")
+    resolved = plugin.adjust({"virtiofsd": "auto"}, tcg_host)["virtiofsd"]
+    installed = [p for p in VIRTIOFSD_PLACES if Path(p).is_file()]
+    assert resolved == (installed[0] if installed else VIRTIOFSD_PLACES[0])
+    assert plugin.adjust({"virtiofsd": "/opt/vfsd"}, tcg_host)["virtiofsd"] == "/opt/vfsd"
