@@ -381,6 +381,7 @@ class CloudHypervisor(Hypervisor):
                 if helper is not None:
                     with trio.CancelScope(shield=True):
                         await helper.kill()
+                    self._require_paths().virtiofs(device.id).unlink(missing_ok=True)
                 raise
             self._devices[device.id] = device
             if isinstance(answer, dict) and "bdf" in answer:
