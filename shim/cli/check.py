@@ -59,7 +59,7 @@ def probe(config: Config, host: HostFacts, run: Runner = run_version) -> list[Fi
             host.vhost_vsock,
             "present: the agent can use vsock"
             if host.vhost_vsock
-            else "missing (/dev/vhost-vsock): the agent will use virtio-serial",
+            else f"missing (/dev/vhost-vsock): the agent will use {config.agent.transport}",
         ),
     ]
     findings += _qemu_findings(config, run)

@@ -140,6 +140,9 @@ def test_cloud_hypervisor_without_hardware_kvm_cannot_start_and_check_says_why(
         "cannot start: Cloud Hypervisor needs hardware KVM: /dev/kvm is there but the CPU "
         "reports no hardware virtualisation (vmx/svm)"
     )
+    assert by_name["vhost-vsock"].detail == (
+        "missing (/dev/vhost-vsock): the agent will use hybrid-vsock"
+    )
     assert not by_name["cloud-hypervisor"].ok
     assert by_name["cloud-hypervisor"].detail.endswith(
         "no sandbox can start with it here: Cloud Hypervisor needs hardware KVM: /dev/kvm is "
