@@ -229,6 +229,13 @@ def test_a_pod_sysctl_the_vm_cannot_take_fails_naming_it(guest: Guest) -> None:
     assert "sysctl net.ipv4.no_such_knob cannot be set on the VM's network" in str(err)
 
 
+def test_a_pod_sysctl_value_the_guest_kernel_refuses_fails_naming_it(guest: Guest) -> None:
+    spec = containerd_2_spec(["true"], {"net.ipv4.ip_forward": "banana"})
+    err = create_error(guest, "bad2", spec)
+    assert err.code == Code.INVALID_ARGUMENT
+    assert "sysctl net.ipv4.ip_forward='banana' cannot be set on the VM's network" in str(err)
+
+
 def test_an_unknown_spec_major_version_fails_in_one_line(guest: Guest) -> None:
     spec = containerd_2_spec(["true"], {})
     spec.Version = "2.0.0"
