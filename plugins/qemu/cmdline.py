@@ -144,8 +144,13 @@ class VmPaths:
 
     @property
     def log(self) -> Path:
-        """QEMU's own stderr."""
+        """QEMU's own stderr (and ``-d`` log), rotated into ``log_rotated`` at its cap."""
         return self.dir / "qemu.log"
+
+    @property
+    def log_rotated(self) -> Path:
+        """The previous ``qemu.log``, once it reached its cap."""
+        return self.dir / "qemu.log.1"
 
     @property
     def pidfile(self) -> Path:
@@ -212,7 +217,8 @@ def build_argv(
     if settings.run_as:
         argv += ["-runas", settings.run_as]
     if settings.enable_debug:
-        # guest errors and unimplemented-device accesses, time-stamped, in qemu.log
+        # guest errors and unimplemented-device accesses, time-stamped, on stderr: the
+        # bounded qemu.log (a guest decides how much there is)
         argv += ["-msg", "timestamp=on", "-d", "guest_errors,unimp"]
     argv += ["-chardev", f"socket,id=console,path={_opt(paths.console)},server=on,wait=off"]
     argv += ["-serial", "chardev:console"]

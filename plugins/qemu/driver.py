@@ -188,6 +188,7 @@ class QemuHypervisor(Hypervisor):
             Resource(SOCKET_FILE, path=str(paths.console)),
             *([Resource(SOCKET_FILE, path=str(paths.debug_console))] if spec.debug_console else []),
             Resource(FILE, path=str(paths.log)),
+            Resource(FILE, path=str(paths.log_rotated)),
             Resource(FILE, path=str(paths.pidfile)),
         ):
             spec.record(resource)
