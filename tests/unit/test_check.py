@@ -107,3 +107,17 @@ def test_a_plugin_without_a_driver_cannot_start_even_on_a_kvm_host(tmp_path: Pat
         "cannot start: hypervisor 'cloud-hypervisor' does not support starting a sandbox: "
         "no driver for Cloud Hypervisor exists yet"
     )
+
+
+def test_whether_clones_hold_the_template_ram_read_only_is_reported(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    cfg = image_config(tmp_path, tcg_host, with_image=True)
+    qemu_8_2 = {
+        "qemu-system-x86_64 -nodefaults -machine none -object": "  readonly=<bool>\n  rom=<x>\n",
+        **QEMU_OK,
+    }
+    for outputs, ok, words in ((QEMU_OK, False, "read-write"), (qemu_8_2, True, "read-only")):
+        by_name = {f.name: f for f in check.probe(cfg, tcg_host, fake_runner(outputs))}
+        finding = by_name["template-ram"]
+        assert finding.ok is ok and words in finding.detail and not finding.blocking
