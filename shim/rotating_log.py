@@ -7,14 +7,19 @@ and QEMU's own messages about the guest's invalid device accesses
 (replacing the previous one) and a new ``path`` starts, so at most ``2 * cap``
 bytes are on disk and the most recent output is always kept.
 
-It is plain blocking file I/O and imports nothing else of husk's, so a
-process that does nothing but copy a pipe into it (QEMU's stderr) starts in
-milliseconds.
+It is plain blocking file I/O and imports nothing but the standard library:
+run as a program, ``python -I -S rotating_log.py <path> <cap>``, it copies its
+stdin into the log until EOF. That is how QEMU's stderr is kept (see
+``plugins.qemu.process``): a process of its own, since the driver has no
+nursery and QEMU's last words must reach the log even when no task of the
+shim reads, that starts in milliseconds with no site-packages (``-S``) and
+costs a bare interpreter's memory.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 #: bytes in each of ``path`` and ``path.1`` unless told otherwise
@@ -73,3 +78,22 @@ class RotatingLog:
             if len(data) >= size:
                 break
         return data
+
+
+def copy(fd: int, log: RotatingLog, chunk: int = 64 * 1024) -> None:
+    """Copy ``fd`` into ``log`` until EOF."""
+    try:
+        while data := os.read(fd, chunk):
+            log.write(data)
+    finally:
+        log.close()
+
+
+def main(argv: list[str]) -> int:
+    """``<log path> <cap in bytes>``: copy stdin into that log until EOF."""
+    copy(0, RotatingLog(Path(argv[0]), int(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

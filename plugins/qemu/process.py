@@ -2,10 +2,15 @@
 
 QEMU runs as the leader of a new session (so its helpers, e.g. the ``sh -c
 cat > file`` of an ``exec:`` migration, share its process group and die with
-it). Its stdout and stderr are a pipe that ``plugins.qemu.stderr_log`` copies
-into ``qemu.log`` in the VM's directory, rotated at :data:`QEMU_LOG_CAP` bytes
-(``qemu.log.1``: at most twice that on disk, whatever the guest makes QEMU
-log); the log's last lines become the message of a ``VmmExitedError``.
+it). QEMU writes its errors and, with ``enable_debug``, its ``-d
+guest_errors,unimp`` log to stderr, and a guest decides how much of that there
+is: a guest looping on bad device accesses would grow a plain log until
+``/run`` is full. So QEMU's stdout and stderr are a pipe that a small process
+(``shim/rotating_log.py`` run as a program) copies into ``qemu.log`` in the
+VM's directory, rotated at :data:`QEMU_LOG_CAP` bytes (``qemu.log.1``: at most
+twice that on disk, as the guest console is kept). The copier ends at EOF,
+when QEMU and its helpers (which share its stderr) are gone. The log's last
+lines become the message of a ``VmmExitedError``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import trio
 
+from shim import rotating_log
 from shim.errors import HostError, VmmExitedError
 from shim.rotating_log import LOG_CAP, RotatingLog
 
@@ -55,7 +61,8 @@ class QemuProcess:
         read_end, write_end = os.pipe()  # neither inheritable: only the dup2 targets are
         try:
             copier = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "plugins.qemu.stderr_log", str(log), str(QEMU_LOG_CAP)],
+                # -I -S: a bare interpreter; the script imports only the standard library
+                [sys.executable, "-I", "-S", rotating_log.__file__, str(log), str(QEMU_LOG_CAP)],
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
