@@ -91,7 +91,22 @@ def _qemu_findings(config: Config, run: Runner) -> list[Finding]:
             "QEMU has vhost-user-fs-pci" if has_fs else "QEMU lacks vhost-user-fs-pci",
         )
     )
+    found.append(_template_ram_finding(binary, run))
     return found
+
+
+def _template_ram_finding(binary: str, run: Runner) -> Finding:
+    """Whether VM clones can hold the template's RAM file read-only (QEMU 8.2's rom=off)."""
+    argv = [binary, "-nodefaults", "-machine", "none", "-object", "memory-backend-file,help"]
+    readonly = "rom=" in (run(argv) or "")
+    return Finding(
+        "template-ram",
+        readonly,
+        "VM clones open the template's RAM file read-only (memory-backend-file rom=off)"
+        if readonly
+        else "VM clones open the template's RAM file read-write: this QEMU lacks "
+        "memory-backend-file rom=off (QEMU 8.2 or later has it)",
+    )
 
 
 def _virtiofsd_finding(config: Config) -> Finding:

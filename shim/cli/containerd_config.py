@@ -19,12 +19,15 @@ and the CRI plugin's pause image, husk's local one (``husk image pause
 ``pinned_images.sandbox``, and CNI ``bin_dirs`` with Debian's plugin dir).
 ``--install`` writes the template configuration and appends what is missing to
 containerd's config file in that file's own version, checking that the result
-still parses; containerd reads it on restart.
+still parses; containerd reads it on restart. A file it rewrites keeps
+its mode and owner (a 0600 config with registry credentials stays 0600); one
+it makes is 0644, as containerd's package ships it.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -239,12 +242,37 @@ def _explicit_table(text: str, name: str) -> bool:
     return any(normal(line.strip()) == f"[{normal(name)}]" for line in text.splitlines())
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
+#: a file husk makes: as Debian's containerd package ships its config.toml
+NEW_FILE_MODE = 0o644
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` atomically, keeping an existing file's mode and owner.
+
+    containerd's config may hold registry credentials in a 0600 file: the new
+    text must never be readable by anyone the old file was not. The temp file
+    is made 0600 and gets the old mode and owner before any text is in it.
+    """
+    path = Path(os.path.realpath(path))  # a symlinked config stays a symlink
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.stat(path)
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        mode, owner = NEW_FILE_MODE, None
     tmp = path.with_name(f".{path.name}.husk-tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            if owner is not None:
+                os.fchown(out.fileno(), *owner)
+            os.fchmod(out.fileno(), mode)
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def install(

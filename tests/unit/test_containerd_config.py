@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from pathlib import Path
 
@@ -172,3 +174,32 @@ def test_install_for_containerd_2_writes_version_3(tmp_path: Path) -> None:
     ctd.install(cfg, target, tmp_path / "t.toml", CONTAINERD_2)
     assert tomllib.loads(target.read_text())["version"] == 3
     assert _v3_runtimes(target.read_text())["husk"]["options"] == {"ConfigPath": str(cfg.source)}
+
+
+def _installed(tmp_path: Path, existing: Path) -> Path:
+    cfg = config.load(config.packaged_default(), host=HostFacts.probe())
+    assert ctd.install(cfg, existing, tmp_path / "t.toml")
+    assert "husk-template" in existing.read_text()
+    return existing
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_install_keeps_the_mode_of_containerds_config(tmp_path: Path, mode: int) -> None:
+    existing = tmp_path / "config.toml"
+    existing.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n')
+    existing.chmod(mode)
+    assert stat.S_IMODE(_installed(tmp_path, existing).stat().st_mode) == mode
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another owner")
+def test_install_keeps_the_owner_of_containerds_config(tmp_path: Path) -> None:
+    existing = tmp_path / "config.toml"
+    existing.write_text("version = 2\n")
+    os.chown(existing, 65534, 65533)
+    st = _installed(tmp_path, existing).stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65533)
+
+
+def test_a_new_containerd_config_is_0644_as_containerds_package_ships_it(tmp_path: Path) -> None:
+    made = _installed(tmp_path, tmp_path / "new" / "config.toml")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o644
