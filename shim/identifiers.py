@@ -14,7 +14,8 @@ import re
 from shim.errors import InvalidArgumentError
 
 MAX_LENGTH = 76
-_VALID = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+#: matched with ``fullmatch``: ``$`` would also accept a trailing newline
+_VALID = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 
 
 def validate(kind: str, value: str) -> str:
@@ -25,7 +26,7 @@ def validate(kind: str, value: str) -> str:
         raise InvalidArgumentError(
             f"{kind} id {value[:20]!r}... is {len(value)} characters; at most {MAX_LENGTH}"
         )
-    if not _VALID.match(value):
+    if not _VALID.fullmatch(value):
         raise InvalidArgumentError(
             f"{kind} id {value!r} is invalid: use letters and digits, with single '.', '_' "
             "or '-' between them (containerd's identifier rules)"

@@ -20,7 +20,8 @@ from common.errors import InvalidArgumentError
 from guest.agent.storage import SysfsLayout
 
 KATA_SHARED_DIR = Path("/run/kata-containers/shared/containers")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+#: matched with ``fullmatch``: ``$`` would also accept a trailing newline
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class AgentConfig:
     copy_file_root: Path = Path("/run")
     """CopyFile only writes below this directory."""
     resolv_conf: Path = Path("/etc/resolv.conf")
+    proc_sys: Path = Path("/proc/sys")
+    """Where the pod network's sysctls are written (the VM's network is the pod's)."""
     host_mode: bool = False
     sysfs: SysfsLayout = field(default_factory=SysfsLayout)
 
@@ -57,7 +60,7 @@ class AgentConfig:
 
 def check_id(kind: str, value: str) -> str:
     """Refuse ids that are empty or could escape a directory (``..``, ``/``)."""
-    if not _ID.match(value) or value in (".", ".."):
+    if not _ID.fullmatch(value) or value in (".", ".."):
         raise InvalidArgumentError(
             f"{kind} id {value!r} is invalid: use 1-128 letters, digits, '_', '.', '-'"
         )

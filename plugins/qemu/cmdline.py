@@ -144,8 +144,13 @@ class VmPaths:
 
     @property
     def log(self) -> Path:
-        """QEMU's own stderr."""
+        """QEMU's own stderr (and ``-d`` log), rotated into ``log_rotated`` at its cap."""
         return self.dir / "qemu.log"
+
+    @property
+    def log_rotated(self) -> Path:
+        """The previous ``qemu.log``, once it reached its cap."""
+        return self.dir / "qemu.log.1"
 
     @property
     def pidfile(self) -> Path:
@@ -180,13 +185,16 @@ def build_argv(
     qmp_fd: int | None = None,
     guest_cid: int | None = None,
     incoming: str | None = None,
+    readonly_ram: bool = False,
 ) -> list[str]:
     """The full QEMU argv.
 
     ``qmp_fd`` is a listening socket the caller made (QEMU then only accepts on
     it); without it QEMU creates ``paths.qmp`` itself. ``guest_cid`` is needed
     when the agent transport is vsock. ``incoming`` is a migration source
-    (``defer`` to give it later with ``migrate-incoming``).
+    (``defer`` to give it later with ``migrate-incoming``). ``readonly_ram``:
+    this QEMU maps a read-only file as writable private RAM (see
+    ``template_memory_args``).
     """
     argv = [
         settings.binary,
@@ -203,7 +211,7 @@ def build_argv(
         "-pidfile", str(paths.pidfile),
         "-kernel", str(spec.kernel),
     ]  # fmt: skip
-    argv += template_memory_args(spec)
+    argv += template_memory_args(spec, readonly_ram)
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     argv += ["-append", kernel_append(spec, settings)]
@@ -212,7 +220,8 @@ def build_argv(
     if settings.run_as:
         argv += ["-runas", settings.run_as]
     if settings.enable_debug:
-        # guest errors and unimplemented-device accesses, time-stamped, in qemu.log
+        # guest errors and unimplemented-device accesses, time-stamped, on stderr: the
+        # bounded qemu.log (a guest decides how much there is)
         argv += ["-msg", "timestamp=on", "-d", "guest_errors,unimp"]
     argv += ["-chardev", f"socket,id=console,path={_opt(paths.console)},server=on,wait=off"]
     argv += ["-serial", "chardev:console"]
@@ -308,10 +317,18 @@ def _memory_backend_option(spec: VmSpec) -> str:
     return f",memory-backend={TEMPLATE_RAM}" if spec.template is not None else ""
 
 
-def template_memory_args(spec: VmSpec) -> list[str]:
+def template_memory_args(spec: VmSpec, readonly_ram: bool = False) -> list[str]:
     """The guest's RAM as the template's file: the file itself for the template
     (``share=on``: the RAM is the file), a private copy-on-write mapping of it
-    for a clone (``share=off``), so clones share every page none has written."""
+    for a clone (``share=off``), so clones share every page none has written.
+
+    A clone never needs to write the file, and one whose QEMU a guest takes
+    over must not be able to (every later clone starts from it). Where QEMU
+    can (8.2: ``readonly_ram``), the clone opens it O_RDONLY and still maps it
+    writable and private (``readonly=on,rom=off``). QEMU 7.2 cannot: it opens
+    ``mem-path`` O_RDWR unless ``readonly=on``, which also maps the RAM
+    read-only (the guest's RAM becomes a ROM and it cannot run).
+    """
     template = spec.template
     if template is None:
         return []
@@ -320,6 +337,8 @@ def template_memory_args(spec: VmSpec) -> list[str]:
         f"memory-backend-file,id={TEMPLATE_RAM},size={spec.memory_mib}M,"
         f"mem-path={_opt(template.memory)},share={share}"
     )
+    if template.role != TEMPLATE and readonly_ram:
+        backend += ",readonly=on,rom=off"
     return ["-object", backend]
 
 

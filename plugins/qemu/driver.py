@@ -18,6 +18,7 @@ connection is reset.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from typing import Any
 
 import trio
 
-from plugins.qemu import hotplug, resize
+from plugins.qemu import features, hotplug, resize
 from plugins.qemu.cmdline import Placed, QemuSettings, VmPaths, build_argv, hotplug_memory_mib
 from plugins.qemu.process import QemuProcess
 from plugins.qemu.qmp import QmpClient, open_qmp
@@ -62,6 +63,8 @@ from shim.hypervisor import (
 )
 from shim.resources import DIR, FILE, PROCESS, SOCKET_FILE, Resource, process_start_time
 from shim.sandbox.devices import SlotAllocator, guest_cid
+
+log = logging.getLogger("husk.qemu")
 
 AGENT_VSOCK_PORT = 1024
 #: Kata's debug console port, where the guest has vsock
@@ -188,6 +191,7 @@ class QemuHypervisor(Hypervisor):
             Resource(SOCKET_FILE, path=str(paths.console)),
             *([Resource(SOCKET_FILE, path=str(paths.debug_console))] if spec.debug_console else []),
             Resource(FILE, path=str(paths.log)),
+            Resource(FILE, path=str(paths.log_rotated)),
             Resource(FILE, path=str(paths.pidfile)),
         ):
             spec.record(resource)
@@ -303,6 +307,7 @@ class QemuHypervisor(Hypervisor):
                 qmp_fd=listener.fileno(),
                 guest_cid=self._cid,
                 incoming=incoming,
+                readonly_ram=await self._clone_ram_readonly(),
             )
             tap_fds = [
                 fd
@@ -337,6 +342,20 @@ class QemuHypervisor(Hypervisor):
                 await process.kill()
             self._remove_sockets()
             raise
+
+    async def _clone_ram_readonly(self) -> bool:
+        """Whether this VM is a clone whose QEMU can open the template's RAM file O_RDONLY."""
+        template = self._require_spec().template
+        if template is None or template.role != CLONE:
+            return False
+        readonly = await features.maps_file_ram_readonly(self.settings.binary)
+        if not readonly:
+            log.debug(
+                "%s has no memory-backend-file rom=off (QEMU 8.2): the clone opens the "
+                "template's RAM file read-write",
+                self.settings.binary,
+            )
+        return readonly
 
     def _remove_sockets(self) -> None:
         paths = self._require_paths()

@@ -1,9 +1,16 @@
-"""One QEMU process: spawned in its own session, its stderr kept in a log file.
+"""One QEMU process: spawned in its own session, its stderr kept in a bounded log.
 
 QEMU runs as the leader of a new session (so its helpers, e.g. the ``sh -c
 cat > file`` of an ``exec:`` migration, share its process group and die with
-it) and writes stderr to ``qemu.log`` in the VM's directory, whose last lines
-become the message of a ``VmmExitedError``.
+it). QEMU writes its errors and, with ``enable_debug``, its ``-d
+guest_errors,unimp`` log to stderr, and a guest decides how much of that there
+is: a guest looping on bad device accesses would grow a plain log until
+``/run`` is full. So QEMU's stdout and stderr are a pipe that a small process
+(``shim/rotating_log.py`` run as a program) copies into ``qemu.log`` in the
+VM's directory, rotated at :data:`QEMU_LOG_CAP` bytes (``qemu.log.1``: at most
+twice that on disk, as the guest console is kept). The copier ends at EOF,
+when QEMU and its helpers (which share its stderr) are gone. The log's last
+lines become the message of a ``VmmExitedError``.
 """
 
 from __future__ import annotations
@@ -12,22 +19,36 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
+from shim import rotating_log
 from shim.errors import HostError, VmmExitedError
+from shim.rotating_log import LOG_CAP, RotatingLog
 
 #: how much of the log's end is read for an error message
 _TAIL_BYTES = 4096
+#: bytes in each of qemu.log and qemu.log.1
+QEMU_LOG_CAP = LOG_CAP
+#: how long a reaped QEMU's log copier may take to write its last words
+_DRAIN_TIMEOUT = 2.0
 
 
 class QemuProcess:
     """A spawned QEMU: liveness, waiting, signals to its group, the end of its log."""
 
-    def __init__(self, process: trio.Process, log: Path, plugin: str = "qemu") -> None:
+    def __init__(
+        self,
+        process: trio.Process,
+        log: Path,
+        plugin: str = "qemu",
+        copier: trio.Process | None = None,
+    ) -> None:
         self._process = process
+        self._copier = copier
         self.log = log
         self.plugin = plugin
         self.pgid = process.pid
@@ -36,22 +57,41 @@ class QemuProcess:
     async def spawn(
         cls, argv: Sequence[str], *, log: Path, pass_fds: Sequence[int] = (), plugin: str = "qemu"
     ) -> QemuProcess:
-        """Start QEMU; ``pass_fds`` stay open (same numbers) in the child."""
-        with open(log, "ab") as out:
+        """Start QEMU with its stderr copied into ``log``; ``pass_fds`` stay open (same numbers)."""
+        read_end, write_end = os.pipe()  # neither inheritable: only the dup2 targets are
+        try:
+            copier = await trio.lowlevel.open_process(
+                # -I -S: a bare interpreter; the script imports only the standard library
+                [sys.executable, "-I", "-S", rotating_log.__file__, str(log), str(QEMU_LOG_CAP)],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            os.close(read_end)
+            read_end = -1
             try:
                 process = await trio.lowlevel.open_process(
                     list(argv),
                     stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
+                    stdout=write_end,
+                    stderr=write_end,
                     start_new_session=True,
                     pass_fds=tuple(pass_fds),
                 )
             except OSError as exc:
+                os.close(write_end)
+                write_end = -1
+                with trio.CancelScope(shield=True):
+                    await copier.wait()  # EOF at once: nothing else holds the pipe
                 raise HostError(
                     f"cannot run {plugin} binary {argv[0]}: {exc.strerror or exc} (key 'path')"
                 ) from exc
-        return cls(process, log, plugin)
+        finally:
+            for fd in (read_end, write_end):
+                if fd >= 0:
+                    os.close(fd)
+        return cls(process, log, plugin, copier)
 
     @property
     def pid(self) -> int:
@@ -69,8 +109,14 @@ class QemuProcess:
         return self.returncode is None
 
     async def wait(self) -> int:
-        """Wait for QEMU to exit; any number of tasks may wait."""
-        return await self._process.wait()
+        """Wait for QEMU to exit and its log to hold its last words; any number may wait."""
+        code = await self._process.wait()
+        if self._copier is not None:
+            # EOF reaches the copier once QEMU's helpers are gone too; a lingering
+            # helper only delays this, never blocks it
+            with trio.move_on_after(_DRAIN_TIMEOUT):
+                await self._copier.wait()
+        return code
 
     async def wait_for(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; whether QEMU has exited."""
@@ -91,13 +137,7 @@ class QemuProcess:
 
     def stderr_tail(self, lines: int = 2) -> str:
         """QEMU's last non-empty stderr lines, joined into one line."""
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - _TAIL_BYTES))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        text = RotatingLog(self.log, QEMU_LOG_CAP).tail(_TAIL_BYTES).decode(errors="replace")
         kept = [line.strip() for line in text.splitlines() if line.strip()]
         return "; ".join(kept[-lines:])
 

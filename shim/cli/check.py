@@ -59,12 +59,12 @@ def probe(config: Config, host: HostFacts, run: Runner = run_version) -> list[Fi
             host.vhost_vsock,
             "present: the agent can use vsock"
             if host.vhost_vsock
-            else "missing (/dev/vhost-vsock): the agent will use virtio-serial",
+            else f"missing (/dev/vhost-vsock): the agent will use {config.agent.transport}",
         ),
     ]
     findings += _qemu_findings(config, run)
     findings.append(_virtiofsd_finding(config))
-    findings.append(_binary_finding("cloud-hypervisor", config, run))
+    findings.append(_vmm_finding("cloud-hypervisor", config, host, run))
     findings.append(_containerd_finding(run))
     findings.append(_image_finding(config))
     findings.append(_sandbox_finding(config, host))
@@ -91,7 +91,22 @@ def _qemu_findings(config: Config, run: Runner) -> list[Finding]:
             "QEMU has vhost-user-fs-pci" if has_fs else "QEMU lacks vhost-user-fs-pci",
         )
     )
+    found.append(_template_ram_finding(binary, run))
     return found
+
+
+def _template_ram_finding(binary: str, run: Runner) -> Finding:
+    """Whether VM clones can hold the template's RAM file read-only (QEMU 8.2's rom=off)."""
+    argv = [binary, "-nodefaults", "-machine", "none", "-object", "memory-backend-file,help"]
+    readonly = "rom=" in (run(argv) or "")
+    return Finding(
+        "template-ram",
+        readonly,
+        "VM clones open the template's RAM file read-only (memory-backend-file rom=off)"
+        if readonly
+        else "VM clones open the template's RAM file read-write: this QEMU lacks "
+        "memory-backend-file rom=off (QEMU 8.2 or later has it)",
+    )
 
 
 def _virtiofsd_finding(config: Config) -> Finding:
@@ -105,13 +120,23 @@ def _virtiofsd_finding(config: Config) -> Finding:
     return Finding("virtiofsd", False, 'not found: shared_fs = "virtio-fs" is unavailable')
 
 
-def _binary_finding(name: str, config: Config, run: Runner) -> Finding:
+def _vmm_finding(name: str, config: Config, host: HostFacts, run: Runner) -> Finding:
+    """A VMM other than the selected one: its binary's version, and what else this host
+    lacks for it (KVM, helpers), as its plugin says; the guest image has its own line."""
     section = config.hypervisors.get(name)
     binary = str(section["path"]) if section else name
     out = run([binary, "--version"])
-    if out is None:
-        return Finding(name, False, f"{binary} not found")
-    return Finding(name, True, f"{binary}, version {_first_version(out)}")
+    lacks = []
+    if section is not None:
+        lacks = [
+            p
+            for p in registry.lookup(name).unmet_requirements(section, host)
+            if "(key 'path')" not in p and not p.startswith("guest ")
+        ]
+    found = f"{binary}, version {_first_version(out)}" if out is not None else f"{binary} not found"
+    if lacks:
+        found += "; no sandbox can start with it here: " + "; ".join(lacks)
+    return Finding(name, out is not None and not lacks, found)
 
 
 def _containerd_finding(run: Runner) -> Finding:

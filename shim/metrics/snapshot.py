@@ -8,7 +8,9 @@ A part that cannot be read (an older agent without ``GetMetrics``, a container
 going away) is left out; the scrape still answers.
 
 The guest is hostile: its ``GetMetrics`` text is parsed with a size bound and
-only the families, label names and values husk's agent sends are kept.
+only the families, label names and label values husk's agent sends are kept,
+each series once (the first sample of it): whatever the guest writes, a scrape
+shows at most the series husk's agent defines.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,14 +38,18 @@ SCRAPE_TIMEOUT = 5.0
 #: the largest guest text considered, and the most samples kept from it
 GUEST_TEXT_LIMIT = 64 * 1024
 GUEST_SAMPLE_LIMIT = 256
-#: family → (type, label names) of what husk's agent reports; nothing else is kept
-GUEST_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "husk_guest_memory_bytes": ("gauge", ("kind",)),
-    "husk_guest_cpu_seconds": ("counter", ("mode",)),
-    "husk_guest_cpus_online": ("gauge", ()),
-    "husk_guest_uptime_seconds": ("gauge", ()),
+#: the ``kind`` values of husk's agent (``guest.agent.metrics.MEMINFO``)
+MEMORY_KINDS = frozenset({"total", "free", "available", "buffers", "cached", "shmem"})
+#: the ``mode`` values of husk's agent (``guest.agent.metrics.CPU_MODES``)
+CPU_MODES = frozenset({"user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"})
+#: family → (type, label name → its allowed values) of what husk's agent reports;
+#: nothing else is kept, so a guest cannot add a series the agent does not define
+GUEST_FAMILIES: dict[str, tuple[str, dict[str, frozenset[str]]]] = {
+    "husk_guest_memory_bytes": ("gauge", {"kind": MEMORY_KINDS}),
+    "husk_guest_cpu_seconds": ("counter", {"mode": CPU_MODES}),
+    "husk_guest_cpus_online": ("gauge", {}),
+    "husk_guest_uptime_seconds": ("gauge", {}),
 }
-_LABEL_VALUE = re.compile(r"^[a-z0-9_]{1,32}$")
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -117,18 +122,22 @@ def guest_samples(text: str) -> list[GuestSample]:
         log.warning("the guest's metrics text is %d bytes; ignoring it", len(text))
         return []
     kept: list[GuestSample] = []
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     try:
         for family in text_string_to_metric_families(text):
             expected = GUEST_FAMILIES.get(family.name)
             if expected is None or family.type != expected[0]:
                 continue
             for sample in family.samples:
-                if _acceptable(sample.labels, sample.value, expected[1]):
-                    kept.append(
-                        GuestSample(
-                            family.name, family.type, sample.name, dict(sample.labels), sample.value
-                        )
+                series = (sample.name, tuple(sorted(sample.labels.items())))
+                if series in seen or not _acceptable(sample.labels, sample.value, expected[1]):
+                    continue
+                seen.add(series)
+                kept.append(
+                    GuestSample(
+                        family.name, family.type, sample.name, dict(sample.labels), sample.value
                     )
+                )
                 if len(kept) >= GUEST_SAMPLE_LIMIT:
                     return kept
     except (ValueError, TypeError, IndexError) as e:
@@ -137,8 +146,10 @@ def guest_samples(text: str) -> list[GuestSample]:
     return kept
 
 
-def _acceptable(labels: dict[str, str], value: float, names: tuple[str, ...]) -> bool:
-    if set(labels) != set(names) or not all(_LABEL_VALUE.match(v) for v in labels.values()):
+def _acceptable(labels: dict[str, str], value: float, allowed: dict[str, frozenset[str]]) -> bool:
+    if set(labels) != set(allowed):
+        return False
+    if not all(v in allowed[name] for name, v in labels.items()):
         return False
     return math.isfinite(value) and value >= 0
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shim import identifiers
 from shim.errors import InvalidArgumentError
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
@@ -30,11 +31,20 @@ class Placement:
 
 
 def placement(container_id: str, spec: Mapping[str, Any], sandbox_model: str = "pod") -> Placement:
-    """Where ``container_id`` runs, from its OCI spec's annotations."""
+    """Where ``container_id`` runs, from its OCI spec's annotations.
+
+    A pod sandbox id that breaks containerd's identifier rules (``../x``)
+    raises InvalidArgumentError naming the annotation.
+    """
     annotations = spec.get("annotations") or {}
     if sandbox_model == "pod" and annotations.get(CONTAINER_TYPE) == TYPE_CONTAINER:
         sandbox_id = str(annotations.get(SANDBOX_ID) or "")
         if sandbox_id and sandbox_id != container_id:
+            # the id names the pod's state dir and shim socket: checked before any path
+            try:
+                identifiers.validate("pod sandbox", sandbox_id)
+            except InvalidArgumentError as e:
+                raise InvalidArgumentError(f"annotation {SANDBOX_ID}: {e}") from None
             return Placement(sandbox_id, owner=False)
     return Placement(container_id, owner=True)
 

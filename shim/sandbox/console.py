@@ -3,26 +3,28 @@
 A hostile guest can write to its serial console without end; a log file
 that grows with it would fill the host's disk (or its tmpfs). The VMM exposes
 the console as a unix socket (``Hypervisor.console_socket``) and
-:class:`ConsoleLog` copies it into ``console.log``: once that file reaches
-``cap`` bytes it becomes ``console.log.1`` (replacing the previous one) and a
-new ``console.log`` starts, so at most ``2 * cap`` bytes are on disk and the
-most recent output is always kept. Reading stops when the VMM closes the
-socket (the VM is gone).
+:class:`ConsoleLog` copies it into ``console.log``, a
+:class:`~shim.rotating_log.RotatingLog`: once that file reaches ``cap`` bytes
+it becomes ``console.log.1`` (replacing the previous one) and a new
+``console.log`` starts, so at most ``2 * cap`` bytes are on disk and the most
+recent output is always kept. Reading stops when the VMM closes the socket
+(the VM is gone).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 from pathlib import Path
 
 import trio
 
+from shim.rotating_log import LOG_CAP, RotatingLog
+
 log = logging.getLogger("husk.sandbox.console")
 
 #: bytes in each of console.log and console.log.1
-CONSOLE_CAP = 1 << 20
+CONSOLE_CAP = LOG_CAP
 READ_CHUNK = 64 * 1024
 _CONNECT_RETRY = 0.05
 
@@ -57,8 +59,7 @@ class ConsoleLog:
 
     async def copy(self, stream: trio.abc.ReceiveStream) -> None:
         """Append what ``stream`` yields, rotating at ``cap``, until it ends."""
-        fd = self._open()
-        written = os.fstat(fd).st_size
+        log = RotatingLog(self.path, self.cap)
         try:
             while True:
                 try:
@@ -67,29 +68,10 @@ class ConsoleLog:
                     return
                 if not data:
                     return
-                while data:
-                    room = self.cap - written
-                    if room <= 0:
-                        os.close(fd)
-                        os.replace(self.path, self.rotated)
-                        fd, written = self._open(), 0
-                        continue
-                    chunk, data = data[:room], data[room:]
-                    written += os.write(fd, chunk)
+                log.write(data)
         finally:
-            os.close(fd)
-
-    def _open(self) -> int:
-        return os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
+            log.close()
 
     def tail(self, size: int = 4096) -> str:
         """The last ``size`` bytes of the console, for error messages."""
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - size))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return RotatingLog(self.path, self.cap).tail(size).decode(errors="replace")

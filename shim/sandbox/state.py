@@ -45,10 +45,20 @@ DIR_MODE = 0o700
 
 
 def make_private_dir(path: Path) -> None:
-    """``mkdir -p`` ending in a 0700 directory (an existing one is tightened to 0700)."""
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    if path.stat().st_mode & 0o777 != DIR_MODE:
-        path.chmod(DIR_MODE)
+    """``mkdir -p`` ending in a 0700 directory.
+
+    Only a directory made here is set to 0700: an existing one keeps its mode,
+    since husk never changes a directory it did not create (``/run``, the
+    parent of the default template path, must stay 0755).
+    """
+    try:
+        path.mkdir(parents=True, mode=DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    # mkdir's mode passes through the umask; the directory is exactly 0700
+    path.chmod(DIR_MODE)
 
 
 #: where the serving shim answers ``GET /metrics`` (Prometheus text)

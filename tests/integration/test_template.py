@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from bench.net_throughput import Pod, pod_netns
+from plugins.qemu import features
 from shim import config
 from shim.cli import local_images
 from shim.sandbox import cleanup
@@ -222,3 +224,38 @@ def test_cold_boots_beyond_the_boot_slots_queue_and_all_answer(
     outputs = sorted(p.communicate(timeout=300)[0].decode().strip() for p in runs)
     assert outputs == ["n0", "n1", "n2"]
     assert "all 1 boot slots are taken; waiting" in daemon.log_text()
+
+
+def open_modes(pid: int, path: Path) -> list[int]:
+    """The access modes (O_RDONLY, O_RDWR, ...) of ``pid``'s fds open on ``path``."""
+    modes = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != str(path):
+                continue
+            fields = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split()
+        except OSError:
+            continue
+        modes.append(int(fields[fields.index("flags:") + 1], 8) & os.O_ACCMODE)
+    return modes
+
+
+def test_a_clones_qemu_opens_the_template_memory_read_only_where_qemu_can(
+    ctd: Containerd, husk_toml: Path
+) -> None:
+    name = cid()
+    ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "600")
+    try:
+        assert started_how(ctd, name) == "cloned"
+        pid = int((husk_toml.parent / "state" / name / "qemu" / "qemu.pid").read_text())
+        modes = open_modes(pid, husk_toml.parent / "template" / "memory")
+        qemu = str(config.load(husk_toml).hypervisor["path"])
+        # QEMU 8.2's readonly=on,rom=off; 7.2 (Debian 12) can only open it O_RDWR
+        readonly = trio.run(features.maps_file_ram_readonly, qemu)
+        assert modes == [os.O_RDONLY if readonly else os.O_RDWR]
+        # the guest still writes its own (private) RAM
+        fill = "dd if=/dev/zero of=/dev/shm/fill bs=1M count=32 2>/dev/null && echo written"
+        out = ctd.ctr("task", "exec", "--exec-id", "w", name, "sh", "-c", fill)
+        assert out.stdout.decode() == "written\n"
+    finally:
+        remove(ctd, name)

@@ -211,12 +211,20 @@ async def test_get_oom_event_waits_for_a_kill_in_a_watched_container(tmp_path: P
     group.mkdir(parents=True)
     (group / "memory.events").write_text("max 0\noom 0\noom_kill 0\n")
     service.sandbox.oom.watch("c1", group)
-    async with served(service) as (agent, _):
-        with trio.move_on_after(0.1) as waiting:
-            await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
-        assert waiting.cancelled_caught  # blocks while nothing happens
+    events: list[agent_pb2.OOMEvent] = []
+
+    async def wait_for_one(agent: Any) -> None:
+        events.append(await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest()))
+
+    # One call waits throughout: a call abandoned by the client would leave its
+    # handler waiting in the agent, and that handler could take the event.
+    async with served(service) as (agent, _), trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_one, agent)
+        await trio.sleep(0.1)
+        assert events == []  # blocks while nothing happens
         (group / "memory.events").write_text("max 3\noom 1\noom_kill 1\n")
         service.sandbox.oom.check("c1")
         with trio.fail_after(5):
-            event = await agent.GetOOMEvent(agent_pb2.GetOOMEventRequest())
-        assert event.container_id == "c1"
+            while not events:
+                await trio.sleep(0.01)
+    assert [event.container_id for event in events] == ["c1"]

@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from agent_proto import agent_pb2, events_pb2, task_pb2, ttrpc_pb2
+from agent_proto import agent_pb2, events_pb2, status_pb2, task_pb2, ttrpc_pb2
 from shim.containerd import serve
 from shim.containerd.events import topic_of
 from shim.errors import HuskError
@@ -28,7 +28,9 @@ from shim.lograte import RateLimit
 from shim.sandbox.sandbox import Sandbox
 from tests.unit.test_task_service import Harness
 from ttrpc import RpcError
+from ttrpc.codes import Code
 from ttrpc.frame import MAX_MESSAGE_SIZE, Frame, FrameReader, MessageType, encode_header
+from ttrpc.status import status_from_exception
 
 REQUEST_TIMEOUT = 1.0
 #: what to send instead of the server's answer to a method: raw bytes on the wire
@@ -239,3 +241,37 @@ def test_the_serving_shims_log_is_rate_limited(tmp_path: Path) -> None:
         for handler in [h for h in root.handlers if h not in before]:
             root.removeHandler(handler)
         root.setLevel(level)
+
+
+def huge_error(original: Frame) -> bytes:
+    """An error status whose message fills the largest frame (~4 MiB)."""
+    message = "A" * (MAX_MESSAGE_SIZE - 64)
+    status = status_pb2.Status(code=Code.INTERNAL, message=message)
+    response = ttrpc_pb2.Response(status=status).SerializeToString()
+    assert len(response) <= MAX_MESSAGE_SIZE
+    return frame(original.stream_id, MessageType.RESPONSE, response)
+
+
+async def test_a_huge_error_from_the_agent_reaches_logs_and_containerd_cut_to_a_few_kib(
+    tmp_path: Path,
+) -> None:
+    collect = Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        async with trio.open_nursery() as nursery:
+            h = TamperingAgent(tmp_path, nursery)
+            await start_pod(h)
+            h.tamper["PauseContainer"] = huge_error
+            with pytest.raises(RpcError) as info:
+                await h.service.Pause(task_pb2.PauseRequest(id="side"), None)
+            del h.tamper["PauseContainer"]
+            await pod_still_works(h)
+            await h.service.teardown()
+            nursery.cancel_scope.cancel()
+    finally:
+        logging.getLogger().removeHandler(collect)
+    sent = status_from_exception(info.value)  # what containerd gets
+    for message in (str(info.value), sent.message):
+        assert len(message.encode()) <= 5 * 1024
+        assert message.startswith("AAAA") and message.endswith(" bytes cut]")
+    assert all(len(r.getMessage()) <= 8 * 1024 for r in collect.records)

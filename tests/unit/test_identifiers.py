@@ -19,3 +19,17 @@ def test_valid_ids_pass(value: str) -> None:
 def test_ids_that_could_leave_a_directory_are_refused(value: str) -> None:
     with pytest.raises(InvalidArgumentError, match="container id"):
         identifiers.validate("container", value)
+
+
+@pytest.mark.parametrize("value", ["abc\n", "a-b\n", "0\n"])
+def test_an_id_with_a_trailing_newline_is_refused(value: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="sandbox id"):
+        identifiers.validate("sandbox", value)
+
+
+def test_the_guest_agent_refuses_an_id_with_a_trailing_newline() -> None:
+    from guest.agent.config import check_id
+
+    assert check_id("container", "abc") == "abc"
+    with pytest.raises(InvalidArgumentError, match="container id"):
+        check_id("container", "abc\n")

@@ -10,10 +10,11 @@ from pathlib import Path
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from guest.agent.metrics import guest_metrics
+from guest.agent.metrics import CPU_MODES, MEMINFO, guest_metrics
 from shim.metrics import exposition, scrape, server
 from shim.metrics.recorder import Histogram
 from shim.metrics.snapshot import (
+    GUEST_FAMILIES,
     ContainerFigures,
     Snapshot,
     guest_samples,
@@ -66,6 +67,48 @@ def test_hostile_guest_text_keeps_only_known_checked_samples() -> None:
     assert [(s.labels, s.value) for s in guest_samples(text)] == [({"kind": "total"}, 1024.0)]
     assert guest_samples("not { prometheus") == []
     assert guest_samples("# TYPE x gauge\n" + "x 1\n" * 100_000) == []
+
+
+def test_a_hostile_scrape_with_invented_label_values_adds_no_series() -> None:
+    honest = (
+        "# TYPE husk_guest_memory_bytes gauge\n"
+        'husk_guest_memory_bytes{kind="total"} 1024\n'
+        "# TYPE husk_guest_cpu_seconds_total counter\n"
+        'husk_guest_cpu_seconds_total{mode="user"} 1.5\n'
+    )
+    hostile = (
+        "# TYPE husk_guest_memory_bytes gauge\n"
+        'husk_guest_memory_bytes{kind="total"} 1024\n'
+        + "".join(f'husk_guest_memory_bytes{{kind="k{i}"}} 1\n' for i in range(200))
+        + "# TYPE husk_guest_cpu_seconds_total counter\n"
+        'husk_guest_cpu_seconds_total{mode="user"} 1.5\n'
+        + "".join(f'husk_guest_cpu_seconds_total{{mode="m{i}"}} 1\n' for i in range(200))
+    )
+    series = {(s.name, tuple(s.labels.items())) for s in guest_samples(hostile)}
+    assert series == {(s.name, tuple(s.labels.items())) for s in guest_samples(honest)}
+    assert len(series) == 2
+
+
+def test_a_series_the_guest_repeats_is_kept_once() -> None:
+    text = (
+        "# TYPE husk_guest_memory_bytes gauge\n"
+        'husk_guest_memory_bytes{kind="total"} 1024\n'
+        'husk_guest_memory_bytes{kind="total"} 2048\n'
+        "# TYPE husk_guest_uptime_seconds gauge\n"
+        "husk_guest_uptime_seconds 5\n"
+        "husk_guest_uptime_seconds 6\n"
+    )
+    kept = [(s.name, s.labels, s.value) for s in guest_samples(text)]
+    assert kept == [
+        ("husk_guest_memory_bytes", {"kind": "total"}, 1024.0),
+        ("husk_guest_uptime_seconds", {}, 5.0),
+    ]
+
+
+def test_the_shim_keeps_exactly_the_kinds_and_modes_the_agent_defines() -> None:
+    allowed = {name: values for name, (_, values) in GUEST_FAMILIES.items()}
+    assert allowed["husk_guest_memory_bytes"] == {"kind": frozenset(MEMINFO.values())}
+    assert allowed["husk_guest_cpu_seconds"] == {"mode": frozenset(CPU_MODES)}
 
 
 def test_vmm_figures_read_proc() -> None:

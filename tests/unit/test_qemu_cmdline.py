@@ -17,8 +17,17 @@ from plugins.qemu.cmdline import (
     kernel_append,
     netdev_options,
 )
+from plugins.qemu.features import parse_properties
 from shim.errors import InvalidArgumentError, NotSupportedError
-from shim.hypervisor import BlockDevice, NetDevice, SharedFsDevice, VmSpec
+from shim.hypervisor import (
+    CLONE,
+    TEMPLATE,
+    BlockDevice,
+    NetDevice,
+    SharedFsDevice,
+    TemplateFiles,
+    VmSpec,
+)
 
 STATE = Path("/run/husk/sb1")
 D = "/run/husk/sb1/qemu"
@@ -255,3 +264,35 @@ def test_guest_onlines_hotplugged_memory_as_movable_without_bounce_buffers() -> 
         "swiotlb=noforce",
     ):
         assert param in BASE_KERNEL_PARAMS.split()
+
+
+def _ram_backend(argv: list[str]) -> str:
+    return next(a for a in argv if a.startswith("memory-backend-file,id=ram0"))
+
+
+def test_a_clone_opens_the_template_memory_read_only_where_qemu_can_map_it_writable() -> None:
+    files = TemplateFiles(memory=Path("/run/husk-template/memory"), state=Path("/s"), role=CLONE)
+    argv = build_argv(spec(template=files), QemuSettings(), VmPaths(Path(D)), readonly_ram=True)
+    assert _ram_backend(argv).endswith(",share=off,readonly=on,rom=off")
+
+
+def test_without_rom_off_a_clone_keeps_its_ram_writable() -> None:
+    # QEMU 7.2: readonly=on would map the guest's RAM read-only (a ROM)
+    files = TemplateFiles(memory=Path("/run/husk-template/memory"), state=Path("/s"), role=CLONE)
+    argv = build_argv(spec(template=files), QemuSettings(), VmPaths(Path(D)), readonly_ram=False)
+    assert _ram_backend(argv).endswith(",share=off")
+
+
+def test_the_template_vm_writes_its_memory_file() -> None:
+    files = TemplateFiles(memory=Path("/run/husk-template/memory"), state=Path("/s"), role=TEMPLATE)
+    argv = build_argv(spec(template=files), QemuSettings(), VmPaths(Path(D)), readonly_ram=True)
+    assert _ram_backend(argv).endswith(",share=on")
+
+
+def test_memory_backend_file_properties_come_from_qemus_help() -> None:
+    qemu_7_2 = (
+        "memory-backend-file options:\n  align=<int>\n  readonly=<bool>\n  share=<bool> - x\n"
+    )
+    qemu_8_2 = qemu_7_2 + "  rom=<OnOffAuto>       - Whether to create Read Only Memory (ROM)\n"
+    assert parse_properties(qemu_7_2) == {"align", "readonly", "share"}
+    assert "rom" in parse_properties(qemu_8_2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,36 @@ def test_bundle_without_config_is_invalid_argument(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps([1]))
     with pytest.raises(Exception, match="not a JSON object"):
         oci.read_bundle_spec(tmp_path)
+
+
+def test_start_refuses_a_pod_sandbox_id_that_would_lead_the_socket_path_elsewhere(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "a" / "state"
+    state_dir.mkdir(parents=True)
+    config = tmp_path / "husk.toml"
+    config.write_text(f'[runtime]\nstate_dir = "{state_dir}"\n')
+    # someone listens where the hostile id leads: <state_dir>/../../elsewhere/x/shim.sock
+    elsewhere = tmp_path / "elsewhere" / "x"
+    elsewhere.mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(elsewhere / "shim.sock"))
+    listener.listen(1)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    annotations = {CONTAINER_TYPE: "container", SANDBOX_ID: "../../elsewhere/x"}
+    (bundle / "config.json").write_text(json.dumps({"annotations": annotations}))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "shim.containerd.main", "-namespace", "k8s.io", "-id", "c1",
+             "-bundle", str(bundle), "start"],
+            cwd=bundle, capture_output=True, stdin=subprocess.DEVNULL, timeout=60,
+            env={"HUSK_CONFIG": str(config), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    finally:
+        listener.close()
+    assert proc.returncode != 0 and proc.stdout == b""
+    message = proc.stderr.decode()
+    assert "\n" not in message.strip() and SANDBOX_ID in message and "invalid" in message
+    assert not (bundle / "address").exists()
+    assert not any(state_dir.iterdir())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,30 @@ def test_the_template_vm_maps_the_ram_file_shared_and_clones_privately(
     t = template(cfg)
     assert t.files.role != TEMPLATE
     assert t.files.memory == t.path / "memory" and t.files.state == t.path / "state"
+
+
+def _with_template_path(cfg: config.Config, path: Path) -> config.Config:
+    factory_section = dataclasses.replace(cfg.factory, template_path=path)
+    return dataclasses.replace(cfg, factory=factory_section)
+
+
+async def test_checking_a_template_keeps_the_mode_of_a_parent_husk_did_not_make(
+    cfg: config.Config, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"  # stands for /run, the default template_path's parent
+    run.mkdir()
+    run.chmod(0o755)
+    t = template(_with_template_path(cfg, run / "husk-template"))
+    made(t)
+    await t.ensure()
+    assert stat.S_IMODE(run.stat().st_mode) == 0o755
+    assert (run / "husk-template.lock").exists()
+
+
+async def test_a_directory_husk_makes_for_the_template_lock_is_private(
+    cfg: config.Config, tmp_path: Path
+) -> None:
+    t = template(_with_template_path(cfg, tmp_path / "new" / "husk-template"))
+    async with t._lock():
+        pass
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700

@@ -14,6 +14,7 @@ from ttrpc import (
     error_from_status,
     status_from_exception,
 )
+from ttrpc.status import MAX_STATUS_MESSAGE, bounded_message
 
 
 def test_husk_error_maps_to_its_class_code_and_message() -> None:
@@ -73,3 +74,13 @@ def test_deadline_status_becomes_deadline_exceeded() -> None:
 def test_unknown_status_code_becomes_unknown() -> None:
     error = error_from_status(status_pb2.Status(code=99, message="what"))
     assert error is not None and error.code is Code.UNKNOWN
+
+
+def test_a_long_status_message_is_cut_on_a_character_and_says_how_much_was_cut() -> None:
+    short = "é" * 10
+    assert bounded_message(short) == short
+    long = "é" * MAX_STATUS_MESSAGE  # 2 bytes each
+    cut = bounded_message(long)
+    assert cut == "é" * (MAX_STATUS_MESSAGE // 2) + f" … [{MAX_STATUS_MESSAGE} bytes cut]"
+    odd = "a" + "é" * MAX_STATUS_MESSAGE  # the limit falls inside a character
+    assert bounded_message(odd).startswith("a" + "é" * (MAX_STATUS_MESSAGE // 2 - 1) + " … [")
