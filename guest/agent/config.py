@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import InvalidArgumentError
+from guest.agent.auth import FW_CFG_SECRET
 from guest.agent.storage import SysfsLayout
 
 KATA_SHARED_DIR = Path("/run/kata-containers/shared/containers")
@@ -39,6 +40,8 @@ class AgentConfig:
     """CopyFile only writes below this directory."""
     resolv_conf: Path = Path("/etc/resolv.conf")
     host_mode: bool = False
+    secret_file: Path = FW_CFG_SECRET
+    """The sandbox's channel secret: a vsock or unix peer must prove it (``guest.agent.auth``)."""
     sysfs: SysfsLayout = field(default_factory=SysfsLayout)
 
     def bundle_dir(self, container_id: str) -> Path:
