@@ -113,7 +113,7 @@ async def test_the_proof_is_compared_in_constant_time(
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(channel_auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr("common.channel_auth.hmac.compare_digest", spy)
     gate = Gate(secret_file(tmp_path), channel_auth.AGENT)
     host, guest = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
