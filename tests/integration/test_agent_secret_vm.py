@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,37 @@ def assert_no_command_line_shows(secret: bytes) -> None:
             assert spelling not in argv, f"pid {proc.name} shows the secret: {argv!r}"
 
 
+#: run as nobody: open each path (a socket is connected to); print what happened to each
+_PROBE = r"""
+import json, socket, sys
+out = {}
+for path in sys.argv[1:]:
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+        except OSError as e:
+            if e.errno != 111 and e.errno != 88:  # not a socket: open it as a file
+                raise
+            open(path, "rb").read(1)
+        out[path] = "reached"
+    except OSError as e:
+        out[path] = e.strerror
+print(json.dumps(out))
+"""
+
+
+def what_nobody_gets(*paths: Path) -> dict[str, str]:
+    """Each path as another host user (``nobody``) tries to reach it: the error, or "reached"."""
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", _PROBE, *map(str, paths)],
+        user=65534, group=65534, capture_output=True, text=True, timeout=30, cwd="/",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out: dict[str, str] = json.loads(result.stdout)
+    return out
+
+
 def assert_root_only(path: Path) -> None:
     info = path.stat()
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == 0
@@ -130,6 +163,12 @@ async def test_the_guest_holds_the_sandbox_secret_and_no_command_line_shows_it(
             assert f"file={secret_file}" in (Path("/proc") / str(hv.pid) / "cmdline").read_text()
             assert_no_command_line_shows(secret)
             assert await guest_secret(hv) == secret.hex()
+            # virtio-serial has no handshake: its sockets are reachable by root alone
+            paths = hv.paths
+            sockets = (paths.agent, paths.debug_console, paths.qmp, paths.console, secret_file)
+            assert all(p.exists() for p in sockets)
+            got = await trio.to_thread.run_sync(lambda: what_nobody_gets(*sockets))
+            assert set(got.values()) == {"Permission denied"}, got
         finally:
             with trio.CancelScope(shield=True):
                 await hv.destroy()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from common import channel_auth
 from shim.agent import transport
@@ -81,7 +82,9 @@ def hybrid_vmm(reply: bytes, seen: list[bytes], secret: Path | None = None) -> H
             await stream.send_all(reply)
             if secret is not None:
                 key = channel_auth.read_secret(secret)
-                assert await channel_auth.admit(stream, key, channel_auth.AGENT)
+                if not await channel_auth.admit(stream, key, channel_auth.AGENT):
+                    await stream.aclose()  # refused: closed without a word
+                    return
             await echo(stream)
         await stream.aclose()
 
@@ -140,3 +143,45 @@ async def test_vsock_opens_an_af_vsock_socket_to_the_cid_and_port(
     with pytest.raises(transport.AgentUnreachableError):
         await transport.connect(VsockEndpoint(7, 1024, secret_file(tmp_path)), timeout=0.1)
     assert seen and seen[0] == (socket.AF_VSOCK, socket.SOCK_STREAM)
+
+
+def test_a_record_names_the_secret_file_never_its_bytes(tmp_path: Path) -> None:
+    secret = secret_file(tmp_path)
+    endpoint = VsockEndpoint(7, 1026, secret)
+    record = transport.endpoint_record(endpoint)
+    assert record == {"kind": "vsock", "cid": 7, "port": 1026, "secret_file": str(secret)}
+    assert channel_auth.read_secret(secret).hex() not in repr(record)
+    assert transport.endpoint_from_record(record) == endpoint
+    hybrid = HybridVsockEndpoint(tmp_path / "h.sock", 1024, secret)
+    assert transport.endpoint_from_record(transport.endpoint_record(hybrid)) == hybrid
+
+
+async def test_a_vsock_endpoint_without_a_readable_secret_fails_at_once(tmp_path: Path) -> None:
+    with pytest.raises(transport.HandshakeError, match="names no secret file"):
+        await transport.connect(VsockEndpoint(7, 1024), timeout=5)
+    with pytest.raises(transport.HandshakeError, match="cannot read the channel secret"):
+        await transport.connect(VsockEndpoint(7, 1024, tmp_path / "gone"), timeout=5)
+
+
+async def test_a_guest_that_refuses_the_secret_fails_at_once_naming_the_endpoint(
+    tmp_path: Path,
+) -> None:
+    path, secret = tmp_path / "hvsock", secret_file(tmp_path)
+    other = tmp_path / "other"
+    channel_auth.write_secret(other)
+    async with trio.open_nursery() as nursery:
+        await unix_server(path, hybrid_vmm(b"OK 1\n", [], other), nursery)
+        with pytest.raises(transport.HandshakeError, match=r"hybrid vsock .* refused this sandbox"):
+            await transport.connect(HybridVsockEndpoint(path, 1024, secret), timeout=5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_guest_without_the_handshake_is_named_an_old_image(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "hvsock"
+    async with trio.open_nursery() as nursery:
+        await unix_server(path, hybrid_vmm(b"OK 1\n", []), nursery)  # then echo: no challenge
+        with pytest.raises(transport.HandshakeError, match="older than this shim"):
+            await transport.connect(HybridVsockEndpoint(path, 1024, secret_file(tmp_path)), 60)
+        nursery.cancel_scope.cancel()
