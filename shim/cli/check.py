@@ -59,12 +59,12 @@ def probe(config: Config, host: HostFacts, run: Runner = run_version) -> list[Fi
             host.vhost_vsock,
             "present: the agent can use vsock"
             if host.vhost_vsock
-            else "missing (/dev/vhost-vsock): the agent will use virtio-serial",
+            else f"missing (/dev/vhost-vsock): the agent will use {config.agent.transport}",
         ),
     ]
     findings += _qemu_findings(config, run)
     findings.append(_virtiofsd_finding(config))
-    findings.append(_binary_finding("cloud-hypervisor", config, run))
+    findings.append(_vmm_finding("cloud-hypervisor", config, host, run))
     findings.append(_containerd_finding(run))
     findings.append(_image_finding(config))
     findings.append(_sandbox_finding(config, host))
@@ -105,13 +105,23 @@ def _virtiofsd_finding(config: Config) -> Finding:
     return Finding("virtiofsd", False, 'not found: shared_fs = "virtio-fs" is unavailable')
 
 
-def _binary_finding(name: str, config: Config, run: Runner) -> Finding:
+def _vmm_finding(name: str, config: Config, host: HostFacts, run: Runner) -> Finding:
+    """A VMM other than the selected one: its binary's version, and what else this host
+    lacks for it (KVM, helpers), as its plugin says; the guest image has its own line."""
     section = config.hypervisors.get(name)
     binary = str(section["path"]) if section else name
     out = run([binary, "--version"])
-    if out is None:
-        return Finding(name, False, f"{binary} not found")
-    return Finding(name, True, f"{binary}, version {_first_version(out)}")
+    lacks = []
+    if section is not None:
+        lacks = [
+            p
+            for p in registry.lookup(name).unmet_requirements(section, host)
+            if "(key 'path')" not in p and not p.startswith("guest ")
+        ]
+    found = f"{binary}, version {_first_version(out)}" if out is not None else f"{binary} not found"
+    if lacks:
+        found += "; no sandbox can start with it here: " + "; ".join(lacks)
+    return Finding(name, out is not None and not lacks, found)
 
 
 def _containerd_finding(run: Runner) -> Finding:

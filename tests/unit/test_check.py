@@ -93,17 +93,58 @@ def test_json_report_carries_overall_verdict(tmp_path: Path, tcg_host: HostFacts
 
 def test_a_plugin_without_a_driver_cannot_start_even_on_a_kvm_host(tmp_path: Path) -> None:
     kvm = HostFacts(kvm_device=True, kvm_hardware=True, vhost_vsock=True)
-    path = tmp_path / "ch.toml"
+    path = tmp_path / "builtin.toml"
     path.write_text(
-        '[runtime]\nhypervisor = "cloud-hypervisor"\n'
-        f'[hypervisor.cloud-hypervisor]\npath = "{sys.executable}"\n'
-        f'kernel = "{sys.executable}"\ninitrd = "{sys.executable}"\n'
+        '[runtime]\nhypervisor = "builtin"\n'
+        f'[hypervisor.builtin]\nkernel = "{sys.executable}"\ninitrd = "{sys.executable}"\n'
     )
     cfg = config.load(path, host=kvm)
     findings = check.probe(cfg, kvm, fake_runner(QEMU_OK))
     sandbox = next(f for f in findings if f.name == "sandbox")
     assert not check.can_start(findings)
     assert sandbox.detail == (
-        "cannot start: hypervisor 'cloud-hypervisor' does not support starting a sandbox: "
-        "no driver for Cloud Hypervisor exists yet"
+        "cannot start: hypervisor 'builtin' does not support starting a sandbox: "
+        "no driver for the built-in VMM exists yet"
+    )
+
+
+def cloud_hypervisor_config(tmp_path: Path, host: HostFacts) -> config.Config:
+    path = tmp_path / "ch.toml"
+    path.write_text(
+        '[runtime]\nhypervisor = "cloud-hypervisor"\n'
+        f'[hypervisor.cloud-hypervisor]\npath = "{sys.executable}"\n'
+        f'kernel = "{sys.executable}"\ninitrd = "{sys.executable}"\n'
+        f'virtiofsd = "{sys.executable}"\n'
+    )
+    return config.load(path, host=host)
+
+
+def test_cloud_hypervisor_can_start_on_a_kvm_host_with_its_binaries(tmp_path: Path) -> None:
+    kvm = HostFacts(kvm_device=True, kvm_hardware=True, vhost_vsock=False)
+    cfg = cloud_hypervisor_config(tmp_path, kvm)
+    ch_ok = {**QEMU_OK, Path(sys.executable).name: "cloud-hypervisor v48.0.0\n"}
+    by_name = {f.name: f for f in check.probe(cfg, kvm, fake_runner(ch_ok))}
+    assert by_name["sandbox"].ok
+    assert by_name["sandbox"].detail.endswith("agent over hybrid-vsock")
+    assert by_name["cloud-hypervisor"].detail == f"{sys.executable}, version 48.0.0"
+
+
+def test_cloud_hypervisor_without_hardware_kvm_cannot_start_and_check_says_why(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    cfg = cloud_hypervisor_config(tmp_path, tcg_host)
+    findings = check.probe(cfg, tcg_host, fake_runner(QEMU_OK))
+    by_name = {f.name: f for f in findings}
+    assert not check.can_start(findings)
+    assert by_name["sandbox"].detail == (
+        "cannot start: Cloud Hypervisor needs hardware KVM: /dev/kvm is there but the CPU "
+        "reports no hardware virtualisation (vmx/svm)"
+    )
+    assert by_name["vhost-vsock"].detail == (
+        "missing (/dev/vhost-vsock): the agent will use hybrid-vsock"
+    )
+    assert not by_name["cloud-hypervisor"].ok
+    assert by_name["cloud-hypervisor"].detail.endswith(
+        "no sandbox can start with it here: Cloud Hypervisor needs hardware KVM: /dev/kvm is "
+        "there but the CPU reports no hardware virtualisation (vmx/svm)"
     )

@@ -176,10 +176,11 @@ def test_default_file_lists_every_declared_key() -> None:
 
 def test_default_file_has_sections_only_for_plugins_with_a_driver() -> None:
     raw = tomllib.loads((ROOT / "configuration.toml").read_text())
-    assert set(raw["hypervisor"]) == {"qemu"}
-    for name in ("cloud-hypervisor", "builtin"):
-        with pytest.raises(NotSupportedError, match="driver"):
-            registry.lookup(name).create({})
+    assert set(raw["hypervisor"]) == {"qemu", "cloud-hypervisor"}
+    declared = {k.name for k in registry.lookup("cloud-hypervisor").keys}
+    assert set(raw["hypervisor"]["cloud-hypervisor"]) == declared
+    with pytest.raises(NotSupportedError, match="driver"):
+        registry.lookup("builtin").create({})
 
 
 def test_a_shared_fs_the_plugin_cannot_serve_fails_at_load(
@@ -202,8 +203,9 @@ def test_default_file_states_every_default() -> None:
         assert raw["agent"]["husk"][key.name] == key.default, key.name
     for key in config.FACTORY_KEYS:
         assert raw["factory"][key.name] == key.default, key.name
-    for key in registry.lookup("qemu").keys:
-        assert raw["hypervisor"]["qemu"][key.name] == key.default, key.name
+    for name in ("qemu", "cloud-hypervisor"):
+        for key in registry.lookup(name).keys:
+            assert raw["hypervisor"][name][key.name] == key.default, f"{name}: {key.name}"
 
 
 def test_effective_config_renders_as_toml_that_loads_again(
