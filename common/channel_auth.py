@@ -47,6 +47,9 @@ RESPONSE_SIZE = len(MAGIC) + 1 + MAC_SIZE
 ACCEPTED = b"\x01"
 #: seconds a peer has for its part of the handshake
 TIMEOUT = 5.0
+#: where a VMM without fw_cfg (Cloud Hypervisor) puts the secret: an SMBIOS type 11
+#: (OEM strings) entry ``io.husk.agent-secret=<64 hex digits>``, given over its root-only API
+SMBIOS_OEM_PREFIX = "io.husk.agent-secret="
 
 
 class AuthenticationError(HuskError):

@@ -5,8 +5,10 @@ first pass :func:`common.channel_auth.admit` with the sandbox's secret. The
 secret is read afresh for each connection: in a VM it is the ``fw_cfg`` file
 QEMU was started with, so a clone of a VM template, whose QEMU carries the
 clone's own file, answers only the clone's secret and never the template's
-(``fw_cfg`` contents are not part of a migration stream). A guest without a
-secret refuses every such connection: it fails closed.
+(``fw_cfg`` contents are not part of a migration stream). Under a VMM without
+fw_cfg (Cloud Hypervisor) it is an SMBIOS OEM string, read from the raw DMI
+table (root-only in sysfs, as the fw_cfg file is). A guest without a secret
+refuses every such connection: it fails closed.
 
 virtio-serial needs no handshake: its host end is QEMU's unix socket in the
 sandbox's root-only state dir, so only root on the host reaches it.
@@ -30,6 +32,10 @@ log = logging.getLogger("husk.agent.auth")
 #: where the guest kernel (``qemu_fw_cfg``) shows the file QEMU got with
 #: ``-fw_cfg name=opt/io.husk/agent-secret,file=...``
 FW_CFG_SECRET = Path("/sys/firmware/qemu_fw_cfg/by_name/opt/io.husk/agent-secret/raw")
+#: the firmware's whole SMBIOS table, as the kernel found it (CONFIG_DMI, no module)
+SMBIOS_TABLE = Path("/sys/firmware/dmi/tables/DMI")
+_SMBIOS_OEM_STRINGS = 11
+_SMBIOS_END = 127
 #: refusals logged per window; the rest are counted and summed up in the next line
 LOG_BURST = 5
 LOG_INTERVAL = 60.0
@@ -63,6 +69,58 @@ class RefusalLog:
         dropped, self.dropped = self.dropped, 0
         more = f" ({dropped} more refused since the last line)" if dropped else ""
         log.warning("%s: refused a connection from %s: %s%s", what, peer, reason, more)
+
+
+def smbios_oem_strings(table: bytes) -> list[bytes]:
+    """Every string of every type 11 (OEM strings) structure in a raw SMBIOS table."""
+    found: list[bytes] = []
+    offset = 0
+    while offset + 4 <= len(table):
+        kind, length = table[offset], table[offset + 1]
+        if length < 4:
+            break  # a malformed structure: nothing after it can be trusted to line up
+        strings_at = offset + length
+        end = table.find(b"\0\0", strings_at)
+        if end < 0:
+            break
+        if kind == _SMBIOS_OEM_STRINGS:
+            found += [s for s in table[strings_at:end].split(b"\0") if s]
+        if kind == _SMBIOS_END:
+            break
+        offset = end + 2
+    return found
+
+
+def read_smbios_secret(table: Path = SMBIOS_TABLE) -> bytes:
+    """The secret a VMM put in an SMBIOS OEM string; AuthenticationError if there is none."""
+    try:
+        data = table.read_bytes()
+    except OSError as e:
+        raise AuthenticationError(f"cannot read the SMBIOS table {table}: {e.strerror}") from None
+    prefix = channel_auth.SMBIOS_OEM_PREFIX.encode()
+    for string in smbios_oem_strings(data):
+        if string.startswith(prefix):
+            try:
+                secret = bytes.fromhex(string[len(prefix) :].decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                break
+            if len(secret) == channel_auth.SECRET_SIZE:
+                return secret
+            break
+    raise AuthenticationError(f"no well-formed {channel_auth.SMBIOS_OEM_PREFIX} OEM string")
+
+
+def read_guest_secret(secret_file: Path) -> bytes:
+    """The sandbox's secret: ``secret_file``; for the VM's default path, SMBIOS without fw_cfg."""
+    try:
+        return channel_auth.read_secret(secret_file)
+    except AuthenticationError as e:
+        if secret_file != FW_CFG_SECRET:
+            raise
+        try:
+            return read_smbios_secret(SMBIOS_TABLE)
+        except AuthenticationError as smbios:
+            raise AuthenticationError(f"{e}; and {smbios} in {SMBIOS_TABLE}") from None
 
 
 def describe_peer(stream: trio.abc.Stream) -> str:
@@ -99,7 +157,7 @@ class Gate:
     def check(self) -> bool:
         """Whether a secret is there now; says once, in one line, what follows if not."""
         try:
-            channel_auth.read_secret(self.secret_file)
+            read_guest_secret(self.secret_file)
         except AuthenticationError as e:
             log.error("%s: %s; every vsock and unix connection is refused", self.what, e)
             return False
@@ -108,7 +166,7 @@ class Gate:
     async def __call__(self, stream: trio.abc.Stream) -> bool:
         """Run the handshake on a new connection; False: close it unserved."""
         try:
-            secret = channel_auth.read_secret(self.secret_file)
+            secret = read_guest_secret(self.secret_file)
         except AuthenticationError as e:
             self.refusals.refused(self.what, describe_peer(stream), str(e))
             return False

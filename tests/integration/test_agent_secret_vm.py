@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from common.channel_auth import SMBIOS_OEM_PREFIX
 from guest.agent.auth import FW_CFG_SECRET
 from plugins.qemu.driver import QemuHypervisor
 from shim.agent.transport import connect
@@ -32,6 +33,7 @@ from shim.hypervisor import CLONE, TEMPLATE, TemplateFiles
 from shim.sandbox.factory import DEBUG_CONSOLE_PARAM
 from tests.integration.test_qemu_vm import (
     AGENT_MARKER,
+    QEMU,
     agent_answers,
     driver,
     image,
@@ -50,7 +52,24 @@ pytestmark = pytest.mark.integration
 CONSOLE = {"debug_console": True, "kernel_params": DEBUG_CONSOLE_PARAM}
 
 
-async def guest_secret(hv: QemuHypervisor, attempts: int = 3) -> str:
+#: the shell line that prints the guest's secret as the agent reads it (fw_cfg, else SMBIOS)
+AGENTS_VIEW = (
+    "echo SECRET=$(PYTHONPATH=/usr/lib/husk python3 -c 'from guest.agent.auth import *; "
+    "print(read_guest_secret(FW_CFG_SECRET).hex())')\n"
+)
+#: QEMU as a VMM without fw_cfg: the secret becomes an SMBIOS OEM string, as Cloud
+#: Hypervisor gives it (this test's QEMU argv then shows it: only the guest's reader is tested)
+SMBIOS_QEMU = f"""#!/usr/bin/python3
+import os, sys
+argv = sys.argv[1:]
+at = argv.index("-fw_cfg")
+secret = open(argv[at + 1].split("file=", 1)[1], "rb").read().hex()
+del argv[at : at + 2]
+os.execv("{QEMU}", ["{QEMU}", *argv, "-smbios", "type=11,value={SMBIOS_OEM_PREFIX}" + secret])
+"""
+
+
+async def guest_secret(hv: QemuHypervisor, attempts: int = 3, line: str = "") -> str:
     """The secret the guest's fw_cfg holds, in hex, read by a shell on the debug console.
 
     virtio-serial drops what the host sends while the guest has its port closed
@@ -58,18 +77,19 @@ async def guest_secret(hv: QemuHypervisor, attempts: int = 3) -> str:
     """
     for _ in range(attempts - 1):
         try:
-            return await _guest_secret(hv)
+            return await _guest_secret(hv, line)
         except DeadlineExceededError:
             continue
-    return await _guest_secret(hv)
+    return await _guest_secret(hv, line)
 
 
-async def _guest_secret(hv: QemuHypervisor) -> str:
+async def _guest_secret(hv: QemuHypervisor, line: str) -> str:
     endpoint = hv.debug_console_endpoint()
     assert endpoint is not None
     keyboard_r, keyboard_w = os.pipe()
     screen_r, screen_w = os.pipe()
-    os.write(keyboard_w, f"echo SECRET=$(od -An -tx1 -v {FW_CFG_SECRET} | tr -d ' \\n')\n".encode())
+    line = line or f"echo SECRET=$(od -An -tx1 -v {FW_CFG_SECRET} | tr -d ' \\n')\n"
+    os.write(keyboard_w, line.encode())
     os.write(keyboard_w, b"exit 0\n")
     try:
         stream = await connect(endpoint, 30)
@@ -221,3 +241,26 @@ async def test_a_clone_holds_its_own_secret_never_its_templates(
                 await clone.destroy()
             nursery.cancel_scope.cancel()
     assert not qemu_pids(workdir)
+
+
+async def test_without_fw_cfg_the_agent_reads_the_secret_from_an_smbios_oem_string(
+    workdir: Path, image: tuple[Path, Path]
+) -> None:
+    """Cloud Hypervisor's way (no KVM here to run it): the guest's reader on a real kernel."""
+    qemu = workdir / "qemu-smbios"
+    qemu.write_text(SMBIOS_QEMU)
+    qemu.chmod(0o700)
+    hv = driver(path=str(qemu))
+    await hv.prepare(spec_for(workdir, image, **CONSOLE))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tap_console, hv)
+        try:
+            await hv.start(30)
+            assert await agent_answers(hv, 60)
+            assert "-fw_cfg" not in (Path("/proc") / str(hv.pid) / "cmdline").read_text()
+            secret = hv.paths.agent_secret.read_bytes()
+            assert await guest_secret(hv, line=AGENTS_VIEW) == secret.hex()
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.destroy()
+            nursery.cancel_scope.cancel()

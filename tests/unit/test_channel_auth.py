@@ -15,8 +15,8 @@ import trio.testing
 
 from common import channel_auth
 from common.channel_auth import AuthenticationError
-from guest.agent import build_server
-from guest.agent.auth import Gate, RefusalLog
+from guest.agent import auth, build_server
+from guest.agent.auth import Gate, RefusalLog, read_guest_secret, smbios_oem_strings
 from guest.agent.config import AgentConfig
 from guest.agent.network import Network
 from guest.agent.reaper import Reaper
@@ -248,3 +248,42 @@ async def test_shutdown_cancels_a_handshake_in_progress(tmp_path: Path) -> None:
 def build_server_for_test(tmp_path: Path) -> Server:
     config = AgentConfig(state_dir=tmp_path / "state", host_mode=True)
     return build_server(AgentService(Sandbox(config, Reaper()), Network()))
+
+
+def smbios_structure(kind: int, formatted: bytes, *strings: bytes) -> bytes:
+    header = bytes([kind, 4 + len(formatted)]) + b"\x00\x10" + formatted
+    return header + (b"\0".join(strings) + b"\0\0" if strings else b"\0\0")
+
+
+def smbios_table(*oem: bytes) -> bytes:
+    return (
+        smbios_structure(0, b"\x01\x02", b"vendor", b"1.0")
+        + smbios_structure(11, bytes([len(oem)]), *oem)
+        + smbios_structure(1, b"\x01", b"husk")
+        + smbios_structure(127, b"")
+    )
+
+
+def test_oem_strings_are_found_among_the_smbios_structures() -> None:
+    table = smbios_table(b"a=1", b"io.husk.agent-secret=" + SECRET.hex().encode())
+    assert smbios_oem_strings(table) == [b"a=1", b"io.husk.agent-secret=" + SECRET.hex().encode()]
+    assert smbios_oem_strings(b"\x0b\x02garbage") == []  # a length below 4: stop, no crash
+    assert smbios_oem_strings(table[:20]) == []  # cut short: what is whole, nothing else
+
+
+def test_without_fw_cfg_the_guest_takes_the_smbios_oem_string(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cloud Hypervisor has no fw_cfg: its secret comes as an SMBIOS type 11 string."""
+    table = tmp_path / "DMI"
+    monkeypatch.setattr(auth, "FW_CFG_SECRET", tmp_path / "no-fw-cfg")
+    monkeypatch.setattr(auth, "SMBIOS_TABLE", table)
+    table.write_bytes(smbios_table(b"io.husk.agent-secret=" + SECRET.hex().encode()))
+    assert read_guest_secret(tmp_path / "no-fw-cfg") == SECRET
+    for bad in (b"io.husk.agent-secret=" + b"zz" * 32, b"io.husk.agent-secret=abcd", b"x=1"):
+        table.write_bytes(smbios_table(bad))
+        with pytest.raises(AuthenticationError, match=r"no well-formed io\.husk\.agent-secret="):
+            read_guest_secret(tmp_path / "no-fw-cfg")
+    # a host-mode agent's own file never falls back
+    with pytest.raises(AuthenticationError, match="cannot read the channel secret"):
+        read_guest_secret(tmp_path / "other")
