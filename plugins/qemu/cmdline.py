@@ -45,6 +45,9 @@ AGENT_PORT = "agent.channel.0"
 SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 #: the virtio-serial port of the guest's debug console (``common.console``)
 DEBUG_CONSOLE_PORT = "console.channel.0"
+#: the fw_cfg file that carries the sandbox's channel secret into the guest (the agent
+#: reads it from /sys/firmware/qemu_fw_cfg/by_name/<name>/raw); only its path is in argv
+SECRET_FW_CFG_NAME = "opt/io.husk/agent-secret"
 #: the memory backend of a template's (or a clone's) RAM
 TEMPLATE_RAM = "ram0"
 #: sun_path is 108 bytes, NUL included
@@ -143,6 +146,11 @@ class VmPaths:
         return self.dir / "console.sock"
 
     @property
+    def agent_secret(self) -> Path:
+        """The sandbox's channel secret (0600): QEMU reads it into the guest's fw_cfg."""
+        return self.dir / "agent.secret"
+
+    @property
     def log(self) -> Path:
         """QEMU's own stderr (and ``-d`` log), rotated into ``log_rotated`` at its cap."""
         return self.dir / "qemu.log"
@@ -215,6 +223,8 @@ def build_argv(
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     argv += ["-append", kernel_append(spec, settings)]
+    # the secret by file: its bytes never appear in argv or on the kernel command line
+    argv += ["-fw_cfg", f"name={SECRET_FW_CFG_NAME},file={_opt(paths.agent_secret)}"]
     if settings.seccomp_sandbox:
         argv += ["-sandbox", _seccomp(settings)]
     if settings.run_as:
