@@ -204,6 +204,32 @@ def holders(record_path: Path) -> list[int]:
     ]
 
 
+def orphans() -> list[tuple[int, Path]]:
+    """Sealed holders whose record no longer names them (pid, record), for ``husk cleanup``.
+
+    Such a holder exits by itself within ``POLL_SECONDS``; one that has not is
+    stuck. An unsealed holder belongs to a template being made (it exits when
+    its maker lets go) and is never an orphan.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            sealed = os.readlink(f"/proc/{pid}/fd/0") == os.devnull
+        except OSError:
+            continue
+        if len(argv) < 5 or not argv[3].endswith(_SCRIPT) or not sealed:
+            continue
+        record_path = Path(os.fsdecode(argv[4]))
+        named = Record.load(record_path)
+        if named is None or named.pid != pid:
+            found.append((pid, record_path))
+    return found
+
+
 # --- the holder process ------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,3 +158,22 @@ def test_a_memfd_of_another_size_is_not_the_templates_ram(record_path: Path) -> 
     assert ram_holder.problem(holder.record, SIZE * 2) == (
         f"the template's RAM is {SIZE} bytes, not {SIZE * 2}"
     )
+
+
+def test_a_sealed_holder_its_record_forgot_is_an_orphan_an_unsealed_one_never(
+    record_path: Path, tmp_path: Path
+) -> None:
+    making = started(tmp_path / "making.json")  # a template being made: unsealed
+    making_path = tmp_path / "making.json"
+    making_path.unlink()
+    holder = started(record_path)
+    holder.seal()
+    try:
+        assert (holder.record.pid, record_path) not in ram_holder.orphans()
+        os.kill(holder.record.pid, signal.SIGSTOP)  # stuck: it cannot notice by itself
+        record_path.write_text(ram_holder.Record(1, 1, 1).dump())  # names another process
+        orphans = ram_holder.orphans()
+        assert (holder.record.pid, record_path) in orphans
+        assert all(pid != making.record.pid for pid, _ in orphans)
+    finally:
+        making.close()
