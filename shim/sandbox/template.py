@@ -185,8 +185,8 @@ class VmTemplate:
     async def ensure(self) -> TemplateFiles:
         """The template's files, making the template first if it is missing or stale.
 
-        A template that was made and has since been damaged (its files deleted or
-        truncated under it) is not made again here: this start raises
+        A template that was made and has since been damaged (its files deleted, its
+        RAM's holder killed) is not made again here: this start raises
         TemplateError and boots cold, and the damaged files are cleared so the
         next start makes a fresh template.
         """

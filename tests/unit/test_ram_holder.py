@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from shim.cli.main import main
 from shim.sandbox import cleanup, ram_holder
 
 SIZE = 4 << 20
@@ -177,3 +178,23 @@ def test_a_sealed_holder_its_record_forgot_is_an_orphan_an_unsealed_one_never(
         assert all(pid != making.record.pid for pid, _ in orphans)
     finally:
         making.close()
+
+
+def test_husk_cleanup_kills_a_stuck_holder_its_record_forgot(
+    record_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    holder = started(record_path)
+    holder.seal()
+    os.kill(holder.record.pid, signal.SIGSTOP)
+    record_path.unlink()
+    cfg = tmp_path / "husk.toml"
+    cfg.write_text(f'[runtime]\nstate_dir = "{tmp_path}/state"\n')
+    assert main(["--config", str(cfg), "cleanup", "--dry-run"]) == 0
+    assert holder.record.alive()
+    assert main(["--config", str(cfg), "cleanup"]) == 0
+    assert not holder.record.alive()
+    out = capsys.readouterr().out
+    assert (
+        f"orphan: template RAM holder {holder.record.pid} ({record_path} does not name it)" in out
+    )
+    assert f"reclaimed: template RAM holder {holder.record.pid}" in out
