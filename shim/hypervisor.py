@@ -163,13 +163,15 @@ TEMPLATE, CLONE = "template", "clone"
 
 @dataclass(frozen=True)
 class TemplateFiles:
-    """A VM template: the guest's RAM in a file (on tmpfs) and its device state.
+    """A VM template: the guest's RAM in a file and its device state.
 
     A ``template`` VM boots with its RAM in ``memory`` (shared: the file is the
     RAM) and ``save_template`` writes only its device state to ``state``. A
     ``clone`` maps ``memory`` privately, copy-on-write, and loads ``state``:
     clones share every page none of them has written, and start in a fraction
-    of a boot. Both files are immutable once the template is saved.
+    of a boot. Both are immutable once the template is saved: ``memory`` is a
+    memfd (``/proc/<holder>/fd/<n>``) sealed against writes, which a clone may
+    open read-write and map privately but never write through.
     """
 
     memory: Path

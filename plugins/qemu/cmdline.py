@@ -328,16 +328,19 @@ def _memory_backend_option(spec: VmSpec) -> str:
 
 
 def template_memory_args(spec: VmSpec, readonly_ram: bool = False) -> list[str]:
-    """The guest's RAM as the template's file: the file itself for the template
-    (``share=on``: the RAM is the file), a private copy-on-write mapping of it
-    for a clone (``share=off``), so clones share every page none has written.
+    """The guest's RAM as the template's memory: the memory itself for the
+    template (``share=on``: the RAM is the memfd), a private copy-on-write
+    mapping of it for a clone (``share=off``), so clones share every page none
+    has written.
 
-    A clone never needs to write the file, and one whose QEMU a guest takes
-    over must not be able to (every later clone starts from it). Where QEMU
-    can (8.2: ``readonly_ram``), the clone opens it O_RDONLY and still maps it
-    writable and private (``readonly=on,rom=off``). QEMU 7.2 cannot: it opens
-    ``mem-path`` O_RDWR unless ``readonly=on``, which also maps the RAM
-    read-only (the guest's RAM becomes a ROM and it cannot run).
+    A clone never needs to write it, and one whose QEMU a guest takes over
+    must not be able to (every later clone starts from it). ``mem-path`` is a
+    memfd sealed against writes once the template is saved
+    (``shim.sandbox.ram_holder``): QEMU 7.2 opens it O_RDWR (it does unless
+    ``readonly=on``, which also maps the RAM read-only: a ROM the guest cannot
+    run on), but every write through that fd fails. Where QEMU can (8.2:
+    ``readonly_ram``), the clone also opens it O_RDONLY and still maps it
+    writable and private (``readonly=on,rom=off``).
     """
     template = spec.template
     if template is None:

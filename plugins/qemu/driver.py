@@ -359,7 +359,7 @@ class QemuHypervisor(Hypervisor):
         if not readonly:
             log.debug(
                 "%s has no memory-backend-file rom=off (QEMU 8.2): the clone opens the "
-                "template's RAM file read-write",
+                "template's RAM read-write (its write seals refuse every write)",
                 self.settings.binary,
             )
         return readonly
