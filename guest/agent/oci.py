@@ -17,7 +17,8 @@ the container runs inside the VM:
 - the ``solaris`` and ``windows`` sections.
 
 And what runc needs is filled in: ``root.path`` (where the agent put the
-rootfs), a ``mount`` namespace, ``PATH`` in the environment, ``cwd``,
+rootfs), a ``mount`` namespace, a ``cgroup`` namespace unless the container is
+privileged (see :func:`_cgroup_namespace`), ``PATH`` in the environment, ``cwd``,
 ``user.uid``/``gid``, ``ociVersion``, device rules' ``type``/``access``, and
 ``process.oomScoreAdj`` (0 unless the spec says otherwise): the agent runs with
 -1000 to stay out of the OOM killer's reach, and a process left to inherit
@@ -69,7 +70,7 @@ def runc_config(
     config["process"] = process_config(spec.Process, terminal=terminal)
     config["root"] = {**config.get("root", {}), "path": root_path}
     config["mounts"] = [_mount(m) for m in config.get("mounts", [])]
-    config["linux"] = _linux(config.get("linux", {}), cgroups_path)
+    config["linux"] = _linux(config.get("linux", {}), cgroups_path, config["mounts"])
     return config
 
 
@@ -100,10 +101,12 @@ def _mount(mount: Json) -> Json:
     return mount
 
 
-def _linux(linux: Json, cgroups_path: str) -> Json:
+def _linux(linux: Json, cgroups_path: str, mounts: list[Json]) -> Json:
     for key in ("mountLabel", "intelRdt"):
         linux.pop(key, None)
     linux["namespaces"] = _namespaces(linux.get("namespaces", []))
+    if _cgroup_namespace(mounts) and {"type": "cgroup"} not in linux["namespaces"]:
+        linux["namespaces"].append({"type": "cgroup"})
     linux["cgroupsPath"] = cgroups_path
     resources = _resources(linux.pop("resources", {}))
     if resources:
@@ -120,6 +123,22 @@ def _namespaces(namespaces: list[Json]) -> list[Json]:
         # runc cannot set up a rootfs without its own mount namespace.
         kinds.insert(0, "mount")
     return [{"type": kind} for kind in dict.fromkeys(kinds)]
+
+
+def _cgroup_namespace(mounts: list[Json]) -> bool:
+    """Whether the container gets its own cgroup namespace: containerd's rule on cgroup v2.
+
+    The guest is always cgroup v2, whatever the host runs. containerd's CRI
+    gives every container but a privileged one a cgroup namespace on a v2
+    host, and leaves it out on a v1 host for all of them; so a spec from a v1
+    host says nothing about what the guest should do. With the namespace a
+    ``cgroup`` mount at ``/sys/fs/cgroup`` shows the container's own cgroup
+    (``memory.max``, ``cpu.max``, ...) and ``/proc/self/cgroup`` reads ``0::/``,
+    as runc shows it on a v2 host. A privileged spec is the one containerd left
+    ``/sys`` writable in (``oci.WithPrivileged`` → ``WithWriteableSysfs``); it
+    keeps the guest's cgroup namespace, as under runc.
+    """
+    return not any(m.get("type") == "sysfs" and "ro" not in m.get("options", []) for m in mounts)
 
 
 def _resources(resources: Json) -> Json:

@@ -89,7 +89,7 @@ def test_full_spec_converts_the_fields_that_matter() -> None:
     assert config["annotations"] == {"io.kubernetes.cri.container-type": "container"}
     linux = config["linux"]
     # The VM's network is shared; host namespace paths mean nothing in the guest.
-    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     assert linux["cgroupsPath"] == "/husk/c1"
     assert linux["sysctl"] == {"net.ipv4.ip_forward": "1"}
     assert linux["maskedPaths"] == ["/proc/kcore"]
@@ -119,9 +119,43 @@ def test_minimal_spec_gets_defaults_and_a_mount_namespace() -> None:
     assert config["process"]["cwd"] == "/"
     assert config["process"]["env"] == [DEFAULT_PATH_ENV]
     assert config["process"]["terminal"] is False
-    assert config["linux"]["namespaces"] == [{"type": "mount"}]
+    assert config["linux"]["namespaces"] == [{"type": "mount"}, {"type": "cgroup"}]
     assert "resources" not in config["linux"]
     assert "seccomp" not in config["linux"]
+
+
+def cgroup_namespaces(spec: oci_pb2.Spec) -> list[dict[str, str]]:
+    config = runc_config(spec, root_path="/r", cgroups_path="/husk/x")
+    return [ns for ns in config["linux"]["namespaces"] if ns["type"] == "cgroup"]
+
+
+def test_a_container_from_a_cgroup_v1_host_gets_the_cgroup_namespace_v2_would_give() -> None:
+    # containerd on a v1 host asks for no cgroup namespace; the guest is v2, where
+    # CRI gives one to every unprivileged container, so its cgroup mount shows its own
+    spec = spec_from_json(ctr_run_spec())
+    spec.Mounts.add(
+        destination="/sys/fs/cgroup",
+        source="cgroup",
+        type="cgroup",
+        options=["nosuid", "noexec", "nodev", "relatime", "ro"],
+    )
+    assert cgroup_namespaces(spec) == [{"type": "cgroup"}]
+
+
+def test_a_privileged_container_keeps_the_guests_cgroup_namespace() -> None:
+    # containerd's WithPrivileged leaves /sys writable; CRI on v2 gives such a
+    # container no cgroup namespace, and runc shows it the whole hierarchy
+    spec = spec_from_json(ctr_run_spec())
+    for mount in spec.Mounts:
+        if mount.type == "sysfs":
+            mount.options[:] = ["nosuid", "noexec", "nodev", "rw"]
+    assert cgroup_namespaces(spec) == []
+
+
+def test_a_cgroup_namespace_in_the_spec_is_kept_once_without_its_host_path() -> None:
+    spec = spec_from_json(ctr_run_spec())
+    spec.Linux.Namespaces.add(Type="cgroup", Path="/proc/7/ns/cgroup")
+    assert cgroup_namespaces(spec) == [{"type": "cgroup"}]
 
 
 def test_every_process_gets_an_oom_score_adj_so_none_inherits_the_agents() -> None:
@@ -280,7 +314,7 @@ def test_a_ctr_run_spec_as_runc_gets_it_in_the_guest() -> None:
     assert config["process"]["user"] == {"uid": 0, "gid": 0}
     assert config["process"]["terminal"] is True
     linux = config["linux"]
-    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     assert linux["cgroupsPath"] == "/husk/c1"
     # containerd's /dev/pts rule is for every minor, and device 5:0 (/dev/tty) stays 0
     rules = linux["resources"]["devices"]
