@@ -148,9 +148,16 @@ class Container:
 
     @classmethod
     async def create(
-        cls, rt: Runtime, request: agent_pb2.CreateContainerRequest, mounts: list[str]
+        cls,
+        rt: Runtime,
+        request: agent_pb2.CreateContainerRequest,
+        mounts: list[str],
+        pod_namespaces: dict[str, str] | None = None,
     ) -> Container:
-        """Write the bundle and ``runc create`` the container (its init waits for start)."""
+        """Write the bundle and ``runc create`` the container (its init waits for start).
+
+        ``pod_namespaces``: the guest files of its pod's namespaces (see ``oci``).
+        """
         cid = request.container_id
         spec = request.OCI
         if not request.HasField("OCI"):
@@ -158,7 +165,10 @@ class Container:
         exec_id = request.exec_id or cid
         root = resolve_root(rt.config, cid, spec.Root)
         config = oci.runc_config(
-            spec, root_path=str(root), cgroups_path=rt.config.cgroups_path(cid)
+            spec,
+            root_path=str(root),
+            cgroups_path=rt.config.cgroups_path(cid),
+            pod_namespaces=pod_namespaces,
         )
         bundle = rt.config.bundle_dir(cid)
         if bundle.exists():
@@ -227,7 +237,13 @@ class Container:
 
             async def run(stdio: Sequence[int | None], console: str | None) -> None:
                 await self.rt.runc.exec(
-                    self.id, self.bundle, process_file, pid_file, stdio, console
+                    self.id,
+                    self.bundle,
+                    process_file,
+                    pid_file,
+                    stdio,
+                    console,
+                    oom_score_adj=int(process_json["oomScoreAdj"]),
                 )
 
             since = self.rt.reaper.generation

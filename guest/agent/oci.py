@@ -7,13 +7,18 @@ guest's policy on top. What only makes sense on the host is dropped, because
 the container runs inside the VM:
 
 - ``linux.namespaces``: the ``network`` entry (containers share the VM's network,
-  which the agent configures) and every ``path`` (host namespace files);
+  which the agent configures) and every ``path`` (host namespace files); a pod
+  container's ``ipc``/``uts``/``pid`` path becomes its pod's namespace in the
+  guest instead (``pod_namespaces``), as under runc it joins the pause
+  container's;
 - ``hooks`` (host binaries), ``process.apparmorProfile``/``selinuxLabel``,
   ``linux.mountLabel``/``intelRdt`` (the guest has neither LSM nor RDT);
 - ``linux.resources.cpu.cpus``/``mems`` and block-IO device rules (host CPU and
   device numbers mean nothing in the guest), ``blockIO.leafWeight`` (CFQ only)
   and ``resources.network`` (net_cls/net_prio name host interfaces);
 - ``linux.cgroupsPath``: the agent picks its own (``cgroups_path``);
+- a privileged container's ``linux.devices`` (the host's, as containerd's
+  ``WithHostDevices`` listed them): it gets the guest's (:mod:`.devices`);
 - the ``solaris`` and ``windows`` sections.
 
 And what runc needs is filled in: ``root.path`` (where the agent put the
@@ -27,11 +32,13 @@ that could never be OOM-killed, so its memory cgroup would loop in OOM forever.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent_proto import oci_pb2
 from agent_proto.oci_json import message_to_json
 from common.errors import InvalidArgumentError
+from guest.agent import devices
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -54,12 +61,21 @@ def resources_config(res: oci_pb2.LinuxResources) -> Json:
 
 
 def runc_config(
-    spec: oci_pb2.Spec, *, root_path: str, cgroups_path: str, terminal: bool | None = None
+    spec: oci_pb2.Spec,
+    *,
+    root_path: str,
+    cgroups_path: str,
+    terminal: bool | None = None,
+    pod_namespaces: Mapping[str, str] | None = None,
+    machine_devices: Callable[[], list[Json]] = devices.machine_devices,
 ) -> Json:
     """Return ``config.json`` for runc.
 
     ``root_path`` is where the agent mounted (or found) the rootfs in the guest;
-    ``cgroups_path`` is the cgroup the agent gives the container.
+    ``cgroups_path`` is the cgroup the agent gives the container;
+    ``pod_namespaces`` maps a namespace type to the guest file of its pod's
+    namespace (:func:`pod_namespace_files`). A privileged container gets
+    ``machine_devices()`` in place of the host's devices its spec lists.
     """
     if not spec.HasField("Process"):
         raise InvalidArgumentError("the OCI spec has no process")
@@ -71,7 +87,40 @@ def runc_config(
     config["root"] = {**config.get("root", {}), "path": root_path}
     config["mounts"] = [_mount(m) for m in config.get("mounts", [])]
     config["linux"] = _linux(config.get("linux", {}), cgroups_path, config["mounts"])
+    _join_pod_namespaces(config["linux"]["namespaces"], spec, pod_namespaces or {})
+    if privileged(config["mounts"]) and config["linux"].get("devices"):
+        # containerd listed the host's devices; under runc it gets the machine's
+        config["linux"]["devices"] = machine_devices()
     return config
+
+
+#: the namespaces a pod's containers share with its sandbox (pause) container
+POD_SHARED_NAMESPACES = ("ipc", "uts", "pid")
+#: CRI's annotations naming a container's kind and its pod (containerd's ``annotations``)
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+
+
+def pod_sandbox_id(spec: oci_pb2.Spec) -> str | None:
+    """The pod sandbox a CRI container belongs to (None for a sandbox or a non-CRI container)."""
+    if spec.Annotations.get(CRI_CONTAINER_TYPE) != "container":
+        return None
+    return spec.Annotations.get(CRI_SANDBOX_ID) or None
+
+
+def pod_namespace_files(sandbox_init_pid: int) -> dict[str, str]:
+    """The guest's files of the namespaces a pod shares, from its sandbox container's init."""
+    return {kind: f"/proc/{sandbox_init_pid}/ns/{kind}" for kind in POD_SHARED_NAMESPACES}
+
+
+def _join_pod_namespaces(
+    namespaces: list[Json], spec: oci_pb2.Spec, pod_namespaces: Mapping[str, str]
+) -> None:
+    """Point the namespaces the spec joins (a host path) at the pod's in the guest."""
+    joined = {ns.Type for ns in spec.Linux.Namespaces if ns.Path}
+    for ns in namespaces:
+        if ns["type"] in joined and ns["type"] in pod_namespaces:
+            ns["path"] = pod_namespaces[ns["type"]]
 
 
 def _process(process: Json, terminal: bool | None) -> Json:
@@ -138,7 +187,12 @@ def _cgroup_namespace(mounts: list[Json]) -> bool:
     ``/sys`` writable in (``oci.WithPrivileged`` → ``WithWriteableSysfs``); it
     keeps the guest's cgroup namespace, as under runc.
     """
-    return not any(m.get("type") == "sysfs" and "ro" not in m.get("options", []) for m in mounts)
+    return not privileged(mounts)
+
+
+def privileged(mounts: list[Json]) -> bool:
+    """Whether containerd made the spec privileged: ``WithPrivileged`` leaves ``/sys`` writable."""
+    return any(m.get("type") == "sysfs" and "ro" not in m.get("options", []) for m in mounts)
 
 
 def _resources(resources: Json) -> Json:

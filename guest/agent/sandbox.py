@@ -8,9 +8,9 @@ import socket
 
 import trio
 
-from agent_proto import agent_pb2
+from agent_proto import agent_pb2, oci_pb2
 from common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
-from guest.agent import cgroups, storage
+from guest.agent import cgroups, oci, storage
 from guest.agent.config import AgentConfig, check_id
 from guest.agent.container import Container, Runtime
 from guest.agent.oom import OomWatcher
@@ -92,7 +92,9 @@ class Sandbox:
         try:
             mounts = await storage.mount_storages(request.storages, self.config.sysfs)
             try:
-                container = await Container.create(self.rt, request, mounts)
+                container = await Container.create(
+                    self.rt, request, mounts, self._pod_namespaces(request.OCI)
+                )
             except BaseException:
                 storage.unmount_all(mounts)
                 raise
@@ -101,6 +103,14 @@ class Sandbox:
             return container
         finally:
             self._creating.discard(cid)
+
+    def _pod_namespaces(self, spec: oci_pb2.Spec) -> dict[str, str]:
+        """The namespaces of a CRI container's pod: its sandbox container's, while it runs."""
+        sandbox_id = oci.pod_sandbox_id(spec)
+        pause = self.containers.get(sandbox_id) if sandbox_id else None
+        if pause is None or pause.init.exited:
+            return {}
+        return oci.pod_namespace_files(pause.init.pid)
 
     async def remove_container(self, container_id: str, timeout: float = 0) -> None:
         """Destroy a container (``timeout`` seconds, 0 for no limit) and forget it."""

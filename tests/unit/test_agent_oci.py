@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from agent_proto import oci_pb2
-from guest.agent.oci import DEFAULT_PATH_ENV, process_config, resources_config, runc_config
+from guest.agent.oci import (
+    DEFAULT_PATH_ENV,
+    pod_namespace_files,
+    pod_sandbox_id,
+    process_config,
+    resources_config,
+    runc_config,
+)
 from shim.errors import InvalidArgumentError
 from shim.sandbox.oci import spec_from_json
 from tests.unit.oci_samples import ctr_run_spec, every_field
@@ -350,3 +357,66 @@ def test_a_seccomp_without_default_action_is_left_out() -> None:
     spec = oci_pb2.Spec(Process=oci_pb2.Process(Args=["true"]))
     spec.Linux.Seccomp.Syscalls.add(Names=["read"], Action="SCMP_ACT_ALLOW")
     assert "seccomp" not in runc_config(spec, root_path="/r", cgroups_path="/c")["linux"]
+
+
+def pod_container_spec() -> oci_pb2.Spec:
+    """A CRI container's spec: it joins its pod's ipc and uts (host paths), its own pid."""
+    spec = oci_pb2.Spec()
+    spec.Process.Args.append("sleep")
+    spec.Annotations["io.kubernetes.cri.container-type"] = "container"
+    spec.Annotations["io.kubernetes.cri.sandbox-id"] = "pod1"
+    for kind in ("pid", "ipc", "uts", "mount", "network"):
+        path = f"/proc/4242/ns/{kind}" if kind in ("ipc", "uts", "network") else ""
+        spec.Linux.Namespaces.add(Type=kind, Path=path)
+    return spec
+
+
+def test_a_pod_container_joins_its_pods_namespaces_in_the_guest() -> None:
+    # under runc it joins the pause container's ipc and uts (pod sysctls, hostname, SysV IPC)
+    spec = pod_container_spec()
+    assert pod_sandbox_id(spec) == "pod1"
+    config = runc_config(
+        spec, root_path="/r", cgroups_path="/husk/c", pod_namespaces=pod_namespace_files(77)
+    )
+    assert config["linux"]["namespaces"] == [
+        {"type": "pid"},
+        {"type": "ipc", "path": "/proc/77/ns/ipc"},
+        {"type": "uts", "path": "/proc/77/ns/uts"},
+        {"type": "mount"},
+        {"type": "cgroup"},
+    ]
+
+
+def test_without_its_pod_a_container_gets_new_namespaces() -> None:
+    config = runc_config(pod_container_spec(), root_path="/r", cgroups_path="/husk/c")
+    assert all("path" not in ns for ns in config["linux"]["namespaces"])
+
+
+def test_only_cri_containers_belong_to_a_pod() -> None:
+    spec = pod_container_spec()
+    spec.Annotations["io.kubernetes.cri.container-type"] = "sandbox"
+    assert pod_sandbox_id(spec) is None
+    assert pod_sandbox_id(oci_pb2.Spec()) is None
+
+
+def privileged_spec() -> oci_pb2.Spec:
+    spec = spec_from_json(ctr_run_spec())
+    for mount in spec.Mounts:
+        if mount.type == "sysfs":
+            mount.options[:] = ["nosuid", "noexec", "nodev", "rw"]
+    spec.Linux.Devices.add(Path="/dev/zram0", Type="b", Major=253, Minor=0)
+    return spec
+
+
+def test_a_privileged_container_gets_the_machines_devices_not_the_hosts() -> None:
+    guest = [{"path": "/dev/vda", "type": "b", "major": 254, "minor": 0}]
+    config = runc_config(
+        privileged_spec(), root_path="/r", cgroups_path="/husk/x", machine_devices=lambda: guest
+    )
+    assert config["linux"]["devices"] == guest
+
+
+def test_an_unprivileged_containers_devices_are_its_specs() -> None:
+    spec = spec_from_json(ctr_run_spec())  # ctr run --device /dev/fuse
+    config = runc_config(spec, root_path="/r", cgroups_path="/husk/x", machine_devices=list)
+    assert [(d["path"], d["major"]) for d in config["linux"]["devices"]] == [("/dev/fuse", 10)]
