@@ -14,4 +14,3 @@ def test_procs_flags_are_kept_and_nothing_else() -> None:
 
 def test_a_mount_without_those_flags_keeps_none() -> None:
     assert kept_flags(os.ST_RELATIME) == 0
-
