@@ -99,12 +99,34 @@ def start_pairs(pairs: Sequence[Pair]) -> None:
 
 
 @dataclass
+class CriContainers:
+    """The same CRI container in the runc pod and in the husk pod."""
+
+    client: CriClient
+    ids: dict[str, str] = field(default_factory=dict)
+
+    def run(self, script: str) -> Seen:
+        """Run ``sh -c script`` in both (CRI ExecSync); stdout and stderr together."""
+        out = {}
+        for side, container_id in self.ids.items():
+            result = self.client.exec_sync(container_id, ["sh", "-c", script + " 2>&1"], timeout=60)
+            out[side] = result.stdout.decode()
+        return Seen(out["runc"], out["husk"])
+
+    def remove(self) -> None:
+        """Stop and remove both."""
+        for container_id in self.ids.values():
+            remove_container(self.client, container_id)
+        self.ids.clear()
+
+
+@dataclass
 class CriPair:
-    """One pod with one container, on the ``runc`` handler and on a husk handler."""
+    """One pod per side (the ``runc`` handler and a husk handler), each with one container."""
 
     client: CriClient
     pods: dict[str, Pod] = field(default_factory=dict)
-    containers: dict[str, str] = field(default_factory=dict)
+    main: CriContainers | None = None
 
     def start(
         self,
@@ -118,24 +140,33 @@ class CriPair:
             config.CopyFrom(pod)
             config.metadata.uid = uuid.uuid4().hex
             self.pods[side] = Pod(self.client.run_pod_sandbox(config, handler), config)
-            self.containers[side] = start_container(self.client, self.pods[side], container)
+        self.main = self.add(container)
+
+    def add(self, container: cri.ContainerConfig) -> CriContainers:
+        """Start one more container in both pods."""
+        added = CriContainers(self.client)
+        try:
+            for side, pod in self.pods.items():
+                added.ids[side] = start_container(self.client, pod, container)
+        except BaseException:
+            added.remove()
+            raise
+        return added
 
     def run(self, script: str) -> Seen:
-        """Run ``sh -c script`` in both containers (CRI ExecSync); stdout and stderr together."""
-        out = {}
-        for side, container_id in self.containers.items():
-            result = self.client.exec_sync(container_id, ["sh", "-c", script + " 2>&1"], timeout=60)
-            out[side] = result.stdout.decode()
-        return Seen(out["runc"], out["husk"])
+        """Run ``sh -c script`` in both main containers."""
+        assert self.main is not None
+        return self.main.run(script)
 
     def update(self, resources: cri.LinuxContainerResources) -> None:
-        """UpdateContainerResources on both containers."""
-        for container_id in self.containers.values():
+        """UpdateContainerResources on both main containers."""
+        assert self.main is not None
+        for container_id in self.main.ids.values():
             self.client.update_container_resources(container_id, resources)
 
     def remove(self) -> None:
-        """Remove both containers and pods."""
-        for container_id in self.containers.values():
-            remove_container(self.client, container_id)
+        """Remove the containers and both pods."""
+        if self.main is not None:
+            self.main.remove()
         for pod in self.pods.values():
             remove_pod(self.client, pod)

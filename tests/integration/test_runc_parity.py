@@ -31,7 +31,7 @@ import pytest
 
 from shim.cli import local_images
 from tests.integration.containerd import Containerd
-from tests.integration.parity import CriPair, Pair, Seen, start_pairs
+from tests.integration.parity import CriContainers, CriPair, Pair, Seen, start_pairs
 from tests.integration.test_shim_containerd import _REASON, leftovers
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import TasksClient
@@ -477,6 +477,54 @@ def cri_pair(cri_ctd: CriContainerd) -> Iterator[CriPair]:
         yield pair
     finally:
         pair.remove()
+
+
+#: the /proc directory of a CRI probe container's init
+CRI_INIT = "/proc/$(cat /tmp/init.pid)"
+
+
+def cri_status(pattern: str) -> str:
+    """A script printing the init's and an exec'd process's status lines, labelled."""
+    return (
+        f"grep -E '{pattern}' {CRI_INIT}/status | sed 's/^/init /'; "
+        f"grep -E '{pattern}' /proc/self/status | sed 's/^/self /'"
+    )
+
+
+@pytest.fixture(scope="module")
+def cri_restricted(cri_pair: CriPair) -> Iterator[CriContainers]:
+    """A second container in each pod: a user with groups, RuntimeDefault seccomp, an OOM score."""
+    # the pod's containers share its PID namespace (pid 1 is the pause process)
+    config = container_config(
+        "restricted", ["sh", "-c", "echo $$ > /tmp/init.pid; exec sleep 3600"]
+    )
+    context = config.linux.security_context
+    context.run_as_user.value, context.run_as_group.value = 1000, 1000
+    context.supplemental_groups.extend([2000, 3000])
+    context.seccomp.profile_type = cri.SecurityProfile.RuntimeDefault
+    config.linux.resources.oom_score_adj = 500
+    containers = cri_pair.add(config)
+    yield containers
+    containers.remove()
+
+
+def test_cri_user_group_and_supplemental_groups(cri_restricted: CriContainers) -> None:
+    seen = cri_restricted.run("id; " + cri_status("^(Uid|Gid|Groups)"))
+    assert seen.husk == seen.runc
+    groups = next(x for x in lines(seen.husk) if x.startswith("self Groups:"))
+    assert {"2000", "3000"} <= set(groups.split()[2:])
+
+
+def test_cri_runtime_default_seccomp_and_capabilities(cri_restricted: CriContainers) -> None:
+    seen = cri_restricted.run(cri_status("^(Cap|NoNewPrivs|Seccomp)"))
+    assert seen.husk == seen.runc
+    assert "init Seccomp:\t2" in seen.husk and "self Seccomp:\t2" in seen.husk
+
+
+def test_cri_oom_score_adj_from_the_spec(cri_restricted: CriContainers) -> None:
+    seen = cri_restricted.run(f"cat {CRI_INIT}/oom_score_adj /proc/self/oom_score_adj")
+    assert seen.husk == seen.runc
+    assert lines(seen.husk)[0] == "500"
 
 
 def test_cri_hostname_hosts_and_resolv_conf(cri_pair: CriPair) -> None:
