@@ -161,6 +161,7 @@ class Container:
         rt: Runtime,
         request: agent_pb2.CreateContainerRequest,
         mounts: list[str],
+        *,
         pod_namespaces: dict[str, str] | None = None,
     ) -> Container:
         """Write the bundle and ``runc create`` the container (its init waits for start).

@@ -93,7 +93,7 @@ class Sandbox:
             mounts = await storage.mount_storages(request.storages, self.config.sysfs)
             try:
                 container = await Container.create(
-                    self.rt, request, mounts, self._pod_namespaces(request.OCI)
+                    self.rt, request, mounts, pod_namespaces=self._pod_namespaces(request.OCI)
                 )
             except BaseException:
                 storage.unmount_all(mounts)
