@@ -81,7 +81,7 @@ RULES = {
         "a privileged container gets the machine's devices: the host's under runc, the "
         "VM's under husk",
         "the devices every Linux machine has are there on both sides, with the same "
-        "type, numbers and mode",
+        "type, numbers and mode; every device node names a device of the machine (/sys/dev)",
     ),
 }
 
@@ -443,6 +443,18 @@ def test_privileged_devices(pairs: Pairs) -> None:
 
     assert len(standard(seen.husk)) == len(STANDARD_DEVICES)
     assert standard(seen.husk) == standard(seen.runc)
+
+
+#: prints each device node in /dev whose numbers name no device of this machine (/sys/dev)
+FOREIGN_DEVICES = (
+    "find /dev \\( -type b -o -type c \\) | while read -r f; do t=char; [ -b $f ] && t=block; "
+    "n=$((0x$(stat -c %t $f))):$((0x$(stat -c %T $f))); [ -e /sys/dev/$t/$n ] || echo $f $n; done"
+)
+
+
+def test_privileged_devices_are_the_machines_own(pairs: Pairs) -> None:
+    seen = pairs.privileged.run(FOREIGN_DEVICES)  # RULES["machine-devices"]
+    assert (seen.runc, seen.husk) == ("", "")
 
 
 # ---- CRI: a pod per handler ----
