@@ -8,6 +8,8 @@ Run inside the VM as ``python3 -m guest.agent``. Modules, from the wire inward:
 - ``sandbox``   the sandbox and its containers; ``container``: one container
 - ``process``   a process's stdio (pipes or pty) and exit; ``console``: pty hand-over
 - ``runc``      the runc CLI; ``oci``: protobuf Spec → runc config.json
+- ``spec_version``  the runtime-spec version the runtime is handed; ``sysctls``:
+                the pod network's sysctls, set on the VM
 - ``storage``   mounts and block devices; ``system``: the machine
 - ``network``   links, addresses, routes, neighbours over ``rtnetlink``, whose
                 messages ride ``netlink``'s framing and socket

@@ -38,6 +38,8 @@ class AgentConfig:
     copy_file_root: Path = Path("/run")
     """CopyFile only writes below this directory."""
     resolv_conf: Path = Path("/etc/resolv.conf")
+    proc_sys: Path = Path("/proc/sys")
+    """Where the pod network's sysctls are written (the VM's network is the pod's)."""
     host_mode: bool = False
     sysfs: SysfsLayout = field(default_factory=SysfsLayout)
 

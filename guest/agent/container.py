@@ -148,17 +148,26 @@ class Container:
 
     @classmethod
     async def create(
-        cls, rt: Runtime, request: agent_pb2.CreateContainerRequest, mounts: list[str]
+        cls,
+        rt: Runtime,
+        request: agent_pb2.CreateContainerRequest,
+        mounts: list[str],
+        *,
+        oci_version: str,
     ) -> Container:
-        """Write the bundle and ``runc create`` the container (its init waits for start)."""
+        """Write the bundle and ``runc create`` the container (its init waits for start).
+
+        ``oci_version`` is the runtime-spec version the runtime is handed.
+        """
         cid = request.container_id
         spec = request.OCI
-        if not request.HasField("OCI"):
-            raise InvalidArgumentError(f"CreateContainer of '{cid}' carries no OCI spec")
         exec_id = request.exec_id or cid
         root = resolve_root(rt.config, cid, spec.Root)
         config = oci.runc_config(
-            spec, root_path=str(root), cgroups_path=rt.config.cgroups_path(cid)
+            spec,
+            root_path=str(root),
+            cgroups_path=rt.config.cgroups_path(cid),
+            oci_version=oci_version,
         )
         bundle = rt.config.bundle_dir(cid)
         if bundle.exists():

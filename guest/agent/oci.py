@@ -8,6 +8,9 @@ the container runs inside the VM:
 
 - ``linux.namespaces``: the ``network`` entry (containers share the VM's network,
   which the agent configures) and every ``path`` (host namespace files);
+- ``linux.sysctl``'s ``net.*`` keys, which go with the network namespace: they
+  are the pod network's, which the sandbox sets on the VM
+  (:mod:`guest.agent.sysctls`);
 - ``hooks`` (host binaries), ``process.apparmorProfile``/``selinuxLabel``,
   ``linux.mountLabel``/``intelRdt`` (the guest has neither LSM nor RDT);
 - ``linux.resources.cpu.cpus``/``mems`` and block-IO device rules (host CPU and
@@ -31,8 +34,8 @@ from typing import Any
 from agent_proto import oci_pb2
 from agent_proto.oci_json import message_to_json
 from common.errors import InvalidArgumentError
+from guest.agent import spec_version, sysctls
 
-OCI_VERSION = "1.0.2"
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: a container process's ``oom_score_adj`` when its spec has none (proto3 drops a 0)
 DEFAULT_OOM_SCORE_ADJ = 0
@@ -53,19 +56,25 @@ def resources_config(res: oci_pb2.LinuxResources) -> Json:
 
 
 def runc_config(
-    spec: oci_pb2.Spec, *, root_path: str, cgroups_path: str, terminal: bool | None = None
+    spec: oci_pb2.Spec,
+    *,
+    root_path: str,
+    cgroups_path: str,
+    terminal: bool | None = None,
+    oci_version: str | None = None,
 ) -> Json:
     """Return ``config.json`` for runc.
 
     ``root_path`` is where the agent mounted (or found) the rootfs in the guest;
-    ``cgroups_path`` is the cgroup the agent gives the container.
+    ``cgroups_path`` is the cgroup the agent gives the container; ``oci_version``
+    the version the runtime is handed (default: the spec's own).
     """
     if not spec.HasField("Process"):
         raise InvalidArgumentError("the OCI spec has no process")
     config = message_to_json(spec)
     for key in ("hooks", "solaris", "windows"):
         config.pop(key, None)
-    config.setdefault("ociVersion", OCI_VERSION)
+    config["ociVersion"] = oci_version or spec.Version or spec_version.DEFAULT_VERSION
     config["process"] = process_config(spec.Process, terminal=terminal)
     config["root"] = {**config.get("root", {}), "path": root_path}
     config["mounts"] = [_mount(m) for m in config.get("mounts", [])]
@@ -104,6 +113,9 @@ def _linux(linux: Json, cgroups_path: str) -> Json:
     for key in ("mountLabel", "intelRdt"):
         linux.pop(key, None)
     linux["namespaces"] = _namespaces(linux.get("namespaces", []))
+    kept = {k: v for k, v in linux.pop("sysctl", {}).items() if not sysctls.is_network(k)}
+    if kept:
+        linux["sysctl"] = kept
     linux["cgroupsPath"] = cgroups_path
     resources = _resources(linux.pop("resources", {}))
     if resources:

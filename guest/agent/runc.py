@@ -1,8 +1,10 @@
-"""``runc``, the container runtime the agent drives, as async calls.
+"""``runc`` (or crun: any runtime with runc's command line) as async calls.
 
-Every call passes ``--root`` (so tests never touch the host's runc state) and
-``--log`` (runc's own error messages, kept apart from the container's stderr,
-which for ``create``/``exec`` is the same pipe as runc's).
+Errors name the binary that ran (``crun create of container ... failed``), so a
+message never blames a runtime the guest did not use. Every call passes
+``--root`` (so tests never touch the host's runc state) and ``--log`` (runc's
+own error messages, kept apart from the container's stderr, which for
+``create``/``exec`` is the same pipe as runc's).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import trio
+
 from common.errors import HuskError, NotFoundError
-from guest.agent import command
+from guest.agent import command, spec_version
 from guest.agent.command import CommandError
 from guest.agent.reaper import Reaper
 
@@ -23,11 +27,11 @@ log = logging.getLogger("husk.agent.runc")
 
 
 class RuncError(HuskError):
-    """``runc`` failed; the message carries runc's own error text."""
+    """The OCI runtime failed; the message names it and carries its own error text."""
 
 
 class Runc:
-    """Runs ``runc`` with one state root."""
+    """Runs ``runc`` (or a runtime with its command line) with one state root."""
 
     def __init__(
         self, reaper: Reaper, binary: str, root: Path, *, no_pivot: bool | None = None
@@ -38,6 +42,10 @@ class Runc:
         # pivot_root(2) refuses to move an initramfs (rootfs cannot be
         # unmounted), so in the guest runc must switch roots with MS_MOVE.
         self.no_pivot = root_is_initramfs() if no_pivot is None else no_pivot
+        #: the name errors give the runtime: the binary's, e.g. ``crun``
+        self.name = Path(binary).name
+        self._version_max: str | None = None
+        self._version_lock = trio.Lock()
 
     def _argv(self, log_file: Path | None, *args: str) -> list[str]:
         argv = [self.binary, "--root", str(self.root)]
@@ -52,8 +60,10 @@ class Runc:
         except CommandError as exc:
             text = exc.stderr.strip() or f"exit status {exc.status}"
             if "does not exist" in text or "not found" in text.lower():
-                raise NotFoundError(f"container '{cid}' does not exist in runc: {text}") from None
-            raise RuncError(f"runc {args[0]} of container '{cid}' failed: {text}") from None
+                raise NotFoundError(
+                    f"container '{cid}' does not exist in {self.name}: {text}"
+                ) from None
+            raise RuncError(f"{self.name} {args[0]} of container '{cid}' failed: {text}") from None
         return done.stdout
 
     async def _run_detached(
@@ -71,7 +81,7 @@ class Runc:
         status = await watch.wait()
         if status != 0:
             reason = last_error(log_file, since) or f"exit status {status}"
-            raise RuncError(f"runc {what} of container '{cid}' failed: {reason}")
+            raise RuncError(f"{self.name} {what} of container '{cid}' failed: {reason}")
 
     async def create(
         self,
@@ -136,8 +146,35 @@ class Runc:
         """``runc state``: the container's status as runc reports it."""
         data = json.loads(await self._run(cid, "state", cid))
         if not isinstance(data, dict):
-            raise RuncError(f"runc state of container '{cid}' returned {data!r}")
+            raise RuncError(f"{self.name} state of container '{cid}' returned {data!r}")
         return data
+
+    async def oci_version_max(self) -> str:
+        """The newest runtime-spec version the runtime knows, asked once.
+
+        ``<runtime> features`` answers it (``ociVersionMax``); a runtime without
+        that command predates runtime-spec 1.1 and gets
+        :data:`~guest.agent.spec_version.PRE_FEATURES_VERSION`.
+        """
+        async with self._version_lock:
+            if self._version_max is None:
+                self._version_max = await self._ask_version_max()
+                log.info("%s knows runtime-spec up to %s", self.name, self._version_max)
+            return self._version_max
+
+    async def _ask_version_max(self) -> str:
+        try:
+            done = await command.run(self.reaper, [self.binary, "features"])
+        except CommandError:
+            return spec_version.PRE_FEATURES_VERSION
+        try:
+            answer = json.loads(done.stdout)
+            text = str(answer["ociVersionMax"])
+            spec_version.parse(text, f"{self.name} features' ociVersionMax")
+        except (ValueError, TypeError, KeyError, HuskError) as exc:
+            log.warning("%s features answered no usable ociVersionMax (%s)", self.name, exc)
+            return spec_version.PRE_FEATURES_VERSION
+        return text
 
     def exists(self, cid: str) -> bool:
         """Whether runc has state for ``cid`` under this root."""
@@ -183,7 +220,7 @@ def read_pid(pid_file: Path) -> int:
     try:
         return int(text)
     except ValueError:
-        raise RuncError(f"runc wrote no pid to {pid_file}: {text!r}") from None
+        raise RuncError(f"the OCI runtime wrote no pid to {pid_file}: {text!r}") from None
 
 
 def remove_quietly(path: Path) -> None:

@@ -9,13 +9,19 @@ import socket
 import trio
 
 from agent_proto import agent_pb2
-from common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
-from guest.agent import cgroups, storage
+from common.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from guest.agent import cgroups, spec_version, storage
 from guest.agent.config import AgentConfig, check_id
 from guest.agent.container import Container, Runtime
 from guest.agent.oom import OomWatcher
 from guest.agent.process import Process
 from guest.agent.reaper import Reaper
+from guest.agent.sysctls import PodNetworkSysctls
 
 log = logging.getLogger("husk.agent.sandbox")
 
@@ -33,6 +39,8 @@ class Sandbox:
         self.containers: dict[str, Container] = {}
         #: OOM kills in the containers' cgroups (its ``run`` belongs to the server's nursery)
         self.oom = OomWatcher()
+        #: the VM's network is the pod's: its sysctls come with the first container
+        self.network_sysctls = PodNetworkSysctls(config.proc_sys, host_mode=config.host_mode)
         self._creating: set[str] = set()
         self._lock = trio.Lock()
 
@@ -83,16 +91,22 @@ class Sandbox:
         return self.container(container_id).find(exec_id)
 
     async def create_container(self, request: agent_pb2.CreateContainerRequest) -> Container:
-        """Mount the container's storages and ``runc create`` it."""
+        """Check the spec, set the pod network's sysctls, mount storages, ``runc create``."""
         self.require_sandbox()
         cid = check_id("container", request.container_id)
         if cid in self.containers or cid in self._creating:
             raise AlreadyExistsError(f"container '{cid}' already exists")
+        if not request.HasField("OCI"):
+            raise InvalidArgumentError(f"CreateContainer of '{cid}' carries no OCI spec")
         self._creating.add(cid)
         try:
+            version = spec_version.handed_version(
+                request.OCI.Version, await self.rt.runc.oci_version_max()
+            )
+            self.network_sysctls.take(cid, request.OCI.Linux.Sysctl)
             mounts = await storage.mount_storages(request.storages, self.config.sysfs)
             try:
-                container = await Container.create(self.rt, request, mounts)
+                container = await Container.create(self.rt, request, mounts, oci_version=version)
             except BaseException:
                 storage.unmount_all(mounts)
                 raise

@@ -11,10 +11,15 @@ use. Two handlers are printed, both passing husk's own pod annotations
   on, in ``/etc/husk/configuration-template.toml``: pods start as clones of a
   VM template.
 
-and the CRI plugin's ``sandbox_image``, husk's local pause image
-(``husk image pause --import``). ``--install`` writes the template
-configuration and appends what is missing to containerd's config file (version
-2), checking that the result still parses; containerd reads it on restart.
+and the CRI plugin's pause image, husk's local one (``husk image pause
+--import``). What is printed follows the containerd it configures
+(:mod:`shim.containerd.releases`): config version 2 for containerd 1.6/1.7
+(``io.containerd.grpc.v1.cri``, ``sandbox_image``), version 3 for 2.x
+(``io.containerd.cri.v1.runtime``, ``io.containerd.cri.v1.images``'
+``pinned_images.sandbox``, and CNI ``bin_dirs`` with Debian's plugin dir).
+``--install`` writes the template configuration and appends what is missing to
+containerd's config file in that file's own version, checking that the result
+still parses; containerd reads it on restart.
 """
 
 from __future__ import annotations
@@ -28,20 +33,56 @@ from typing import Any
 
 from shim import config
 from shim.cli import local_images
+from shim.containerd.releases import Release
 from shim.errors import HuskError
 from shim.sandbox.annotations import HUSK_PREFIX
 
-CRI = "io.containerd.grpc.v1.cri"
 RUNTIME_TYPE = "io.containerd.husk.v2"
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 TEMPLATE_CONFIG = Path("/etc/husk/configuration-template.toml")
 #: husk's own pod annotations (``io.husk.config.hypervisor.<key>``), passed on to
 #: the shim; the configuration's ``enable_annotations`` says which it takes
 ANNOTATIONS = HUSK_PREFIX + "*"
+#: where CNI plugins are looked for on containerd 2: its default and Debian's
+#: ``containernetworking-plugins``; version 2's single ``bin_dir`` is left alone
+CNI_BIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 
 
 class ContainerdConfigError(HuskError):
     """containerd's config file cannot take husk's handlers."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the CRI settings husk needs live in one containerd config version."""
+
+    version: int
+    runtime_plugin: str
+    """The plugin whose ``containerd.runtimes`` holds the handlers."""
+    image_table: tuple[str, ...]
+    """The table (below ``plugins``) holding the pause image's key."""
+    image_key: str
+    cni_table: tuple[str, ...] | None
+    """The table (below ``plugins``) holding ``bin_dirs``; None: left alone."""
+
+    def runtime_base(self, name: str) -> str:
+        """The TOML name of handler ``name``'s table."""
+        return f'plugins."{self.runtime_plugin}".containerd.runtimes.{name}'
+
+
+#: containerd 1.6/1.7 (and 2.x, which converts it)
+V2 = Layout(2, "io.containerd.grpc.v1.cri", ("io.containerd.grpc.v1.cri",), "sandbox_image", None)
+#: containerd 2.x (docs/cri/config.md)
+V3 = Layout(
+    3,
+    "io.containerd.cri.v1.runtime",
+    ("io.containerd.cri.v1.images", "pinned_images"),
+    "sandbox",
+    ("io.containerd.cri.v1.runtime", "cni"),
+)
+LAYOUTS = {layout.version: layout for layout in (V2, V3)}
+#: kept for callers that name the version-2 CRI plugin
+CRI = V2.runtime_plugin
 
 
 @dataclass(frozen=True)
@@ -51,9 +92,9 @@ class Handler:
     name: str
     config_path: Path
 
-    def table(self) -> str:
-        """The handler's TOML tables (containerd config version 2)."""
-        base = f'plugins."{CRI}".containerd.runtimes.{self.name}'
+    def table(self, layout: Layout = V2) -> str:
+        """The handler's TOML tables in ``layout``'s config version."""
+        base = layout.runtime_base(self.name)
         return (
             f"[{base}]\n"
             f'  runtime_type = "{RUNTIME_TYPE}"\n'
@@ -68,24 +109,46 @@ def _string(value: str) -> str:
     return f'"{escaped}"'
 
 
+def _table_name(path: tuple[str, ...]) -> str:
+    return "plugins." + ".".join(f'"{part}"' if "." in part else part for part in path)
+
+
 def handlers(config_path: Path, template_path: Path = TEMPLATE_CONFIG) -> list[Handler]:
     """``husk`` on the given configuration, ``husk-template`` on its template twin."""
     return [Handler("husk", config_path), Handler("husk-template", template_path)]
 
 
-def sandbox_image_table() -> str:
+def sandbox_image_table(layout: Layout = V2) -> str:
     """The CRI plugin's pause image: husk's local one."""
-    return f'[plugins."{CRI}"]\n  sandbox_image = {_string(local_images.PAUSE_REFERENCE)}\n'
+    return (
+        f"[{_table_name(layout.image_table)}]\n"
+        f"  {layout.image_key} = {_string(local_images.PAUSE_REFERENCE)}\n"
+    )
 
 
-def snippet(config_path: Path, template_path: Path = TEMPLATE_CONFIG) -> str:
-    """What ``husk containerd-config`` prints: a piece of a version-2 containerd config."""
+def cni_table(layout: Layout) -> str:
+    """containerd 2's CNI plugin dirs: its default and Debian's (version 3 only)."""
+    assert layout.cni_table is not None
+    dirs = ", ".join(_string(d) for d in CNI_BIN_DIRS)
+    return f"[{_table_name(layout.cni_table)}]\n  bin_dirs = [{dirs}]\n"
+
+
+def snippet(
+    config_path: Path, template_path: Path = TEMPLATE_CONFIG, release: Release | None = None
+) -> str:
+    """What ``husk containerd-config`` prints: a piece of a containerd config.
+
+    Version 3 for containerd 2.x, version 2 for 1.6/1.7 (the default).
+    """
+    layout = LAYOUTS[release.config_version if release else 2]
+    which = f"containerd {release}" if release else "containerd 1.6/1.7"
     parts = [
-        "# husk runtime handlers for containerd's CRI plugin (RuntimeClass handler: husk or\n"
-        "# husk-template); merge into /etc/containerd/config.toml (version = 2) and restart\n"
-        "# containerd, or run `husk containerd-config --install`.\n",
-        sandbox_image_table(),
-        *(h.table() for h in handlers(config_path, template_path)),
+        f"# husk runtime handlers for {which}'s CRI plugin (RuntimeClass handler: husk or\n"
+        f"# husk-template); merge into /etc/containerd/config.toml (version = {layout.version})"
+        " and\n# restart containerd, or run `husk containerd-config --install`.\n",
+        sandbox_image_table(layout),
+        *([cni_table(layout)] if layout.cni_table else []),
+        *(h.table(layout) for h in handlers(config_path, template_path)),
     ]
     return "\n".join(parts)
 
@@ -111,34 +174,54 @@ def _has(document: Mapping[str, Any], *path: str) -> bool:
     return True
 
 
-def merged(existing: str, config_path: Path, template_path: Path) -> tuple[str, list[str]]:
-    """``existing`` with what husk needs appended; returns (text, what was added)."""
+def merged(
+    existing: str, config_path: Path, template_path: Path, release: Release | None = None
+) -> tuple[str, list[str]]:
+    """``existing`` with what husk needs appended; returns (text, what was added).
+
+    The file's own version (2 or 3) decides where things go; an empty file gets
+    ``release``'s (2 when not known). A file ``release`` cannot read is refused.
+    """
     try:
         document = tomllib.loads(existing) if existing.strip() else {}
     except tomllib.TOMLDecodeError as e:
         raise ContainerdConfigError(f"{CONTAINERD_CONFIG}: not valid TOML: {e}") from None
-    version = document.get("version", 1 if document else 2)
-    if version != 2:
+    default = release.config_version if release else 2
+    version = document.get("version", 1 if document else default)
+    if version not in LAYOUTS:
         raise ContainerdConfigError(
-            f"{CONTAINERD_CONFIG}: config version {version}; husk's handlers need version = 2"
+            f"{CONTAINERD_CONFIG}: config version {version}; husk's handlers need version = 2 "
+            "(containerd 1.6/1.7) or 3 (containerd 2)"
         )
+    if release is not None and not release.reads(version):
+        raise ContainerdConfigError(
+            f"{CONTAINERD_CONFIG}: config version {version} is containerd 2's, but containerd "
+            f"{release} reads version 2: fix the file or pass the right --containerd-version"
+        )
+    layout = LAYOUTS[version]
     text = existing if existing.endswith("\n") or not existing else existing + "\n"
     added: list[str] = []
     if not document:
-        text += "version = 2\n"
-    cri = ("plugins", CRI)
-    if not _has(document, *cri, "sandbox_image"):
-        if _has(document, *cri) and _explicit_table(existing, f'plugins."{CRI}"'):
+        text += f"version = {layout.version}\n"
+    image_table = ("plugins", *layout.image_table)
+    if not _has(document, *image_table, layout.image_key):
+        name = _table_name(layout.image_table)
+        if _has(document, *image_table) and _explicit_table(existing, name):
             raise ContainerdConfigError(
-                f'{CONTAINERD_CONFIG}: set sandbox_image = "{local_images.PAUSE_REFERENCE}" '
-                f'in its [plugins."{CRI}"] table, then run this again'
+                f"{CONTAINERD_CONFIG}: set {layout.image_key} = "
+                f'"{local_images.PAUSE_REFERENCE}" in its [{name}] table, then run this again'
             )
-        text += "\n" + sandbox_image_table()
-        added.append(f"sandbox_image {local_images.PAUSE_REFERENCE}")
+        text += "\n" + sandbox_image_table(layout)
+        added.append(f"{layout.image_key} {local_images.PAUSE_REFERENCE}")
+    if layout.cni_table and not _has(document, "plugins", *layout.cni_table):
+        # an operator's own [cni] table (bin_dirs or not) is theirs to keep
+        text += "\n" + cni_table(layout)
+        added.append(f"CNI bin_dirs {', '.join(CNI_BIN_DIRS)}")
+    runtimes = ("plugins", layout.runtime_plugin, "containerd", "runtimes")
     for handler in handlers(config_path, template_path):
-        if _has(document, *cri, "containerd", "runtimes", handler.name):
+        if _has(document, *runtimes, handler.name):
             continue
-        text += "\n" + handler.table()
+        text += "\n" + handler.table(layout)
         added.append(f"handler {handler.name} ({handler.config_path})")
     try:
         tomllib.loads(text)
@@ -148,7 +231,12 @@ def merged(existing: str, config_path: Path, template_path: Path) -> tuple[str, 
 
 
 def _explicit_table(text: str, name: str) -> bool:
-    return any(line.strip() == f"[{name}]" for line in text.splitlines())
+    """Whether ``text`` opens table ``name`` itself (either quote style, any spacing)."""
+
+    def normal(header: str) -> str:
+        return header.replace("'", '"').replace(" ", "").replace("\t", "")
+
+    return any(normal(line.strip()) == f"[{normal(name)}]" for line in text.splitlines())
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -163,10 +251,11 @@ def install(
     cfg: config.Config,
     containerd_config: Path = CONTAINERD_CONFIG,
     template_path: Path = TEMPLATE_CONFIG,
+    release: Release | None = None,
 ) -> list[str]:
     """Write the template configuration and merge the handlers; return what changed."""
     existing = containerd_config.read_text() if containerd_config.exists() else ""
-    text, added = merged(existing, cfg.source, template_path)
+    text, added = merged(existing, cfg.source, template_path, release)
     changes = []
     template_text = template_config_text(cfg)
     if not template_path.exists() or template_path.read_text() != template_text:

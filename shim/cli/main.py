@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     p_ctd.add_argument("--install", action="store_true", help="merge them into containerd's config")
     p_ctd.add_argument("--containerd-config", type=Path, default=None, help="containerd's config")
     p_ctd.add_argument("--template-config", type=Path, default=None, help="husk-template's config")
+    p_ctd.add_argument(
+        "--containerd-version",
+        metavar="X.Y",
+        default=None,
+        help="the containerd to configure (default: ask `containerd --version`)",
+    )
 
     p_sandbox = sub.add_parser("sandbox", help="the sandboxes on this host")
     sandbox_sub = p_sandbox.add_subparsers(dest="sandbox_command", required=True)
@@ -131,14 +137,19 @@ def _cmd_image_pause(args: argparse.Namespace) -> int:
 
 def _cmd_containerd_config(args: argparse.Namespace) -> int:
     from shim.cli import containerd_config as ctd
+    from shim.containerd import releases
 
     cfg = config.load(args.config)
     template = args.template_config or ctd.TEMPLATE_CONFIG
+    if args.containerd_version:
+        release = releases.parse(args.containerd_version)
+    else:
+        release = releases.detect()
     if not args.install:
-        print(ctd.snippet(cfg.source, template), end="")
+        print(ctd.snippet(cfg.source, template, release), end="")
         return 0
     target = args.containerd_config or ctd.CONTAINERD_CONFIG
-    changes = ctd.install(cfg, target, template)
+    changes = ctd.install(cfg, target, template, release)
     for change in changes:
         print(change)
     if changes:

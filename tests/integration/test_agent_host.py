@@ -7,6 +7,7 @@ state, hostname and network are never touched. Needs root, runc and busybox.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -237,6 +238,33 @@ async def test_echo_hello_and_exit_status() -> None:
             await a.wait("c1")
         assert err.value.code == Code.NOT_FOUND
         assert "'c1'" in str(err.value)
+
+
+async def test_a_containerd_2_pod_spec_runs_on_the_hosts_runc() -> None:
+    """runtime-spec 1.2.1 and containerd 2's pod sysctl: runc gets what it knows, no net.*."""
+    async with running_agent() as a:
+        await create_sandbox(a)
+        a.add_rootfs("pod")
+        spec = make_spec(["echo", "pod"])
+        spec.Version = "1.2.1"
+        spec.Linux.Sysctl["net.ipv4.ping_group_range"] = "0 2147483647"
+        await a.agent.CreateContainer(
+            agent_pb2.CreateContainerRequest(container_id="pod", exec_id="pod", OCI=spec),
+            timeout=30,
+        )
+        config = json.loads((a.base / "state" / "bundles" / "pod" / "config.json").read_text())
+        assert config["ociVersion"] == runc_version_max()
+        assert "sysctl" not in config["linux"]
+        await a.agent.StartContainer(agent_pb2.StartContainerRequest(container_id="pod"))
+        assert await a.read_all("pod") == b"pod\n"
+        assert await a.wait("pod") == 0
+        await a.agent.RemoveContainer(agent_pb2.RemoveContainerRequest(container_id="pod"))
+
+
+def runc_version_max() -> str:
+    """What the host's runtime says it knows (1.0.2 when it has no ``features``)."""
+    done = subprocess.run([RUNC, "features"], capture_output=True, check=False)
+    return str(json.loads(done.stdout)["ociVersionMax"]) if done.returncode == 0 else "1.0.2"
 
 
 async def test_stdin_reaches_the_process_and_eof_ends_it() -> None:

@@ -2,7 +2,9 @@
 
 One VM (TCG, virtio-serial agent channel, 9p share of a host dir) serves every
 test of this module, in order: the agent answers Health over virtio-serial with
-husk's ttrpc client; a container made from a busybox rootfs on the 9p share runs
+husk's ttrpc client; the pod's first container, written as containerd 2 writes
+it (runtime-spec 1.2.1, pod sysctls), sets the pod network's sysctls on the VM
+and runs on crun; a container made from a busybox rootfs on the 9p share runs
 and returns its stdout and exit code; a second process is exec'd into a running
 container and signalled; the container is removed; DestroySandbox powers the
 guest off and QEMU exits by itself.
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from agent_proto import agent_pb2, health_pb2
+from agent_proto import agent_pb2, health_pb2, oci_pb2
 from guest.image import DEFAULT_IMAGE_DIR, build_image, image_paths
 from plugins.qemu.cmdline import BASE_KERNEL_PARAMS
 from shim.agent.transport import connect
@@ -115,10 +117,16 @@ class Guest:
         )
         return int(resp.status)
 
-    async def create_and_start(self, cid: str, args: list[str]) -> None:
-        make_rootfs(self.shared / cid / "rootfs")
+    async def create_and_start(
+        self, cid: str, args: list[str], spec: oci_pb2.Spec | None = None
+    ) -> None:
+        """Create ``cid`` from ``spec`` (default: ``make_spec(args)``) and start it."""
+        if not (self.shared / cid / "rootfs").exists():
+            make_rootfs(self.shared / cid / "rootfs")
         await self.agent.CreateContainer(
-            agent_pb2.CreateContainerRequest(container_id=cid, exec_id=cid, OCI=make_spec(args)),
+            agent_pb2.CreateContainerRequest(
+                container_id=cid, exec_id=cid, OCI=spec or make_spec(args)
+            ),
             timeout=CALL_TIMEOUT,
         )
         await self.agent.StartContainer(
@@ -193,6 +201,76 @@ def test_sandbox_mounts_the_9p_share(guest: Guest) -> None:
     assert share is not None
     request = agent_pb2.CreateSandboxRequest(hostname="husk-vm", storages=[share], sandbox_id="vm")
     guest.run(guest.agent.CreateSandbox, request)
+
+
+#: what containerd 2's CRI puts on a pod's sandbox spec, and a pod sysctl of the user's
+POD_SYSCTLS = {"net.ipv4.ping_group_range": "0 2147483647", "net.ipv4.ip_forward": "1"}
+
+
+def containerd_2_spec(args: list[str], sysctls: dict[str, str]) -> oci_pb2.Spec:
+    """``make_spec`` as containerd 2.1 writes it: runtime-spec 1.2.1, with ``sysctls``."""
+    spec = make_spec(args)
+    spec.Version = "1.2.1"
+    for key, value in sysctls.items():
+        spec.Linux.Sysctl[key] = value
+    return spec
+
+
+def create_error(guest: Guest, cid: str, spec: oci_pb2.Spec) -> RpcError:
+    with pytest.raises(RpcError) as err:
+        guest.run(guest.create_and_start, cid, [], spec)
+    return err.value
+
+
+def test_a_pod_sysctl_the_vm_cannot_take_fails_naming_it(guest: Guest) -> None:
+    spec = containerd_2_spec(["true"], {**POD_SYSCTLS, "net.ipv4.no_such_knob": "1"})
+    err = create_error(guest, "bad", spec)
+    assert err.code == Code.INVALID_ARGUMENT
+    assert "sysctl net.ipv4.no_such_knob cannot be set on the VM's network" in str(err)
+
+
+def test_an_unknown_spec_major_version_fails_in_one_line(guest: Guest) -> None:
+    spec = containerd_2_spec(["true"], {})
+    spec.Version = "2.0.0"
+    err = create_error(guest, "future", spec)
+    assert err.code == Code.INVALID_ARGUMENT
+    assert "ociVersion 2.0.0 is not supported" in str(err) and "\n" not in str(err)
+
+
+def test_the_pods_first_container_sets_its_network_sysctls_on_the_vm(guest: Guest) -> None:
+    script = "cat /proc/sys/net/ipv4/ping_group_range /proc/sys/net/ipv4/ip_forward"
+    guest.run(
+        guest.create_and_start, "pause", [], containerd_2_spec(["sh", "-c", script], POD_SYSCTLS)
+    )
+    out = guest.run(guest.read_all, "pause")
+    assert guest.run(guest.wait, "pause") == 0
+    assert out.split() == [b"0", b"2147483647", b"1"]
+
+
+def test_a_later_container_keeps_its_own_namespaces_sysctls(guest: Guest) -> None:
+    # the pod's value again (dropped), and an IPC-namespace sysctl (the runtime sets it)
+    sysctls = {"net.ipv4.ping_group_range": "0 2147483647", "kernel.shm_rmid_forced": "1"}
+    spec = containerd_2_spec(["cat", "/proc/sys/kernel/shm_rmid_forced"], sysctls)
+    guest.run(guest.create_and_start, "app", [], spec)
+    assert guest.run(guest.read_all, "app") == b"1\n"
+    assert guest.run(guest.wait, "app") == 0
+
+
+def test_a_later_container_cannot_change_the_pods_network(guest: Guest) -> None:
+    spec = containerd_2_spec(["true"], {"net.ipv4.ip_forward": "0"})
+    err = create_error(guest, "app2", spec)
+    assert err.code == Code.INVALID_ARGUMENT
+    assert "sets sysctl net.ipv4.ip_forward='0', but its network is the pod's" in str(err)
+
+
+def test_the_runtimes_errors_name_crun(guest: Guest) -> None:
+    err = create_error(guest, "nobin", make_spec(["/no/such/binary"]))
+    assert str(err).count("crun create of container 'nobin' failed") == 1, err
+
+
+def test_pod_containers_are_removed(guest: Guest) -> None:
+    for cid in ("pause", "app"):
+        guest.run(guest.agent.RemoveContainer, agent_pb2.RemoveContainerRequest(container_id=cid))
 
 
 def test_container_from_9p_rootfs_returns_stdout_and_exit_code(guest: Guest) -> None:

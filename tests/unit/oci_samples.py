@@ -19,9 +19,19 @@ M = TypeVar("M", bound=Message)
 CTR_RUN_SPEC = Path(__file__).parent / "data" / "ctr_run_spec.json"
 
 
-def ctr_run_spec() -> dict[str, Any]:
-    """A fresh copy of the spec ``ctr run`` made (see ``CTR_RUN_SPEC``)."""
-    spec: dict[str, Any] = json.loads(CTR_RUN_SPEC.read_text())
+#: the same ``ctr run`` (an image's rootfs instead of ``--rootfs``, runc as the
+#: runtime) in containerd 1.7.24 and 2.1.9 (Debian trixie's and sid's), keyed by
+#: version: they write runtime-spec 1.2.0 and 1.2.1
+CTR_RUN_SPECS = {
+    version: Path(__file__).parent / "data" / f"ctr_run_spec_{version.replace('.', '_')}.json"
+    for version in ("1.7.24", "2.1.9")
+}
+
+
+def ctr_run_spec(containerd: str = "1.6.20") -> dict[str, Any]:
+    """A fresh copy of the spec ``ctr run`` made in ``containerd`` (see ``CTR_RUN_SPEC``)."""
+    path = CTR_RUN_SPECS.get(containerd, CTR_RUN_SPEC)
+    spec: dict[str, Any] = json.loads(path.read_text())
     return spec
 
 

@@ -41,6 +41,7 @@ def full_spec() -> oci_pb2.Spec:
     linux.Namespaces[0].Path = "/proc/42/ns/pid"
     linux.CgroupsPath = "/kubepods/pod1/c1"
     linux.Sysctl["net.ipv4.ip_forward"] = "1"
+    linux.Sysctl["kernel.shm_rmid_forced"] = "1"
     linux.MaskedPaths.append("/proc/kcore")
     linux.ReadonlyPaths.append("/proc/sys")
     linux.MountLabel = "system_u:object_r:container_file_t"
@@ -91,7 +92,8 @@ def test_full_spec_converts_the_fields_that_matter() -> None:
     # The VM's network is shared; host namespace paths mean nothing in the guest.
     assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     assert linux["cgroupsPath"] == "/husk/c1"
-    assert linux["sysctl"] == {"net.ipv4.ip_forward": "1"}
+    # net.* went with the network namespace: the sandbox sets it on the VM
+    assert linux["sysctl"] == {"kernel.shm_rmid_forced": "1"}
     assert linux["maskedPaths"] == ["/proc/kcore"]
     assert linux["readonlyPaths"] == ["/proc/sys"]
     assert "mountLabel" not in linux

@@ -48,3 +48,18 @@ def test_unknown_hypervisor_lists_registered_ones_without_traceback(tmp_path: Pa
 def test_check_exit_status_follows_the_verdict() -> None:
     proc = husk("check", "--json")
     assert proc.returncode == (0 if json.loads(proc.stdout)["ok"] else 1)
+
+
+def test_containerd_config_for_containerd_2_prints_version_3() -> None:
+    proc = husk("containerd-config", "--containerd-version", "2.1")
+    assert proc.returncode == 0, proc.stderr
+    assert '[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.husk]' in proc.stdout
+    assert '[plugins."io.containerd.cri.v1.images".pinned_images]' in proc.stdout
+
+
+def test_containerd_config_for_an_unsupported_containerd_is_one_line() -> None:
+    proc = husk("containerd-config", "--containerd-version", "1.5")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr == "husk: containerd 1.5 is not supported: husk needs containerd 1.6 or newer\n"
+    )

@@ -10,6 +10,7 @@ import pytest
 from shim import config
 from shim.cli import containerd_config as ctd
 from shim.cli import local_images
+from shim.containerd import releases
 from shim.host import HostFacts
 
 CRI = 'plugins."io.containerd.grpc.v1.cri"'
@@ -76,3 +77,98 @@ def test_the_template_config_turns_templates_on_and_loads(tmp_path: Path) -> Non
     twin = config.load(tmp_path / "t.toml", host=HostFacts.probe())
     assert twin.factory.enable_template and not cfg.factory.enable_template
     assert ctd.install(cfg, tmp_path / "config.toml", tmp_path / "t.toml") == []
+
+
+V3_RUNTIME = "io.containerd.cri.v1.runtime"
+V3_IMAGES = "io.containerd.cri.v1.images"
+CONTAINERD_2 = releases.parse("2.1")
+
+
+def _v3_runtimes(text: str) -> dict[str, dict[str, object]]:
+    runtimes: dict[str, dict[str, object]] = tomllib.loads(text)["plugins"][V3_RUNTIME][
+        "containerd"
+    ]["runtimes"]
+    return runtimes
+
+
+def test_containerd_2_gets_config_version_3s_cri_plugins() -> None:
+    text = ctd.snippet(Path("/etc/husk/configuration.toml"), Path("/t.toml"), CONTAINERD_2)
+    assert "version = 3" in text and ctd.CRI not in text
+    runtimes = _v3_runtimes(text)
+    assert runtimes["husk"] == {
+        "runtime_type": "io.containerd.husk.v2",
+        "pod_annotations": ["io.husk.*"],
+        "options": {"ConfigPath": "/etc/husk/configuration.toml"},
+    }
+    assert runtimes["husk-template"]["options"] == {"ConfigPath": "/t.toml"}
+    plugins = tomllib.loads(text)["plugins"]
+    assert plugins[V3_IMAGES]["pinned_images"] == {"sandbox": local_images.PAUSE_REFERENCE}
+    assert plugins[V3_RUNTIME]["cni"] == {"bin_dirs": ["/opt/cni/bin", "/usr/lib/cni"]}
+
+
+@pytest.mark.parametrize("version", ["1.6", "1.7"])
+def test_containerd_1_6_and_1_7_get_config_version_2(version: str) -> None:
+    text = ctd.snippet(Path("/a.toml"), Path("/b.toml"), releases.parse(version))
+    assert f"containerd {version}" in text and "version = 2" in text
+    assert set(_runtimes(text)) == {"husk", "husk-template"}
+    assert V3_RUNTIME not in text and "bin_dir" not in text  # 1.x's one bin_dir stays its own
+
+
+def test_merging_into_no_config_for_containerd_2_makes_a_version_3_file() -> None:
+    text, added = ctd.merged("", Path("/a.toml"), Path("/b.toml"), CONTAINERD_2)
+    assert tomllib.loads(text)["version"] == 3
+    assert set(_v3_runtimes(text)) == {"husk", "husk-template"}
+    assert len(added) == 4  # pause image, CNI dirs, two handlers
+
+
+def test_merging_a_version_3_file_twice_adds_nothing() -> None:
+    once, _ = ctd.merged("", Path("/a.toml"), Path("/b.toml"), CONTAINERD_2)
+    twice, added = ctd.merged(once, Path("/a.toml"), Path("/b.toml"), CONTAINERD_2)
+    assert twice == once and added == []
+
+
+def test_an_operators_version_3_settings_are_kept() -> None:
+    # as `containerd config default` (2.x) writes it: single-quoted plugin names
+    existing = (
+        "version = 3\n"
+        f"[plugins.'{V3_IMAGES}'.pinned_images]\n  sandbox = 'registry.k8s.io/pause:3.10'\n"
+        f"[plugins.'{V3_RUNTIME}'.cni]\n  bin_dirs = ['/opt/cni/bin']\n"
+        f"[plugins.'{V3_RUNTIME}'.containerd.runtimes.runc]\n"
+        "  runtime_type = 'io.containerd.runc.v2'\n"
+    )
+    text, added = ctd.merged(existing, Path("/a.toml"), Path("/b.toml"), CONTAINERD_2)
+    assert text.startswith(existing)
+    plugins = tomllib.loads(text)["plugins"]
+    assert plugins[V3_IMAGES]["pinned_images"]["sandbox"] == "registry.k8s.io/pause:3.10"
+    assert plugins[V3_RUNTIME]["cni"]["bin_dirs"] == ["/opt/cni/bin"]
+    assert set(_v3_runtimes(text)) == {"runc", "husk", "husk-template"}
+    assert [a.split()[0] for a in added] == ["handler", "handler"]
+
+
+def test_a_pinned_images_table_without_a_sandbox_is_refused_in_one_line() -> None:
+    existing = f"version = 3\n[plugins.'{V3_IMAGES}'.pinned_images]\n  other = 'x'\n"
+    with pytest.raises(ctd.ContainerdConfigError) as caught:
+        ctd.merged(existing, Path("/a.toml"), Path("/b.toml"), CONTAINERD_2)
+    message = str(caught.value)
+    assert "set sandbox = " in message and "pinned_images" in message and "\n" not in message
+
+
+def test_a_version_3_file_is_refused_for_containerd_1_7() -> None:
+    once, _ = ctd.merged("", Path("/a.toml"), Path("/b.toml"), CONTAINERD_2)
+    with pytest.raises(ctd.ContainerdConfigError, match=r"version 3 is containerd 2's.*1\.7"):
+        ctd.merged(once, Path("/a.toml"), Path("/b.toml"), releases.parse("1.7"))
+
+
+def test_a_version_2_file_stays_version_2_for_containerd_2_which_converts_it() -> None:
+    existing = f"version = 2\n[{CRI}]\n  sandbox_image = 'registry.k8s.io/pause:3.6'\n"
+    text, _ = ctd.merged(existing, Path("/a.toml"), Path("/b.toml"), CONTAINERD_2)
+    assert V3_RUNTIME not in text
+    assert set(_runtimes(text)) == {"husk", "husk-template"}
+
+
+def test_install_for_containerd_2_writes_version_3(tmp_path: Path) -> None:
+    cfg = config.load(config.packaged_default(), host=HostFacts.probe())
+    target = tmp_path / "config.toml"
+    ctd.install(cfg, target, tmp_path / "t.toml", CONTAINERD_2)
+    assert tomllib.loads(target.read_text())["version"] == 3
+    assert _v3_runtimes(target.read_text())["husk"]["options"] == {"ConfigPath": str(cfg.source)}
