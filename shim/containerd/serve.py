@@ -1,11 +1,13 @@
 """The long-lived shim process: the task service on the socket ``start`` bound.
 
 It serves ``containerd.task.v2.Task`` and ``containerd.task.v3.Task`` (one set of
-handlers) on fd 3 (passed by ``start``), logs to the bundle's ``log`` FIFO that
-containerd reads, publishes events to ``TTRPC_ADDRESS``, serves Prometheus
-metrics on ``metrics.sock`` in the sandbox's state dir and, as soon as it
-runs, begins booting the sandbox its bundle names, sized for that container's
-limits, so the VM boots while containerd prepares the ``Create`` call. It
+handlers), and containerd 2's ``containerd.runtime.sandbox.v1.Sandbox`` (for
+``sandboxer = "shim"``: :mod:`shim.containerd.sandbox_service`) on fd 3
+(passed by ``start``), logs to the bundle's ``log`` FIFO that containerd reads,
+publishes events to ``TTRPC_ADDRESS``, serves Prometheus metrics on
+``metrics.sock`` in the sandbox's state dir and, as soon as it runs, begins
+booting the sandbox its bundle names, sized for that container's limits, so
+the VM boots while containerd prepares the ``Create`` call. It
 exits after ``Shutdown`` (or SIGTERM) once the sandbox and every host resource
 it recorded are gone.
 """
@@ -26,11 +28,12 @@ from typing import Any
 
 import trio
 
-from agent_proto import task_pb2, task_v3_pb2
+from agent_proto import sandbox_pb2, task_pb2, task_v3_pb2
 from shim import network
 from shim.config import Config
 from shim.containerd.events import Publisher, RecordingPublisher, TtrpcPublisher
 from shim.containerd.launch import SERVE_FD, ShimArgs
+from shim.containerd.sandbox_service import SandboxService
 from shim.containerd.task_service import TaskService
 from shim.errors import HuskError
 from shim.lograte import RateLimit
@@ -49,6 +52,8 @@ TASK_SERVICES = (
     task_pb2.DESCRIPTOR.services_by_name["Task"],
     task_v3_pb2.DESCRIPTOR.services_by_name["Task"],
 )
+#: what containerd 2's shim sandbox controller calls (plugins/sandbox/controller.go)
+SANDBOX_SERVICE = sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"]
 SHUTDOWN_GRACE = 2.0
 
 
@@ -107,6 +112,7 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
         server = Server()
         for descriptor in TASK_SERVICES:
             server.register(descriptor, service)
+        server.register(SANDBOX_SERVICE, SandboxService(nursery, service))
         socket_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await nursery.start(server.serve_listener, socket_listener)
         if state_root is not None:
