@@ -95,6 +95,7 @@ class SandboxService:
             raise FailedPreconditionError("CreateSandbox needs a sandbox id")
         settings = pod_settings(sid, request.options, request.annotations)
         self._created = (sid, request.netns_path or None, settings)
+        self._tasks.serves_sandbox_api = True
         return sandbox_pb2.CreateSandboxResponse()
 
     async def StartSandbox(

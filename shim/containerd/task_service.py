@@ -67,6 +67,9 @@ class TaskService:
         self._namespace = namespace
         self.sandbox: Sandbox | None = None
         self.shutdown_requested = trio.Event()
+        #: set when the shim is a pod's sandboxer (containerd 2's sandbox API): then
+        #: only ShutdownSandbox (or ``now``) ends it, not the last task's delete
+        self.serves_sandbox_api = False
         self._creating: set[str] = set()
 
     # -- the sandbox ------------------------------------------------------------
@@ -406,9 +409,13 @@ class TaskService:
         return task_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=task_pid, version="2")
 
     async def Shutdown(self, request: task_pb2.ShutdownRequest, ctx: object) -> Empty:
-        """Exit the shim once no container is left (``now``: regardless)."""
+        """Exit the shim once no container is left (``now``: regardless).
+
+        containerd 2 asks this after every task's Delete; a shim that is its
+        pod's sandboxer lives on until ShutdownSandbox.
+        """
         busy = self.sandbox is not None and self.sandbox.containers
-        if busy and not request.now:
+        if (busy or self.serves_sandbox_api) and not request.now:
             return Empty()
         self.shutdown_requested.set()
         return Empty()

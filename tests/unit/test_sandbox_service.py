@@ -259,6 +259,23 @@ async def test_shutdown_sandbox_asks_the_shim_to_exit(tmp_path: Path) -> None:
         assert waited.exit_status == 0
 
 
+async def test_the_last_tasks_delete_does_not_end_a_sandboxer_shim(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        h = PodHarness(tmp_path, nursery)
+        await h.create()
+        await h.start()
+        await h.service.Create(h.create_request("app1", ["exit", "0"], pod=POD), None)
+        await h.service.Start(task_pb2.StartRequest(id="app1"), None)
+        await h.service.Wait(task_pb2.WaitRequest(id="app1"), None)
+        await h.service.Delete(task_pb2.DeleteRequest(id="app1"), None)
+        # containerd 2 follows every task's Delete with Shutdown
+        await h.service.Shutdown(task_pb2.ShutdownRequest(id="app1"), None)
+        assert not h.service.shutdown_requested.is_set()
+        await h.sandboxes.ShutdownSandbox(sandbox_pb2.ShutdownSandboxRequest(sandbox_id=POD), None)
+        assert h.service.shutdown_requested.is_set()
+        await h.service.teardown()
+
+
 async def test_another_sandbox_id_is_not_found(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         h = PodHarness(tmp_path, nursery)
