@@ -25,7 +25,7 @@ from shim.sandbox import cleanup
 from tests.integration import containerd_versions
 from tests.integration.containerd import sandbox_dirs
 from tests.kubelet import cri_api_pb2 as cri
-from tests.kubelet.client import CriClient
+from tests.kubelet.client import CriClient, GRPCError
 from tests.kubelet.cri_containerd import K8S_NAMESPACE, CriContainerd, husk_handler
 from tests.kubelet.pods import (
     Pod,
@@ -85,8 +85,13 @@ def client(cri_ctd: CriContainerd) -> CriClient:
     return cri_ctd.cri
 
 
-def _run_pod(cri_ctd: CriContainerd, client: CriClient, name: str) -> Pod:
-    config = pod_config(name, log_directory=cri_ctd.base / "pods" / name)
+def _run_pod(
+    cri_ctd: CriContainerd,
+    client: CriClient,
+    name: str,
+    annotations: dict[str, str] | None = None,
+) -> Pod:
+    config = pod_config(name, log_directory=cri_ctd.base / "pods" / name, annotations=annotations)
     return Pod(client.run_pod_sandbox(config, HANDLER), config)
 
 
@@ -234,6 +239,26 @@ def test_stop_and_remove_leave_no_vmm_shim_tap_mount_netns_or_state(
 
     assert _wait_gone(root, pod.id, netns) == []
     assert client.list_pod_sandbox(pod_id=pod.id) == []
+
+
+def test_a_pod_annotation_the_config_does_not_enable_fails_in_one_line_and_leaves_nothing(
+    cri_ctd: CriContainerd, client: CriClient, root: Path
+) -> None:
+    before = {p.id for p in client.list_pod_sandbox()}
+    netns_before = _netns_files(cri_ctd)
+    with pytest.raises(GRPCError) as failure:
+        _run_pod(cri_ctd, client, "greedy", {"io.husk.config.hypervisor.default_vcpus": "2"})
+    message = str(failure.value.message)
+    assert 'add "default_vcpus" to enable_annotations' in message
+    assert "\n" not in message.strip()
+    assert {p.id for p in client.list_pod_sandbox()} <= before
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+        {d.name for d in sandbox_dirs(root)} - before or _netns_files(cri_ctd) - netns_before
+    ):
+        time.sleep(0.2)
+    assert {d.name for d in sandbox_dirs(root)} <= before
+    assert _netns_files(cri_ctd) <= netns_before
 
 
 def test_a_killed_vmm_makes_the_pod_notready_and_its_containers_exit(
