@@ -154,6 +154,10 @@ async def _start_metrics(nursery: trio.Nursery, directory: Path, service: TaskSe
 
 def _preboot(service: TaskService, args: ShimArgs, model: str) -> None:
     """Boot the VM now if the bundle's container owns its sandbox."""
+    if not (Path(args.bundle) / "config.json").exists():
+        # a pod's bundle under containerd 2's sandbox API has no spec: StartSandbox boots
+        log.debug("bundle %s has no spec: the VM boots at StartSandbox", args.bundle)
+        return
     try:
         spec = oci.read_bundle_spec(args.bundle)
         place = placement(args.id, spec, model)
