@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gent_proto/cri_pod.proto\x12\x0bhusk.cri.v1\"S\n\x12PodSandboxMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"s\n\x17LinuxContainerResources\x12\x12\n\ncpu_period\x18\x01 \x01(\x03\x12\x11\n\tcpu_quota\x18\x02 \x01(\x03\x12\x12\n\ncpu_shares\x18\x03 \x01(\x03\x12\x1d\n\x15memory_limit_in_bytes\x18\x04 \x01(\x03\"\x91\x02\n\x15LinuxPodSandboxConfig\x12\x15\n\rcgroup_parent\x18\x01 \x01(\t\x12@\n\x07sysctls\x18\x03 \x03(\x0b\x32/.husk.cri.v1.LinuxPodSandboxConfig.SysctlsEntry\x12\x36\n\x08overhead\x18\x04 \x01(\x0b\x32$.husk.cri.v1.LinuxContainerResources\x12\x37\n\tresources\x18\x05 \x01(\x0b\x32$.husk.cri.v1.LinuxContainerResources\x1a.\n\x0cSysctlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x03\n\x10PodSandboxConfig\x12\x31\n\x08metadata\x18\x01 \x01(\x0b\x32\x1f.husk.cri.v1.PodSandboxMetadata\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\rlog_directory\x18\x03 \x01(\t\x12\x39\n\x06labels\x18\x06 \x03(\x0b\x32).husk.cri.v1.PodSandboxConfig.LabelsEntry\x12\x43\n\x0b\x61nnotations\x18\x07 \x03(\x0b\x32..husk.cri.v1.PodSandboxConfig.AnnotationsEntry\x12\x31\n\x05linux\x18\x08 \x01(\x0b\x32\".husk.cri.v1.LinuxPodSandboxConfig\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gent_proto/cri_pod.proto\x12\x0bhusk.cri.v1\"S\n\x12PodSandboxMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"?\n\tDNSConfig\x12\x0f\n\x07servers\x18\x01 \x03(\t\x12\x10\n\x08searches\x18\x02 \x03(\t\x12\x0f\n\x07options\x18\x03 \x03(\t\"s\n\x17LinuxContainerResources\x12\x12\n\ncpu_period\x18\x01 \x01(\x03\x12\x11\n\tcpu_quota\x18\x02 \x01(\x03\x12\x12\n\ncpu_shares\x18\x03 \x01(\x03\x12\x1d\n\x15memory_limit_in_bytes\x18\x04 \x01(\x03\"\x91\x02\n\x15LinuxPodSandboxConfig\x12\x15\n\rcgroup_parent\x18\x01 \x01(\t\x12@\n\x07sysctls\x18\x03 \x03(\x0b\x32/.husk.cri.v1.LinuxPodSandboxConfig.SysctlsEntry\x12\x36\n\x08overhead\x18\x04 \x01(\x0b\x32$.husk.cri.v1.LinuxContainerResources\x12\x37\n\tresources\x18\x05 \x01(\x0b\x32$.husk.cri.v1.LinuxContainerResources\x1a.\n\x0cSysctlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb0\x03\n\x10PodSandboxConfig\x12\x31\n\x08metadata\x18\x01 \x01(\x0b\x32\x1f.husk.cri.v1.PodSandboxMetadata\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\rlog_directory\x18\x03 \x01(\t\x12*\n\ndns_config\x18\x04 \x01(\x0b\x32\x16.husk.cri.v1.DNSConfig\x12\x39\n\x06labels\x18\x06 \x03(\x0b\x32).husk.cri.v1.PodSandboxConfig.LabelsEntry\x12\x43\n\x0b\x61nnotations\x18\x07 \x03(\x0b\x32..husk.cri.v1.PodSandboxConfig.AnnotationsEntry\x12\x31\n\x05linux\x18\x08 \x01(\x0b\x32\".husk.cri.v1.LinuxPodSandboxConfig\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,16 +39,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PODSANDBOXCONFIG_ANNOTATIONSENTRY']._serialized_options = b'8\001'
   _globals['_PODSANDBOXMETADATA']._serialized_start=42
   _globals['_PODSANDBOXMETADATA']._serialized_end=125
-  _globals['_LINUXCONTAINERRESOURCES']._serialized_start=127
-  _globals['_LINUXCONTAINERRESOURCES']._serialized_end=242
-  _globals['_LINUXPODSANDBOXCONFIG']._serialized_start=245
-  _globals['_LINUXPODSANDBOXCONFIG']._serialized_end=518
-  _globals['_LINUXPODSANDBOXCONFIG_SYSCTLSENTRY']._serialized_start=472
-  _globals['_LINUXPODSANDBOXCONFIG_SYSCTLSENTRY']._serialized_end=518
-  _globals['_PODSANDBOXCONFIG']._serialized_start=521
-  _globals['_PODSANDBOXCONFIG']._serialized_end=909
-  _globals['_PODSANDBOXCONFIG_LABELSENTRY']._serialized_start=812
-  _globals['_PODSANDBOXCONFIG_LABELSENTRY']._serialized_end=857
-  _globals['_PODSANDBOXCONFIG_ANNOTATIONSENTRY']._serialized_start=859
-  _globals['_PODSANDBOXCONFIG_ANNOTATIONSENTRY']._serialized_end=909
+  _globals['_DNSCONFIG']._serialized_start=127
+  _globals['_DNSCONFIG']._serialized_end=190
+  _globals['_LINUXCONTAINERRESOURCES']._serialized_start=192
+  _globals['_LINUXCONTAINERRESOURCES']._serialized_end=307
+  _globals['_LINUXPODSANDBOXCONFIG']._serialized_start=310
+  _globals['_LINUXPODSANDBOXCONFIG']._serialized_end=583
+  _globals['_LINUXPODSANDBOXCONFIG_SYSCTLSENTRY']._serialized_start=537
+  _globals['_LINUXPODSANDBOXCONFIG_SYSCTLSENTRY']._serialized_end=583
+  _globals['_PODSANDBOXCONFIG']._serialized_start=586
+  _globals['_PODSANDBOXCONFIG']._serialized_end=1018
+  _globals['_PODSANDBOXCONFIG_LABELSENTRY']._serialized_start=921
+  _globals['_PODSANDBOXCONFIG_LABELSENTRY']._serialized_end=966
+  _globals['_PODSANDBOXCONFIG_ANNOTATIONSENTRY']._serialized_start=968
+  _globals['_PODSANDBOXCONFIG_ANNOTATIONSENTRY']._serialized_end=1018
 # @@protoc_insertion_point(module_scope)

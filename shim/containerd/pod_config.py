@@ -6,7 +6,12 @@ pod's settings: ``CreateSandbox`` hands the shim the CRI's
 typeurl, whose type URL is the bare message name). From it husk takes the
 hostname, the sysctls, the pod's declared resources (``linux.resources``, the
 figures containerd's pause path writes as ``io.kubernetes.cri.sandbox-*``
-annotations) and husk's own ``io.husk.*`` pod annotations. Here every pod
+annotations) and husk's own ``io.husk.*`` pod annotations; and, since the
+CRI leaves the pod's ``/etc/hostname``, ``/etc/hosts`` and
+``/etc/resolv.conf`` to the sandboxer, their text, made as containerd's
+pause path makes them (``setupSandboxFiles``): the pod's hostname (the
+host's if it has none), the host's ``/etc/hosts``, and a ``resolv.conf``
+from the pod's ``dns_config`` (the host's when it has none). Here every pod
 annotation reaches the shim (no ``pod_annotations`` filter applies), so which
 ``io.husk.*`` keys a pod may set is decided by the configuration's
 ``enable_annotations`` alone, as on the pause path.
@@ -15,7 +20,9 @@ annotation reaches the shim (no ``pod_annotations`` filter applies), so which
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
@@ -29,6 +36,8 @@ from shim.sandbox.pod_settings import PodSettings
 log = logging.getLogger("husk.sandbox_api")
 
 POD_SANDBOX_CONFIG = "runtime.v1.PodSandboxConfig"
+HOST_HOSTS = Path("/etc/hosts")
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 
 
 def pod_settings(
@@ -61,5 +70,33 @@ def pod_settings(
         kept.setdefault(sizing.SANDBOX_CPU_QUOTA, str(resources.cpu_quota))
         kept.setdefault(sizing.SANDBOX_MEMORY, str(resources.memory_limit_in_bytes))
     return PodSettings(
-        hostname=config.hostname, sysctls=dict(config.linux.sysctls), annotations=kept
+        hostname=config.hostname,
+        sysctls=dict(config.linux.sysctls),
+        annotations=kept,
+        files=pod_files(config),
     )
+
+
+def pod_files(config: cri_pod_pb2.PodSandboxConfig) -> dict[str, str]:
+    """The pod's ``/etc/hostname``, ``/etc/hosts`` and ``/etc/resolv.conf``, by path."""
+    files = {"/etc/hostname": (config.hostname or socket.gethostname()) + "\n"}
+    if config.HasField("dns_config"):
+        files["/etc/resolv.conf"] = resolv_conf(config.dns_config)
+    for path, source in (("/etc/hosts", HOST_HOSTS), ("/etc/resolv.conf", HOST_RESOLV_CONF)):
+        if path not in files:
+            try:
+                files[path] = source.read_text()
+            except OSError as e:
+                log.warning("pod file %s: cannot read the host's %s: %s", path, source, e)
+    return files
+
+
+def resolv_conf(dns: cri_pod_pb2.DNSConfig) -> str:
+    """``resolv.conf`` for a pod's DNS settings, as the CRI writes it."""
+    lines = []
+    if dns.searches:
+        lines.append("search " + " ".join(dns.searches))
+    lines += [f"nameserver {server}" for server in dns.servers]
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return "".join(line + "\n" for line in lines)

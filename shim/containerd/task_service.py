@@ -118,6 +118,7 @@ class TaskService:
         if pod.hostname:
             sandbox.hostname = pod.hostname
         sandbox.pod_sysctls = dict(pod.sysctls)
+        sandbox.pod_files = dict(pod.files)
         sandbox.on_exit = self._process_exited
         sandbox.on_oom = self._oom
         self.sandbox = sandbox

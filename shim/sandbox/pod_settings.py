@@ -23,3 +23,7 @@ class PodSettings:
     #: the pod's total (``io.kubernetes.cri.sandbox-*``) and husk's ``io.husk.*`` keys,
     #: read as from a pause container's annotations
     annotations: Mapping[str, str] = field(default_factory=dict)
+    #: files every container of the pod sees (``/etc/resolv.conf``, ...): their
+    #: path in the container and their text, mounted read-only unless the
+    #: container mounts something there itself
+    files: Mapping[str, str] = field(default_factory=dict)

@@ -66,6 +66,8 @@ OOM_PACE = 0.1
 LIVENESS_INTERVAL = 10.0
 #: host randomness a clone's RNG is reseeded with
 RESEED_BYTES = 64
+#: where the pod's files (``pod_files``) are kept in the sandbox's state dir
+POD_FILES = "pod-files"
 
 
 class Sandbox:
@@ -134,6 +136,9 @@ class Sandbox:
         #: spec of the sandbox's first container, where the guest sets the pod's
         #: network sysctls on the VM once
         self.pod_sysctls: dict[str, str] = {}
+        #: the text of files every container of the pod sees, by their path in the
+        #: container, when no pause container's runtime makes them (``/etc/resolv.conf``)
+        self.pod_files: dict[str, str] = {}
         #: when the sandbox stopped (None while it has not)
         self.stopped_at: datetime.datetime | None = None
         self._agent: AgentClient | None = None
@@ -348,6 +353,7 @@ class Sandbox:
             oci_spec.ClearField("Hooks")
             if not self.containers:
                 _add_pod_sysctls(oci_spec, self.pod_sysctls)
+            self._add_pod_files(oci_spec)
             rootfs.share_bind_mounts(container_id, oci_spec, shared, self.state)
             await agent.create_container(
                 agent_pb2.CreateContainerRequest(
@@ -364,6 +370,25 @@ class Sandbox:
         container = Container(container_id, bundle, mounts, init, shared)
         self.containers[container_id] = container
         return container
+
+    def _add_pod_files(self, spec: oci_pb2.Spec) -> None:
+        """Bind the pod's files read-only where the container mounts nothing itself."""
+        taken = {m.destination for m in spec.Mounts}
+        for destination, text in self.pod_files.items():
+            if destination in taken:
+                continue
+            host = self.state.dir / POD_FILES / destination.strip("/").replace("/", "_")
+            if not host.exists():
+                host.parent.mkdir(mode=0o700, exist_ok=True)
+                host.write_text(text)
+            spec.Mounts.append(
+                oci_pb2.Mount(
+                    destination=destination,
+                    source=str(host),
+                    type="bind",
+                    options=["rbind", "ro"],
+                )
+            )
 
     async def start(self, container: Container, process: Process) -> None:
         """Run a created process: the init process, or an exec'd one."""

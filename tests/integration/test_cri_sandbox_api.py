@@ -222,6 +222,27 @@ def test_a_server_in_the_pod_answers_the_host_at_the_pod_ip(
         remove_container(client, httpd)
 
 
+def test_the_pods_hostname_hosts_and_dns_reach_its_containers_read_only(
+    cri_ctd: CriContainerd, client: CriClient
+) -> None:
+    config = pod_config("named", log_directory=cri_ctd.base / "pods" / "named")
+    config.dns_config.servers.append("10.96.0.10")
+    config.dns_config.searches.append("default.svc.cluster.local")
+    config.dns_config.options.append("ndots:5")
+    pod = Pod(client.run_pod_sandbox(config, HANDLER), config)
+    try:
+        container = start_container(client, pod, container_config("c", ["sleep", "3600"]))
+        assert _out(client, container, "cat /etc/hostname") == "named\n"
+        assert _out(client, container, "cat /etc/resolv.conf") == (
+            "search default.svc.cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n"
+        )
+        assert "localhost" in _out(client, container, "cat /etc/hosts")
+        written = client.exec_sync(container, ["sh", "-c", "echo x >> /etc/resolv.conf"], 60)
+        assert written.exit_code != 0
+    finally:
+        remove_pod(client, pod)
+
+
 def test_stop_and_remove_leave_no_vmm_shim_tap_mount_netns_or_state(
     cri_ctd: CriContainerd, client: CriClient, root: Path
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,18 +26,30 @@ from agent_proto import (
     sandbox_pb2,
     task_pb2,
 )
-from shim.containerd.pod_config import POD_SANDBOX_CONFIG, pod_settings
+from shim.containerd.pod_config import POD_SANDBOX_CONFIG, pod_files, pod_settings
 from shim.containerd.sandbox_service import NOT_READY, READY, SandboxService
 from shim.containerd.serve import SANDBOX_SERVICE
 from shim.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from shim.hypervisor import VmSize
-from shim.sandbox import sizing
+from shim.sandbox import rootfs, sizing
 from shim.sandbox.sandbox import Sandbox
 from tests.unit.test_task_service import FakeAgent, Harness
 from ttrpc import Server
 
 POD = "pod1"
 NETNS = "/run/netns/pod1"
+
+
+@pytest.fixture(autouse=True)
+def no_host_mounts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Bind mounts are shared into the guest by real mounts: here, only recorded."""
+    shared: list[str] = []
+
+    def share(container_id: str, spec: Any, *args: Any) -> None:
+        shared.extend(f"{container_id} {m.destination}" for m in spec.Mounts)
+
+    monkeypatch.setattr(rootfs, "share_bind_mounts", share)
+    return shared
 
 
 class PodAgent(FakeAgent):
@@ -46,6 +59,7 @@ class PodAgent(FakeAgent):
         super().__init__()
         self.hostname = ""
         self.sysctls: dict[str, dict[str, str]] = {}
+        self.mounts: dict[str, list[tuple[str, str, list[str]]]] = {}
 
     async def CreateSandbox(self, request: agent_pb2.CreateSandboxRequest, ctx: Any) -> Any:
         self.hostname = request.hostname
@@ -53,6 +67,9 @@ class PodAgent(FakeAgent):
 
     async def CreateContainer(self, request: agent_pb2.CreateContainerRequest, ctx: Any) -> Any:
         self.sysctls[request.container_id] = dict(request.OCI.Linux.Sysctl)
+        self.mounts[request.container_id] = [
+            (m.destination, m.source, list(m.options)) for m in request.OCI.Mounts
+        ]
         return await super().CreateContainer(request, ctx)
 
     async def StatsContainer(
@@ -69,7 +86,8 @@ class PodHarness(Harness):
 
     def __init__(self, tmp: Path, nursery: trio.Nursery) -> None:
         super().__init__(tmp, nursery)
-        self.agent = PodAgent()
+        self.pod_agent = PodAgent()
+        self.agent = self.pod_agent
         self.server = Server()
         self.server.register(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], self.agent)
         self.server.register(health_pb2.DESCRIPTOR.services_by_name["Health"], self.agent)
@@ -120,7 +138,7 @@ async def test_start_sandbox_boots_the_vm_on_the_pods_netns(tmp_path: Path) -> N
         assert h.hypervisor.calls.count("start") == 1
         assert h.netns_seen == [NETNS]
         assert "interface eth0 02:42:0a:00:00:02" in h.agent.calls
-        assert h.agent.hostname == POD
+        assert h.pod_agent.hostname == POD
         await h.service.teardown()
 
 
@@ -149,10 +167,31 @@ async def test_hostname_and_sysctls_come_from_the_pod_sandbox_config(tmp_path: P
         await h.start()
         for cid in ("app1", "app2"):
             await h.service.Create(h.create_request(cid, ["sleep"], pod=POD), None)
-        assert h.agent.hostname == "web-0"
+        assert h.pod_agent.hostname == "web-0"
         # the first container carries the pod's sysctls to the guest, which sets them once
-        assert h.agent.sysctls["app1"] == {"net.ipv4.ping_group_range": "0 2147483647"}
-        assert h.agent.sysctls["app2"] == {}
+        assert h.pod_agent.sysctls["app1"] == {"net.ipv4.ping_group_range": "0 2147483647"}
+        assert h.pod_agent.sysctls["app2"] == {}
+        await h.service.teardown()
+
+
+async def test_the_pods_files_are_bound_read_only_into_each_container(tmp_path: Path) -> None:
+    config = cri_pod_pb2.PodSandboxConfig(hostname="web-0")
+    config.dns_config.servers.append("10.96.0.10")
+    async with trio.open_nursery() as nursery:
+        h = PodHarness(tmp_path, nursery)
+        await h.create(config)
+        await h.start()
+        for cid in ("app1", "app2"):
+            await h.service.Create(h.create_request(cid, ["sleep"], pod=POD), None)
+        files = tmp_path / "state" / POD / "pod-files"
+        for cid in ("app1", "app2"):
+            assert sorted(h.pod_agent.mounts[cid]) == [
+                ("/etc/hostname", str(files / "etc_hostname"), ["rbind", "ro"]),
+                ("/etc/hosts", str(files / "etc_hosts"), ["rbind", "ro"]),
+                ("/etc/resolv.conf", str(files / "etc_resolv.conf"), ["rbind", "ro"]),
+            ]
+        assert (files / "etc_resolv.conf").read_text() == "nameserver 10.96.0.10\n"
+        assert (files / "etc_hostname").read_text() == "web-0\n"
         await h.service.teardown()
 
 
@@ -322,6 +361,26 @@ def test_pod_settings_without_cri_options_take_the_request_annotations() -> None
     settings = pod_settings(POD, other, {sizing.SANDBOX_MEMORY: str(64 << 20)})
     assert settings.hostname == "" and dict(settings.sysctls) == {}
     assert dict(settings.annotations) == {sizing.SANDBOX_MEMORY: str(64 << 20)}
+
+
+def test_the_pods_dns_config_makes_its_resolv_conf_as_the_cri_does() -> None:
+    config = cri_pod_pb2.PodSandboxConfig(hostname="web-0")
+    config.dns_config.servers.extend(["10.96.0.10", "10.96.0.11"])
+    config.dns_config.searches.extend(["default.svc.cluster.local", "svc.cluster.local"])
+    config.dns_config.options.append("ndots:5")
+    files = pod_files(config)
+    assert files["/etc/resolv.conf"] == (
+        "search default.svc.cluster.local svc.cluster.local\n"
+        "nameserver 10.96.0.10\nnameserver 10.96.0.11\noptions ndots:5\n"
+    )
+    assert files["/etc/hostname"] == "web-0\n"
+
+
+def test_a_pod_without_dns_config_or_hostname_gets_the_hosts() -> None:
+    files = pod_files(cri_pod_pb2.PodSandboxConfig())
+    assert files["/etc/hostname"] == socket.gethostname() + "\n"
+    assert files["/etc/resolv.conf"] == Path("/etc/resolv.conf").read_text()
+    assert files["/etc/hosts"] == Path("/etc/hosts").read_text()
 
 
 def test_the_shim_serves_every_rpc_of_upstreams_sandbox_service() -> None:
