@@ -21,8 +21,11 @@ pod's bootstrap for the pod's other containers instead of running ``start``
 for each; anything else gets the plain ``unix://`` address (task API v2),
 the one answer 1.6 understands and 1.7 does not refuse (1.7 refuses a version
 3). 2.0 - 2.2 write what 1.7 writes, so they are served as 1.7 is: v2 works
-on every 2.x. The serving shim answers both task services whatever ``start``
-printed; only this module knows which containerd called.
+on every 2.x. One exception: with ``[runtime] sandbox_model = "container"``
+each container has a VM and a shim of its own, so a pod's containers must
+not be sent to the pod's shim, and ``start`` answers version 2 (containerd
+then runs ``start`` for each). The serving shim answers both task services
+whatever ``start`` printed; only this module knows which containerd called.
 
 Telling the two stdin forms apart: both are protobuf, and an ``Any``'s
 ``type_url`` (1) and ``value`` (2) share their numbers and wire types with
@@ -149,9 +152,14 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
     return 0, -1
 
 
-def reply(address: str, start_input: StartInput) -> bytes:
-    """What ``start`` prints: a BootstrapResult v3 to a bootstrap caller, else the address."""
-    if not start_input.bootstrap:
+def reply(address: str, start_input: StartInput, pods_share_a_shim: bool = True) -> bytes:
+    """What ``start`` prints: a BootstrapResult v3 to a bootstrap caller, else the address.
+
+    ``pods_share_a_shim`` is false under ``sandbox_model = "container"``:
+    then even a bootstrap caller gets version 2, so it keeps running ``start``
+    for each container of a pod.
+    """
+    if not (start_input.bootstrap and pods_share_a_shim):
         return address.encode()
     result = bootstrap_pb2.BootstrapResult(version=TASK_API_V3, address=address, protocol=PROTOCOL)
     return result.SerializeToString()

@@ -136,7 +136,8 @@ def _start(args: ShimArgs, cfg: object, start_input: StartInput) -> int:
     except (HuskError, OSError) as e:
         print(f"husk: cannot start the shim for {args.id}: {e}", file=sys.stderr, end="")
         return 1
-    sys.stdout.buffer.write(bootstrap.reply(address, start_input))
+    pods_share_a_shim = cfg.runtime.sandbox_model == "pod"
+    sys.stdout.buffer.write(bootstrap.reply(address, start_input, pods_share_a_shim))
     sys.stdout.flush()
     return 0
 

@@ -167,6 +167,12 @@ def test_a_bootstrap_caller_is_answered_with_a_version_3_ttrpc_result() -> None:
     )  # fmt: skip
 
 
+def test_with_a_vm_per_container_even_a_bootstrap_caller_gets_version_2() -> None:
+    start = bootstrap.StartInput(b"", bootstrap=True)
+    answer = bootstrap.reply("unix:///run/husk/c1/shim.sock", start, pods_share_a_shim=False)
+    assert answer == b"unix:///run/husk/c1/shim.sock"
+
+
 def test_a_legacy_caller_is_answered_with_the_plain_address() -> None:
     start = bootstrap.StartInput(STDIN_1_7, bootstrap=False)
     assert (
