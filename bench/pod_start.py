@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         for handler in handlers:
             print(f"{handler} median: {medians[handler]:.3f} s")
         _ratios(medians)
+    except BaseException:
+        # the shims log into containerd's log: keep it for whoever reads the failure
+        kept = Path(tempfile.gettempdir()) / "pod_start-containerd.log"
+        kept.write_text(daemon.log_text())
+        print(f"containerd's log (shims included) kept in {kept}", flush=True)
+        raise
     finally:
         daemon.stop()
         cleanup.kill_and_wait(cleanup.processes_naming(base / "template"))
