@@ -55,6 +55,7 @@ TASK_SERVICES = (
 #: what containerd 2's shim sandbox controller calls (plugins/sandbox/controller.go)
 SANDBOX_SERVICE = sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"]
 SHUTDOWN_GRACE = 2.0
+PEER_POLL = 0.02
 
 
 def log_level(args: ShimArgs, config: Config | HuskError) -> int:
@@ -123,10 +124,24 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
         log.info("shutting down")
         await service.teardown()
         await publisher.drain(SHUTDOWN_GRACE)
+        await _peers_gone(server, SHUTDOWN_GRACE)
         await server.shutdown(SHUTDOWN_GRACE)
         nursery.cancel_scope.cancel()
     if state_root is not None:
         _reclaim_leftovers(state_root / args.id)
+
+
+async def _peers_gone(server: Server, timeout: float) -> None:
+    """Wait (up to ``timeout``) for containerd to close its connections.
+
+    containerd closes them once it has the reply to Shutdown or ShutdownSandbox
+    and waits for the close; ending the shim first could cut that reply off
+    (seen under load as RemovePodSandbox's "failed to shutdown sandbox: ttrpc:
+    closed", which fails the pod's removal).
+    """
+    with trio.move_on_after(timeout):
+        while server.connection_count:
+            await trio.sleep(PEER_POLL)
 
 
 async def _start_metrics(nursery: trio.Nursery, directory: Path, service: TaskService) -> None:
