@@ -2,9 +2,11 @@
 
 The path of a request, in the order containerd drives it:
 
-- ``main``: the binary's flags and its three modes (``start``, ``delete``, serve);
+- ``main``: the binary's flags and its modes (``start``, ``delete``, ``-info``, serve);
 - ``launch``: ``start`` (fork the serving shim, or point at a pod's) and ``delete``;
 - ``serve``: the long-lived process, its log, signals, and the sandbox it makes;
-- ``task_service``: the ``containerd.task.v2.Task`` RPCs, mapped onto the sandbox;
+- ``bootstrap``: what ``start`` reads on stdin and prints, per containerd release;
+- ``info``: the ``RuntimeInfo`` that ``-info`` prints (containerd 2.x);
+- ``task_service``: the task RPCs (served as ``containerd.task.v2.Task`` and v3);
 - ``events``: task events forwarded to containerd; ``stdio``: the FIFOs' copy loops.
 """

@@ -1,13 +1,16 @@
 """``containerd-shim-husk-v2``: the binary containerd runs for ``io.containerd.husk.v2``.
 
-containerd (1.6, 1.7) invokes it with Go-style flags and the bundle as cwd::
+containerd (1.6, 1.7, 2.x) invokes it with Go-style flags and the bundle as cwd::
 
     containerd-shim-husk-v2 -namespace NS -address ADDR -publish-binary BIN -id ID [-debug] start
     containerd-shim-husk-v2 -namespace NS -address ADDR -publish-binary BIN -id ID \\
         -bundle BUNDLE [-debug] delete
+    containerd-shim-husk-v2 -info
 
-and ``TTRPC_ADDRESS`` in the environment. ``start`` prints the serving shim's
-address; ``delete`` prints a ``DeleteResponse`` protobuf; with no action the
+and ``TTRPC_ADDRESS`` in the environment. ``start`` reads the runtime options
+or (2.3+) a ``BootstrapParams`` on stdin and prints the serving shim's address
+in the form ``bootstrap`` decides; ``delete`` prints a ``DeleteResponse``
+protobuf; ``-info`` prints a ``RuntimeInfo`` (``info``); with no action the
 process is the serving shim itself (launched by ``start``).
 """
 
@@ -18,6 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from shim.containerd.bootstrap import StartInput
 from shim.containerd.launch import ShimArgs
 from shim.errors import HuskError
 
@@ -32,12 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-socket", default="")
     p.add_argument("-debug", action="store_true")
     p.add_argument("-v", "-version", dest="version", action="store_true")
+    p.add_argument("-info", dest="info", action="store_true")
     p.add_argument("action", nargs="?", default="", choices=("", "start", "delete"))
     return p
 
 
 def parse(argv: Sequence[str]) -> tuple[ShimArgs, str, bool]:
-    """containerd's flags → (args, action, version wanted); unknown flags are ignored."""
+    """containerd's flags → (args, action, version wanted); unknown flags are ignored.
+
+    ``-info`` is the action ``info`` (containerd passes it as a flag so that old
+    shims fail on an unknown flag instead of a confusing unknown subcommand).
+    """
     ns, _ = _parser().parse_known_args(list(argv))
     args = ShimArgs(
         namespace=ns.namespace,
@@ -47,7 +56,7 @@ def parse(argv: Sequence[str]) -> tuple[ShimArgs, str, bool]:
         bundle=ns.bundle or os.getcwd(),
         debug=ns.debug,
     )
-    return args, ns.action, ns.version
+    return args, "info" if ns.info else ns.action, ns.version
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,12 +69,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(version_line(configured_image_dir()))
         return 0
-    from shim.containerd import options
+    if action == "info":
+        return _info()
+    from shim.containerd import bootstrap, options
 
+    start_input = bootstrap.StartInput(b"", bootstrap=False)
     try:
         # containerd hands a runtime handler's ConfigPath to `start` only
         if action == "start":
-            config_path = options.read(sys.stdin.buffer)
+            start_input = bootstrap.parse(options.read(sys.stdin.buffer), args.id, args.namespace)
+            config_path = options.parse(start_input.runtime_options)
             options.record(args.bundle, config_path)
         else:
             config_path = options.recorded(args.bundle)
@@ -75,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         cfg = HuskError(f"bundle {args.bundle}: cannot record the runtime options: {e.strerror}")
     if action == "start":
-        return _start(args, cfg)
+        return _start(args, cfg, start_input)
     if action == "delete":
         return _delete(args, cfg)
     if not args.id:
@@ -86,9 +99,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve.main(args, cfg)
 
 
-def _start(args: ShimArgs, cfg: object) -> int:
+def _info() -> int:
+    from shim.containerd import info, options
+
+    try:
+        answer = info.runtime_info(options.read(sys.stdin.buffer))
+    except HuskError as e:
+        print(f"husk: {e}", file=sys.stderr, end="")
+        return 1
+    sys.stdout.buffer.write(answer.SerializeToString())
+    sys.stdout.flush()
+    return 0
+
+
+def _start(args: ShimArgs, cfg: object, start_input: StartInput) -> int:
     from shim.config import Config
-    from shim.containerd import launch
+    from shim.containerd import bootstrap, launch
 
     # containerd quotes start's output in its error: no trailing newline keeps it one line
     if not isinstance(cfg, Config):
@@ -110,7 +136,8 @@ def _start(args: ShimArgs, cfg: object) -> int:
     except (HuskError, OSError) as e:
         print(f"husk: cannot start the shim for {args.id}: {e}", file=sys.stderr, end="")
         return 1
-    sys.stdout.write(address)
+    pods_share_a_shim = cfg.runtime.sandbox_model == "pod"
+    sys.stdout.buffer.write(bootstrap.reply(address, start_input, pods_share_a_shim))
     sys.stdout.flush()
     return 0
 

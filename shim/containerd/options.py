@@ -25,6 +25,8 @@ from shim.errors import HuskError
 #: the bundle file where ``start`` leaves the config path for ``delete``
 OPTIONS_FILE = "husk-options.json"
 OPTIONS_TYPE = "runtimeoptions.v1.Options"
+#: what containerd 2.3+ writes in a bundle whose task joins its pod's shim: the pod's id
+SANDBOX_FILE = "sandbox"
 #: containerd's options are a few hundred bytes; refuse to buffer more
 MAX_OPTIONS_BYTES = 64 * 1024
 
@@ -61,17 +63,17 @@ def parse(data: bytes) -> Path | None:
     return path
 
 
-def read(stream: BinaryIO) -> Path | None:
-    """Read the options containerd wrote to ``start``'s stdin (nothing from a terminal)."""
+def read(stream: BinaryIO) -> bytes:
+    """What containerd wrote to ``start``'s (or ``-info``'s) stdin; nothing from a terminal."""
     try:
         if os.isatty(stream.fileno()):
-            return None
+            return b""
     except (OSError, ValueError):
-        return None
+        return b""
     data = stream.read(MAX_OPTIONS_BYTES + 1)
     if len(data) > MAX_OPTIONS_BYTES:
         raise RuntimeOptionsError(f"runtime options on stdin exceed {MAX_OPTIONS_BYTES} bytes")
-    return parse(data)
+    return data
 
 
 def record(bundle: str, config_path: Path | None) -> None:
@@ -83,9 +85,28 @@ def record(bundle: str, config_path: Path | None) -> None:
 
 
 def recorded(bundle: str) -> Path | None:
-    """The config path ``start`` recorded in the bundle, if any."""
+    """The config path ``start`` recorded in the bundle, if any.
+
+    containerd 2.3+ runs no ``start`` for a container it sends to its pod's
+    shim (task API v3); it names the pod in the bundle's ``sandbox`` file, and
+    the pod's bundle beside it holds what the pod's ``start`` recorded.
+    """
+    found, path = _recorded_in(Path(bundle))
+    if found:
+        return path
     try:
-        value = json.loads((Path(bundle) / OPTIONS_FILE).read_text()).get("config_path")
-    except (OSError, ValueError, AttributeError):
+        pod = (Path(bundle) / SANDBOX_FILE).read_text().strip()
+    except OSError:
         return None
-    return Path(value) if isinstance(value, str) and value else None
+    if not pod or "/" in pod or pod in (".", ".."):
+        return None
+    return _recorded_in(Path(bundle).parent / pod)[1]
+
+
+def _recorded_in(bundle: Path) -> tuple[bool, Path | None]:
+    """(whether ``start`` recorded anything in ``bundle``, the config path it recorded)."""
+    try:
+        value = json.loads((bundle / OPTIONS_FILE).read_text()).get("config_path")
+    except (OSError, ValueError, AttributeError):
+        return False, None
+    return True, Path(value) if isinstance(value, str) and value else None

@@ -34,6 +34,7 @@ import pytest
 
 from shim.sandbox import cleanup
 from tests.integration.containerd import sandbox_dirs
+from tests.integration.containerd_versions import ContainerdBinaries
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import CriClient, GRPCError
 from tests.kubelet.cri_containerd import CriContainerd, husk_handler
@@ -84,7 +85,9 @@ def roots(shared_template: str) -> Iterator[Roots]:
 
 
 @pytest.fixture(scope="module")
-def cri_ctd(roots: Roots, shared_template: str) -> Iterator[CriContainerd]:
+def cri_ctd(
+    roots: Roots, shared_template: str, containerd_binaries: ContainerdBinaries
+) -> Iterator[CriContainerd]:
     configs = roots.cold.parent
     cold = configs / "husk.toml"
     cold.write_text(
@@ -104,6 +107,7 @@ def cri_ctd(roots: Roots, shared_template: str) -> Iterator[CriContainerd]:
             "husk-broken": husk_handler(broken),
         },
         env=env,
+        binaries=containerd_binaries,
     )
     yield daemon
     daemon.stop()
@@ -224,6 +228,22 @@ def test_a_pod_is_one_vm_whose_containers_share_boot_id_and_network(
     pod_ip = client.pod_sandbox_status(pod.id).status.network.ip
     assert f"inet {pod_ip}/" in first
     assert len(_vmms(roots.cold, pod.id)) == 1
+
+
+@pytest.mark.containerd_lines("2.4")
+def test_a_pods_containers_join_its_shim_without_a_start_of_their_own(
+    cri_ctd: CriContainerd, roots: Roots, pod: Pod, sleeper: str
+) -> None:
+    # start answered the pod's BootstrapParams with version 3: containerd 2.3+
+    # reuses the pod's bootstrap (task API v3) instead of running start again
+    tasks = cri_ctd.state / "io.containerd.runtime.v2.task" / "k8s.io"
+    pods, containers = (
+        json.loads((tasks / i / "bootstrap.json").read_text()) for i in (pod.id, sleeper)
+    )
+    assert pods == containers == {
+        "version": 3, "address": f"unix://{roots.cold / pod.id / 'shim.sock'}", "protocol": "ttrpc",
+    }  # fmt: skip
+    assert not (tasks / sleeper / "husk-options.json").exists()  # what start leaves
 
 
 def test_a_pod_annotation_sizes_its_vm_where_the_config_enables_it(

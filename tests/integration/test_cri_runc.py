@@ -22,6 +22,7 @@ import pytest
 
 from shim.cli import local_images
 from tests.integration.containerd import Containerd
+from tests.integration.containerd_versions import ContainerdBinaries
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import CriClient, TasksClient
 from tests.kubelet.cri_containerd import PAUSE_IMAGE, CriContainerd
@@ -46,8 +47,9 @@ if _REASON:
 
 
 @pytest.fixture(scope="module")
-def cri_ctd() -> Iterator[CriContainerd]:
-    daemon = CriContainerd(Path(tempfile.mkdtemp(prefix="cri-", dir="/tmp")))
+def cri_ctd(containerd_binaries: ContainerdBinaries) -> Iterator[CriContainerd]:
+    base = Path(tempfile.mkdtemp(prefix="cri-", dir="/tmp"))
+    daemon = CriContainerd(base, binaries=containerd_binaries)
     yield daemon
     daemon.stop()
 
@@ -214,8 +216,9 @@ def test_stopping_and_removing_a_pod_leaves_no_netns_veth_or_mount(
 
 
 @pytest.fixture(scope="module")
-def plain_ctd() -> Iterator[Containerd]:
-    daemon = Containerd(Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp")), {})
+def plain_ctd(containerd_binaries: ContainerdBinaries) -> Iterator[Containerd]:
+    base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+    daemon = Containerd(base, {}, containerd_binaries)
     try:
         tarball = local_images.build_busybox(daemon.base / "busybox.tar")
         daemon.ctr("image", "import", str(tarball))

@@ -4,7 +4,9 @@ console, metrics, versions and the sandbox list.
 One pod sandbox VM (booted once for the module, with the debug console on)
 hosts most tests: its app containers join it through the CRI annotations, so
 each test costs a container, not a VM boot. The Create failures run as
-standalone containers, to show they leave no sandbox behind.
+standalone containers, to show they leave no sandbox behind. The log URI
+tests run on every containerd of the matrix (containerd hands the URI to the
+shim); husk's own commands (version, sandbox ls, exec, metrics) on the main one.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from shim.cli import local_images
 from shim.sandbox import cleanup
 from shim.sandbox.state import SandboxState
 from tests.integration.containerd import Containerd
+from tests.integration.containerd_versions import ContainerdBinaries
 from tests.integration.test_agent_secret_vm import (
     assert_no_command_line_shows,
     assert_root_only,
@@ -88,9 +91,9 @@ def husk_config(state_root: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def ctd(husk_config: Path) -> Iterator[Containerd]:
+def ctd(husk_config: Path, containerd_binaries: ContainerdBinaries) -> Iterator[Containerd]:
     base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
-    daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)})
+    daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)}, containerd_binaries)
     tarball = base / "busybox.tar"
     local_images.build_busybox(tarball)
     daemon.ctr("image", "import", str(tarball))
@@ -204,6 +207,7 @@ def test_a_missing_logger_binary_fails_create_and_leaves_nothing(
     assert "/nonexistent/logger cannot start" in message
 
 
+@pytest.mark.main_containerd_only  # husk's own commands: no containerd in between
 def test_husk_version_matches_the_shims(ctd: Containerd) -> None:
     husk = subprocess.run([BIN / "husk", "--version"], capture_output=True, text=True, check=True)
     shim = subprocess.run([BIN / "containerd-shim-husk-v2", "-v"], capture_output=True,
@@ -211,6 +215,7 @@ def test_husk_version_matches_the_shims(ctd: Containerd) -> None:
     assert husk.stdout == shim.stdout and "guest kernel " in husk.stdout
 
 
+@pytest.mark.main_containerd_only  # husk's own commands: no containerd in between
 def test_sandbox_ls_lists_the_running_pod(pod: str, husk_config: Path) -> None:
     out = subprocess.run([BIN / "husk", "--config", str(husk_config), "sandbox", "ls"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
@@ -292,6 +297,7 @@ class Terminal:
         raise AssertionError(f"husk exec did not exit: {self.seen.decode(errors='replace')}")
 
 
+@pytest.mark.main_containerd_only  # husk's own commands: no containerd in between
 def test_husk_exec_runs_uname_in_the_guest_on_a_pty(
     ctd: Containerd, pod: str, husk_config: Path
 ) -> None:
@@ -313,6 +319,7 @@ def test_husk_exec_runs_uname_in_the_guest_on_a_pty(
     assert term.wait() == 7
 
 
+@pytest.mark.main_containerd_only  # husk's own commands: no containerd in between
 def test_husk_exec_leaves_on_ctrl_close_bracket(pod: str, husk_config: Path) -> None:
     term = Terminal([str(BIN / "husk"), "--config", str(husk_config), "exec", pod], 24, 80)
     term.expect("husk-debug# ")
@@ -329,6 +336,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+@pytest.mark.main_containerd_only  # husk's own commands: no containerd in between
 def test_husk_metrics_shows_the_containers_memory_near_its_cgroup_reading(
     ctd: Containerd, pod: str, husk_config: Path, state_root: Path
 ) -> None:
@@ -351,6 +359,7 @@ def test_husk_metrics_shows_the_containers_memory_near_its_cgroup_reading(
     assert socket_mode & 0o777 == 0o600
 
 
+@pytest.mark.main_containerd_only  # husk's own commands: no containerd in between
 def test_husk_metrics_of_every_sandbox_parses(pod: str, husk_config: Path) -> None:
     proc = husk(husk_config, "metrics")
     assert proc.returncode == 0, proc.stderr

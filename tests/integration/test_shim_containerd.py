@@ -1,13 +1,17 @@
 """containerd → containerd-shim-husk-v2 → QEMU sandbox → guest agent, end to end.
 
 A real containerd on a temp root runs ``ctr run --runtime io.containerd.husk.v2``
-with a busybox image made locally from Debian's busybox-static. After every
-test no QEMU process, socket, mount or state dir of a sandbox is left.
+with a busybox image made locally from Debian's busybox-static, once per
+containerd release of the matrix (``test_x[1.6]``, ``[1.7]``, ``[2.4]``): each
+speaks its own shim protocol (``start``'s stdin and output, task API v2 or
+v3, ``-info``) and writes its own runtime-spec version. After every test no
+QEMU process, socket, mount or state dir of a sandbox is left.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -27,7 +31,8 @@ from shim.errors import NotSupportedError
 from shim.host import HostFacts
 from shim.sandbox import cleanup
 from shim.sandbox.state import SandboxState
-from tests.integration.containerd import Containerd, sandbox_dirs
+from tests.integration.containerd import CTR_ENV, Containerd, sandbox_dirs
+from tests.integration.containerd_versions import ContainerdBinaries
 
 IMAGE = local_images.BUSYBOX_REFERENCE
 RUNTIME = ["--runtime", "io.containerd.husk.v2"]
@@ -70,24 +75,24 @@ def state_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def husk_config(state_root: Path, shared_template: str) -> Path:
+def husk_config(state_root: Path, shared_template: str) -> Iterator[Path]:
     path = state_root.with_name(state_root.name + ".toml")
     path.write_text(
         f'[runtime]\nstate_dir = "{state_root}"\nhypervisor = "{HYPERVISOR}"\n{shared_template}'
     )
-    return path
+    yield path
+    path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
-def ctd(husk_config: Path) -> Iterator[Containerd]:
+def ctd(husk_config: Path, containerd_binaries: ContainerdBinaries) -> Iterator[Containerd]:
     base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
-    daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)})
+    daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)}, containerd_binaries)
     tarball = base / "busybox.tar"
     local_images.build_busybox(tarball)
     daemon.ctr("image", "import", str(tarball))
     yield daemon
     daemon.stop()
-    husk_config.unlink(missing_ok=True)
 
 
 def leftovers(state_root: Path) -> list[str]:
@@ -180,11 +185,16 @@ def _status(ctd: Containerd, name: str) -> str:
 
 def test_tty_session(ctd: Containerd) -> None:
     command = (
-        f"stty cols 91 rows 27; ctr --address {ctd.address} run {' '.join(RUNTIME)} -t --rm "
+        f"stty cols 91 rows 27; {ctd.binaries.ctr} --address {ctd.address} run "
+        f"{' '.join(RUNTIME)} -t --rm "
         f"{IMAGE} {cid()} sh -c 'tty; stty size'"
     )
     proc = subprocess.run(
-        ["script", "-qec", command, "/dev/null"], capture_output=True, timeout=120, check=False
+        ["script", "-qec", command, "/dev/null"],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env=CTR_ENV,
     )
     out = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, out
@@ -256,14 +266,15 @@ def test_killed_shim_then_task_delete_removes_the_vm(ctd: Containerd, state_root
 
 
 def test_missing_kernel_fails_in_one_line_and_leaves_nothing(
-    containerd_factory: object, tmp_path: Path
+    containerd_factory: object, containerd_binaries: ContainerdBinaries, tmp_path: Path
 ) -> None:
     root = Path(tempfile.mkdtemp(prefix="husk-", dir="/tmp"))
     cfg = tmp_path / "bad.toml"
     cfg.write_text(
         f'[runtime]\nstate_dir = "{root}"\n[hypervisor.qemu]\nkernel = "/nonexistent/vmlinuz"\n'
     )
-    daemon: Containerd = containerd_factory({"HUSK_CONFIG": str(cfg)})  # type: ignore[operator]
+    env = {"HUSK_CONFIG": str(cfg)}
+    daemon: Containerd = containerd_factory(env, containerd_binaries)  # type: ignore[operator]
     tarball = daemon.base / "busybox.tar"
     local_images.build_busybox(tarball)
     daemon.ctr("image", "import", str(tarball))
@@ -304,3 +315,50 @@ def test_a_ro_bind_volume_and_a_read_only_rootfs_refuse_writes(
     )
     assert proc.stdout.decode().split() == ["readable", "done"]
     assert sorted(p.name for p in volume.iterdir()) == ["in"]
+
+
+# ---- what differs between containerd releases: runtime options, -info ----
+
+
+def test_ctr_runtime_config_path_decides_the_sandboxs_config(
+    ctd: Containerd, state_root: Path, shared_template: str
+) -> None:
+    # 1.x hands start the options as an Any, 2.3+ inside BootstrapParams' extensions
+    other_root = Path(tempfile.mkdtemp(prefix="husk-", dir="/tmp"))
+    other = other_root.with_name(other_root.name + ".toml")
+    other.write_text(f'[runtime]\nstate_dir = "{other_root}"\n{shared_template}')
+    name = cid()
+    try:
+        ctd.ctr("run", *RUNTIME, "--runtime-config-path", str(other), "-d", IMAGE, name,
+                "sleep", "1000")  # fmt: skip
+        assert [p.name for p in sandbox_dirs(other_root)] == [name]
+        assert sandbox_dirs(state_root) == []
+    finally:
+        ctd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
+        ctd.ctr("task", "delete", "-f", name, check=False)
+        ctd.ctr("container", "rm", name, check=False)
+    assert leftovers(other_root) == []
+    other.unlink()
+    shutil.rmtree(other_root, ignore_errors=True)
+
+
+@pytest.mark.containerd_lines("2.4")
+def test_inspect_runtime_shows_husks_runtime_info(ctd: Containerd, husk_config: Path) -> None:
+    out = ctd.ctr("plugins", "inspect-runtime", *RUNTIME,
+                  "--runtime-config-path", str(husk_config)).stdout  # fmt: skip
+    info = json.loads(out)
+    assert info["Name"] == "io.containerd.husk.v2"
+    assert info["Options"]["config_path"] == str(husk_config)
+    assert info["Features"]["linux"]["mountExtensions"]["idmap"]["enabled"] is False
+
+
+@pytest.mark.containerd_lines("2.4")
+def test_an_idmapped_mount_is_refused_by_containerd_from_husks_features(
+    ctd: Containerd, tmp_path: Path
+) -> None:
+    # containerd asks `-info` before a task with idmapped mounts: 9p cannot map ids
+    mount = f"type=bind,src={tmp_path},dst=/vol,options=rbind:rw:idmap"
+    proc = ctd.ctr("run", *RUNTIME, "--rm", "--mount", mount, IMAGE, cid(), "true", check=False)
+    message = proc.stderr.decode().strip()
+    assert proc.returncode != 0
+    assert "idmap mounts not supported" in message and len(message.splitlines()) == 1

@@ -2,9 +2,15 @@
 
 The sibling of ``tests.integration.containerd.Containerd`` (which disables
 CRI) for tests that drive containerd the way the kubelet does.
-``CriContainerd(base, runtimes=...)`` writes a config-version-2 ``containerd.toml``
-whose root, state, socket, CNI conf dir, IPAM store and pod netns mounts all
-live under ``base``; a CNI bridge of its own (unique name and /24); the
+``CriContainerd(base, runtimes=..., binaries=...)`` runs one release of the
+matrix (the system's 1.6 by default) with a ``containerd.toml`` of the version
+that release reads natively: version 2 for 1.x (everything under
+``plugins."io.containerd.grpc.v1.cri"``), version 3 for 2.x (runtimes and CNI
+under ``plugins."io.containerd.cri.v1.runtime"``, the sandbox image under
+``plugins."io.containerd.cri.v1.images".pinned_images``, the streaming server
+under ``plugins."io.containerd.grpc.v1.cri"``). Its root, state, socket, CNI
+conf dir, IPAM store and pod netns mounts all live under ``base``; a CNI
+bridge of its own (unique name and /24); the
 ``runc`` handler plus any handlers the caller adds (``husk_handler(...)``);
 and imports the pause image and the busybox image into the ``k8s.io``
 namespace. ``stop()`` removes the pods left, stops containerd and its shims,
@@ -22,17 +28,20 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim.cli import local_images
-from tests.integration.containerd import _DISABLED, CONTAINERD, CTR, _mounts_under
+from tests.integration.containerd import CTR_ENV, SYSTEM, _mounts_under, disabled_plugins, shim_dir
+from tests.integration.containerd_versions import ContainerdBinaries
 from tests.kubelet.client import CriClient, GRPCError, TasksClient
 
 CRI = "io.containerd.grpc.v1.cri"
+#: containerd 2's CRI services (config version 3)
+CRI_RUNTIME = "io.containerd.cri.v1.runtime"
+CRI_IMAGES = "io.containerd.cri.v1.images"
 K8S_NAMESPACE = "k8s.io"
 CNI_BIN_DIR = "/usr/lib/cni"
 #: host-local and libcni keep results here whatever the conf says (go-cni in
@@ -52,17 +61,21 @@ class RuntimeHandler:
     options: Mapping[str, str | int | bool] = field(default_factory=dict)
     pod_annotations: Sequence[str] = ()
     container_annotations: Sequence[str] = ()
+    #: containerd 2's sandboxer ("shim": the shim starts the pod's sandbox, no pause container)
+    sandboxer: str = ""
 
 
 RUNC = RuntimeHandler("io.containerd.runc.v2")
 
 
-def husk_handler(config_path: Path | str) -> RuntimeHandler:
-    """A handler for husk, as Kata's is configured: its config file in ``options``."""
+def husk_handler(config_path: Path | str, sandboxer: str = "") -> RuntimeHandler:
+    """A handler for husk, as Kata's is configured: its config file in ``options``
+    (``sandboxer = "shim"``: containerd 2's ``husk-vm``, no pause container)."""
     return RuntimeHandler(
         "io.containerd.husk.v2",
         options={"ConfigPath": str(config_path)},
         pod_annotations=("io.husk.*",),
+        sandboxer=sandboxer,
     )
 
 
@@ -148,8 +161,10 @@ class CriContainerd:
         runtimes: Mapping[str, RuntimeHandler] | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float = 120.0,
+        binaries: ContainerdBinaries = SYSTEM,
     ) -> None:
         self.base = base
+        self.binaries = binaries
         self.address = str(base / "c.sock")
         self.root, self.state = base / "root", base / "state"
         self.cri_state = self.state / CRI
@@ -168,11 +183,7 @@ class CriContainerd:
     # ---- start ----
 
     def _start(self, env: Mapping[str, str], timeout: float) -> None:
-        bin_dir = self.base / "bin"
-        bin_dir.mkdir()
-        shim = Path(sys.executable).parent / "containerd-shim-husk-v2"
-        if shim.exists():
-            (bin_dir / shim.name).symlink_to(shim)
+        bin_dir = shim_dir(self.base, self.binaries)
         conf_dir = self.base / "cni"
         conf_dir.mkdir()
         conflist = self.network.conflist(self.base / "cni-ipam")
@@ -182,7 +193,7 @@ class CriContainerd:
         self.env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
         with open(self.base / "containerd.log", "wb") as log:
             self.proc = subprocess.Popen(
-                [CONTAINERD, "--config", str(config), "--log-level", "debug"],
+                [str(self.binaries.containerd), "--config", str(config), "--log-level", "debug"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -192,36 +203,48 @@ class CriContainerd:
         self._import_images(timeout)
 
     def _config(self, cni_conf_dir: Path) -> str:
-        disabled = [p for p in _DISABLED if p != CRI]
-        cri = f'plugins."{CRI}"'
+        head = (
+            f"version = {self.binaries.config_version}\n"
+            f"root = {_toml(str(self.root))}\nstate = {_toml(str(self.state))}\n"
+            f"disabled_plugins = {_toml(disabled_plugins(self.binaries, cri=True))}\n"
+        )
         parts = [
-            f"version = 2\nroot = {_toml(str(self.root))}\nstate = {_toml(str(self.state))}\n"
-            f"disabled_plugins = {_toml(disabled)}\n",
+            head,
             _table("grpc", {"address": self.address}),
             _table('plugins."io.containerd.internal.v1.opt"', {"path": str(self.base / "opt")}),
-            _table(
-                cri,
-                {
-                    "sandbox_image": PAUSE_IMAGE,
-                    # root here lacks CAP_SYS_RESOURCE: never lower a score below ours
-                    "restrict_oom_score_adj": True,
-                    "disable_apparmor": True,
-                    "netns_mounts_under_state_dir": True,
-                    "stream_server_address": "127.0.0.1",
-                    "stream_server_port": "0",
-                },
-            ),
-            _table(
-                f"{cri}.containerd",
-                {"default_runtime_name": "runc", "snapshotter": "overlayfs"},
-            ),
-            _table(
-                f"{cri}.cni",
-                {"bin_dir": CNI_BIN_DIR, "conf_dir": str(cni_conf_dir), "max_conf_num": 1},
-            ),
         ]
+        # root here lacks CAP_SYS_RESOURCE: never lower a score below ours
+        runtime_keys: dict[str, str | int | bool | Sequence[str]] = {
+            "restrict_oom_score_adj": True,
+            "disable_apparmor": True,
+            "netns_mounts_under_state_dir": True,
+        }
+        streaming = {"stream_server_address": "127.0.0.1", "stream_server_port": "0"}
+        cni: dict[str, str | int | bool | Sequence[str]] = {
+            "conf_dir": str(cni_conf_dir),
+            "max_conf_num": 1,
+        }
+        if self.binaries.config_version >= 3:
+            runtime = f'plugins."{CRI_RUNTIME}"'
+            parts += [
+                _table(f'plugins."{CRI}"', streaming),
+                _table(f'plugins."{CRI_IMAGES}"', {"snapshotter": "overlayfs"}),
+                _table(f'plugins."{CRI_IMAGES}".pinned_images', {"sandbox": PAUSE_IMAGE}),
+                _table(runtime, runtime_keys),
+                _table(f"{runtime}.cni", {"bin_dirs": [CNI_BIN_DIR], **cni}),
+            ]
+        else:
+            runtime = f'plugins."{CRI}"'
+            parts += [
+                _table(runtime, {"sandbox_image": PAUSE_IMAGE, **runtime_keys, **streaming}),
+                _table(f"{runtime}.cni", {"bin_dir": CNI_BIN_DIR, **cni}),
+            ]
+        containerd = {"default_runtime_name": "runc"}
+        if self.binaries.config_version < 3:
+            containerd["snapshotter"] = "overlayfs"
+        parts.append(_table(f"{runtime}.containerd", containerd))
         for name, handler in self.runtimes.items():
-            table = f"{cri}.containerd.runtimes.{name}"
+            table = f"{runtime}.containerd.runtimes.{name}"
             keys: dict[str, str | int | bool | Sequence[str]] = {
                 "runtime_type": handler.runtime_type
             }
@@ -229,6 +252,8 @@ class CriContainerd:
                 keys["pod_annotations"] = list(handler.pod_annotations)
             if handler.container_annotations:
                 keys["container_annotations"] = list(handler.container_annotations)
+            if handler.sandboxer:
+                keys["sandboxer"] = handler.sandboxer
             parts.append(_table(table, keys))
             if handler.options:
                 parts.append(_table(f"{table}.options", handler.options))
@@ -277,11 +302,12 @@ class CriContainerd:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``ctr --address <ours> -n <namespace> <args>``; stdout and stderr as bytes."""
         proc = subprocess.run(
-            [CTR, "--address", self.address, "-n", namespace, *args],
+            [str(self.binaries.ctr), "--address", self.address, "-n", namespace, *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
             check=False,
+            env=CTR_ENV,
         )
         if check and proc.returncode != 0:
             raise AssertionError(

@@ -19,16 +19,21 @@ REGENERATE = "python -m agent_proto.generate"
 
 EXPECTED_PROTOS = {
     "agent",
+    "bootstrap",
     "cgroups_v2",
+    "cri_pod",
     "events",
     "events_ttrpc",
     "health",
+    "introspection",
     "mount",
     "oci",
     "runtime_options",
+    "sandbox",
     "status",
     "task",
     "task_types",
+    "task_v3",
     "ttrpc",
     "types",
 }
@@ -207,6 +212,8 @@ def test_ttrpc_paths_exist() -> None:
     expected = {
         "/containerd.task.v2.Task/Create",
         "/containerd.task.v2.Task/Shutdown",
+        "/containerd.task.v3.Task/Create",
+        "/containerd.task.v3.Task/Shutdown",
         "/containerd.services.events.ttrpc.v1.Events/Forward",
         "/grpc.Health/Check",
         "/grpc.Health/Version",
@@ -229,6 +236,8 @@ def test_health_service() -> None:
 def test_only_the_expected_services_exist() -> None:
     assert set(_all_services()) == {
         "containerd.task.v2.Task",
+        "containerd.task.v3.Task",
+        "containerd.runtime.sandbox.v1.Sandbox",
         "containerd.services.events.ttrpc.v1.Events",
         "grpc.AgentService",
         "grpc.Health",

@@ -76,3 +76,23 @@ def test_start_with_a_broken_config_path_fails_in_one_line_naming_it(tmp_path: P
     line = proc.stderr.decode()
     assert "\n" not in line  # containerd quotes it inside its own one-line error
     assert str(broken) in line and "no_such_key" in line
+
+
+def test_a_container_that_joined_its_pods_shim_without_start_uses_the_pods_record(
+    tmp_path: Path,
+) -> None:
+    # containerd 2.3+ (task API v3) writes the pod's id in the bundle instead of running start
+    pod, app = tmp_path / "pod1", tmp_path / "app1"
+    pod.mkdir()
+    app.mkdir()
+    options.record(str(pod), Path("/etc/husk/t.toml"))
+    (app / options.SANDBOX_FILE).write_text("pod1")
+    assert options.recorded(str(app)) == Path("/etc/husk/t.toml")
+
+
+def test_a_sandbox_file_cannot_point_outside_the_bundles_dir(tmp_path: Path) -> None:
+    app = tmp_path / "tasks" / "app1"
+    app.mkdir(parents=True)
+    options.record(str(tmp_path), Path("/etc/husk/elsewhere.toml"))
+    (app / options.SANDBOX_FILE).write_text("..")
+    assert options.recorded(str(app)) is None
