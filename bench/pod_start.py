@@ -1,15 +1,20 @@
 """Pod start through containerd's CRI plugin, the way the kubelet starts a pod.
 
-    python -m bench.pod_start [--rounds 5]
+    python -m bench.pod_start [--rounds 5] [--containerd 2.4] [--handlers runc,husk,...]
 
-One containerd with CRI and a CNI bridge (``tests.kubelet.CriContainerd``)
-and three runtime handlers: ``runc``, ``husk`` (cold boots) and
-``husk-template`` (clones of a VM template, made once before the rounds).
+One containerd with CRI and a CNI bridge (``tests.kubelet.CriContainerd``;
+the system's, or ``--containerd LINE`` of the test matrix) and its runtime
+handlers: ``runc``, ``husk`` (cold boots) and ``husk-template`` (clones of a
+VM template, made once before the rounds); on containerd 2.x also
+``husk-vm`` and ``husk-template-vm``, the same with ``sandboxer = "shim"``
+(the shim starts the pod's VM through containerd's sandbox API, no pause
+container). ``--handlers`` picks which run (default: all the containerd has).
 A round is what the kubelet does to start a one-container pod:
 ``RunPodSandbox`` + ``CreateContainer`` + ``StartContainer`` (timed), then stop
 and remove (not timed). Rounds alternate between handlers so a machine that
 slows down mid-run slows all alike. Prints each handler's median of
-``--rounds`` and, last, the ratios against runc.
+``--rounds`` and, last, the ratios against runc and of each shim-sandboxer
+handler against its pause-container twin.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from pathlib import Path
 
 from common import mounts
 from shim.sandbox import cleanup
+from tests.integration import containerd_versions
 from tests.kubelet.client import CriClient
 from tests.kubelet.cri_containerd import CriContainerd, husk_handler
 from tests.kubelet.pods import Pod, container_config, pod_config, remove_pod, start_container
 
 HANDLERS = ("runc", "husk", "husk-template")
+#: containerd 2.x only: the same configurations with the shim as the pod's sandboxer
+SHIM_SANDBOXER = {"husk-vm": "husk", "husk-template-vm": "husk-template"}
 
 
 def start_pod(client: CriClient, handler: str, name: str) -> tuple[float, Pod]:
@@ -42,7 +50,20 @@ def start_pod(client: CriClient, handler: str, name: str) -> tuple[float, Pod]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pod_start")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--containerd", default="", help="a release of the test matrix, e.g. 2.4")
+    parser.add_argument("--handlers", default="", help="comma-separated; default: all")
     args = parser.parse_args(argv)
+    binaries = (
+        containerd_versions.provide(args.containerd)
+        if args.containerd
+        else containerd_versions.system()
+    )
+    known = HANDLERS + (tuple(SHIM_SANDBOXER) if binaries.major >= 2 else ())
+    handlers = tuple(h for h in args.handlers.split(",") if h) or known
+    unknown = [h for h in handlers if h not in known]
+    if unknown:
+        parser.error(f"containerd {binaries.version} has no handler {', '.join(unknown)}")
+    print(f"containerd {binaries.version}: {', '.join(handlers)}", flush=True)
 
     # short: CRI ids are 64 characters and a VM's sockets live under <root>/<id>/
     base = Path(tempfile.mkdtemp(prefix="b", dir="/tmp"))
@@ -53,31 +74,41 @@ def main(argv: list[str] | None = None) -> int:
         f'[factory]\nenable_template = true\ntemplate_path = "{base / "template"}"\n'
     )
     (base / "ctd").mkdir()
+    runtimes = {"husk": husk_handler(cold), "husk-template": husk_handler(template)}
+    if binaries.major >= 2:
+        runtimes |= {
+            "husk-vm": husk_handler(cold, "shim"),
+            "husk-template-vm": husk_handler(template, "shim"),
+        }
     daemon = CriContainerd(
-        base / "ctd",
-        runtimes={"husk": husk_handler(cold), "husk-template": husk_handler(template)},
-        env={"HUSK_CONFIG": ""},
+        base / "ctd", runtimes=runtimes, env={"HUSK_CONFIG": ""}, binaries=binaries
     )
     try:
         assert daemon.cri is not None
         client = daemon.cri
-        # the first husk-template pod makes the template; not a round
-        seconds, pod = start_pod(client, "husk-template", "warmup")
-        remove_pod(client, pod)
-        print(f"template made (first husk-template pod): {seconds:.2f} s", flush=True)
-        times: dict[str, list[float]] = {h: [] for h in HANDLERS}
+        templated = [h for h in handlers if "template" in h]
+        if templated:
+            # the first templated pod makes the template; not a round
+            seconds, pod = start_pod(client, templated[0], "warmup")
+            remove_pod(client, pod)
+            print(f"template made (first {templated[0]} pod): {seconds:.2f} s", flush=True)
+        times: dict[str, list[float]] = {h: [] for h in handlers}
         for round_ in range(args.rounds):
-            for handler in HANDLERS:
+            for handler in handlers:
                 seconds, pod = start_pod(client, handler, f"{handler}-{round_}")
                 remove_pod(client, pod)
                 times[handler].append(seconds)
                 print(f"round {round_ + 1} {handler}: {seconds:.3f} s", flush=True)
         medians = {h: statistics.median(t) for h, t in times.items()}
-        for handler in HANDLERS:
+        for handler in handlers:
             print(f"{handler} median: {medians[handler]:.3f} s")
-        print(f"husk/runc: {medians['husk'] / medians['runc']:.1f}")
-        print(f"husk-template/runc: {medians['husk-template'] / medians['runc']:.1f}")
-        print(f"husk-template/husk: {medians['husk-template'] / medians['husk']:.2f}")
+        _ratios(medians)
+    except BaseException:
+        # the shims log into containerd's log: keep it for whoever reads the failure
+        kept = Path(tempfile.gettempdir()) / "pod_start-containerd.log"
+        kept.write_text(daemon.log_text())
+        print(f"containerd's log (shims included) kept in {kept}", flush=True)
+        raise
     finally:
         daemon.stop()
         cleanup.kill_and_wait(cleanup.processes_naming(base / "template"))
@@ -85,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             mounts.unmount(point)
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+def _ratios(medians: dict[str, float]) -> None:
+    """Each husk handler against runc, and each shim-sandboxer one against its twin."""
+    pairs = [(h, "runc") for h in medians if h != "runc"]
+    pairs += [(vm, twin) for vm, twin in SHIM_SANDBOXER.items()]
+    if "husk" in medians and "husk-template" in medians:
+        pairs.append(("husk-template", "husk"))
+    for handler, baseline in pairs:
+        if handler in medians and baseline in medians:
+            print(f"{handler}/{baseline}: {medians[handler] / medians[baseline]:.2f}")
 
 
 if __name__ == "__main__":

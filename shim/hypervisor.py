@@ -117,23 +117,37 @@ Device = BlockDevice | NetDevice | VsockDevice | SharedFsDevice
 
 @dataclass(frozen=True)
 class VsockEndpoint:
-    """AF_VSOCK: the guest's CID and the agent's port."""
+    """AF_VSOCK: the guest's CID and the agent's port.
+
+    Every host process can connect to a vsock port, so the guest serves only a
+    peer that proves the sandbox's secret: ``secret`` is the 0600 file holding
+    it (the plugin wrote it and gave it to the guest by a path no other host
+    user can read; see ``common.channel_auth``).
+    """
 
     cid: int
     port: int
+    secret: Path | None = None
 
 
 @dataclass(frozen=True)
 class HybridVsockEndpoint:
-    """A unix socket on which ``CONNECT <port>\\n`` reaches the guest's vsock port."""
+    """A unix socket on which ``CONNECT <port>\\n`` reaches the guest's vsock port.
+
+    ``secret`` as for ``VsockEndpoint``: the guest's vsock port wants the proof.
+    """
 
     path: Path
     port: int
+    secret: Path | None = None
 
 
 @dataclass(frozen=True)
 class SerialEndpoint:
-    """A unix socket bound to the guest's virtio-serial port ``agent.channel.0``."""
+    """A unix socket bound to the guest's virtio-serial port ``agent.channel.0``.
+
+    No handshake: the socket is QEMU's, in the sandbox's root-only state dir.
+    """
 
     path: Path
 
@@ -149,13 +163,15 @@ TEMPLATE, CLONE = "template", "clone"
 
 @dataclass(frozen=True)
 class TemplateFiles:
-    """A VM template: the guest's RAM in a file (on tmpfs) and its device state.
+    """A VM template: the guest's RAM in a file and its device state.
 
     A ``template`` VM boots with its RAM in ``memory`` (shared: the file is the
     RAM) and ``save_template`` writes only its device state to ``state``. A
     ``clone`` maps ``memory`` privately, copy-on-write, and loads ``state``:
     clones share every page none of them has written, and start in a fraction
-    of a boot. Both files are immutable once the template is saved.
+    of a boot. Both are immutable once the template is saved: ``memory`` is a
+    memfd (``/proc/<holder>/fd/<n>``) sealed against writes, which a clone may
+    open read-write and map privately but never write through.
     """
 
     memory: Path
@@ -252,7 +268,12 @@ class Hypervisor(abc.ABC):
 
     @abc.abstractmethod
     def agent_endpoint(self) -> AgentEndpoint:
-        """Where the shim reaches the guest agent."""
+        """Where the shim reaches the guest agent.
+
+        A vsock or hybrid vsock endpoint names the sandbox's secret file, which
+        the plugin wrote (0600) before the VMM started and gave the guest by a
+        path no other host user can read (never argv or the kernel command line).
+        """
 
     def console_socket(self) -> Path | None:
         """A unix socket that streams the guest's console (after ``prepare``), if any.

@@ -8,16 +8,20 @@
         await server.shutdown()        # stop accepting, finish calls, close
 
 ``serve_stream`` serves one already-connected stream (vsock, virtio-serial,
-a socket after a handshake); the server knows nothing of transports.
+a socket after a handshake); the server knows nothing of transports. A
+listener may be given an ``admit`` check: each accepted stream is served only
+once it returns True (in the stream's own task, so a slow peer holds up no
+other), and is closed unserved otherwise.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 from google.protobuf.descriptor import ServiceDescriptor
@@ -30,6 +34,9 @@ log = logging.getLogger("husk.ttrpc")
 
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+#: decides whether an accepted stream is served (e.g. a handshake); bounds its own time
+Admit = Callable[[trio.abc.Stream], Awaitable[bool]]
 
 
 class Server:
@@ -46,6 +53,8 @@ class Server:
         self._shutdown_timeout = shutdown_timeout
         self._connections: set[ServerConnection] = set()
         self._accept_scopes: set[trio.CancelScope] = set()
+        #: streams still being admitted: ``shutdown`` cancels them
+        self._admit_scopes: set[trio.CancelScope] = set()
         self._connection_gone = trio.lowlevel.ParkingLot()
         self._closing = False
 
@@ -66,8 +75,14 @@ class Server:
         """Connections currently being served."""
         return len(self._connections)
 
-    async def serve_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one connected stream until it closes; closes the stream."""
+    async def serve_stream(self, stream: trio.abc.Stream, admit: Admit | None = None) -> None:
+        """Serve one connected stream until it closes; closes the stream.
+
+        With ``admit``, the stream is served only if ``admit(stream)`` returns True.
+        """
+        if admit is not None and not await self._admit(stream, admit):
+            await trio.aclose_forcefully(stream)
+            return
         if self._closing:
             await trio.aclose_forcefully(stream)
             return
@@ -79,20 +94,35 @@ class Server:
             self._connections.discard(connection)
             self._connection_gone.unpark_all()
 
+    async def _admit(self, stream: trio.abc.Stream, admit: Admit) -> bool:
+        with trio.CancelScope() as scope:
+            self._admit_scopes.add(scope)
+            if self._closing:
+                scope.cancel()
+            try:
+                return await admit(stream)
+            finally:
+                self._admit_scopes.discard(scope)
+        return False
+
     async def serve_listener(
         self,
         listener: trio.abc.Listener[trio.abc.Stream],
         *,
+        admit: Admit | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept and serve connections until ``shutdown()``; closes the listener.
 
         Returns once every accepted connection is finished.
         """
-        await self._serve_listener(listener, task_status.started)
+        await self._serve_listener(listener, task_status.started, admit)
 
     async def _serve_listener(
-        self, listener: trio.abc.Listener[trio.abc.Stream], started: Callable[[], None]
+        self,
+        listener: trio.abc.Listener[trio.abc.Stream],
+        started: Callable[[], None],
+        admit: Admit | None = None,
     ) -> None:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as accept_scope:
@@ -102,12 +132,15 @@ class Server:
                         if self._closing:
                             accept_scope.cancel()
                         started()
-                        await self._accept_loop(listener, nursery)
+                        await self._accept_loop(listener, nursery, admit)
                 finally:
                     self._accept_scopes.discard(accept_scope)
 
     async def _accept_loop(
-        self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery
+        self,
+        listener: trio.abc.Listener[trio.abc.Stream],
+        nursery: trio.Nursery,
+        admit: Admit | None,
     ) -> None:
         while True:
             try:
@@ -118,12 +151,13 @@ class Server:
                 log.error("ttrpc: accept failed, retrying: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            nursery.start_soon(self.serve_stream, stream)
+            nursery.start_soon(functools.partial(self.serve_stream, stream, admit))
 
     async def serve_unix(
         self,
         path: str | os.PathLike[str],
         *,
+        admit: Admit | None = None,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on a unix socket at ``path`` and serve it until ``shutdown()``.
@@ -151,7 +185,7 @@ class Server:
             raise
         try:
             listener = trio.SocketListener(sock)
-            await self._serve_listener(listener, lambda: task_status.started(path))
+            await self._serve_listener(listener, lambda: task_status.started(path), admit)
         finally:
             _remove_stale_socket(path)
 
@@ -162,7 +196,7 @@ class Server:
         ``shutdown_timeout``) are cancelled.
         """
         self._closing = True
-        for scope in list(self._accept_scopes):
+        for scope in list(self._accept_scopes) + list(self._admit_scopes):
             scope.cancel()
         for connection in list(self._connections):
             connection.drain()

@@ -2,7 +2,8 @@
 
 Run inside the VM as ``python3 -m guest.agent``. Modules, from the wire inward:
 
-- ``channel``   vsock / virtio-serial / unix listeners
+- ``channel``   vsock / virtio-serial / unix listeners; ``auth``: the gate that serves
+                a vsock or unix peer only once it proves the sandbox's secret
 - ``server``    wiring: reaper, ttrpc server, shutdown and power-off (``power``)
 - ``service``   ``AgentService`` RPC handlers; ``health``: ``grpc.Health``
 - ``sandbox``   the sandbox and its containers; ``container``: one container

@@ -7,7 +7,12 @@ In the guest (defaults)::
 On a host, for tests (never touches the host's runc state, hostname or network)::
 
     python3 -m guest.agent --host-mode --listen unix:/tmp/a/agent.sock \\
-        --state-dir /tmp/a/state --shared-dir /tmp/a/shared --cgroup-parent /husk-test-1
+        --secret-file /tmp/a/secret --state-dir /tmp/a/state --shared-dir /tmp/a/shared \\
+        --cgroup-parent /husk-test-1
+
+A unix or vsock peer is served only once it proves the secret in
+``--secret-file`` (see ``common.channel_auth``); without one those channels
+refuse every connection.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import trio
 
 from guest.agent import logs, power, server
+from guest.agent.auth import FW_CFG_SECRET
 from guest.agent.channel import parse_listen
 from guest.agent.config import KATA_SHARED_DIR, AgentConfig
 
@@ -41,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--host-mode", action="store_true", help="never change the machine; exit on DestroySandbox"
+    )
+    p.add_argument(
+        "--secret-file",
+        type=Path,
+        default=FW_CFG_SECRET,
+        help="the 32-byte secret a vsock or unix peer must prove (default: QEMU's fw_cfg file)",
     )
     p.add_argument("--state-dir", type=Path, default=Path("/run/husk-agent"))
     p.add_argument("--shared-dir", type=Path, default=KATA_SHARED_DIR)
@@ -75,6 +87,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         copy_file_root=args.copy_file_root or (state / "files" if args.host_mode else Path("/run")),
         resolv_conf=state / "resolv.conf" if args.host_mode else Path("/etc/resolv.conf"),
         host_mode=args.host_mode,
+        secret_file=args.secret_file,
     )
 
 

@@ -8,6 +8,10 @@
     serial[:PATH]         the virtio-serial port (default /dev/virtio-ports/agent.channel.0)
     unix:PATH             a unix socket (the agent on a host, for tests)
 
+A connection on vsock or a unix socket is served only once its peer has
+proved the sandbox's secret (:mod:`guest.agent.auth`); virtio-serial's host
+end is a root-only socket and needs no proof.
+
 virtio-serial is one byte stream with no connections: the agent serves one
 ttrpc connection per host session on it (a new host client is told apart by
 its stream ids, see :mod:`guest.agent.host_sessions`) and, when the port ends
@@ -28,7 +32,7 @@ from typing import Any
 import trio
 
 from guest.agent.host_sessions import HostSessions
-from ttrpc.server import Server
+from ttrpc.server import Admit, Server
 
 log = logging.getLogger("husk.agent.channel")
 
@@ -87,22 +91,30 @@ def detect(
 async def serve(
     server: Server,
     address: ListenAddress,
+    admit: Admit,
     *,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``address`` until cancelled (or, for sockets, until ``server.shutdown()``)."""
+    """Serve ``address`` until cancelled (or, for sockets, until ``server.shutdown()``).
+
+    Socket connections (unix, vsock) are served only when ``admit`` lets them in.
+    """
     if address.kind == "unix":
-        await server.serve_unix(address.path, task_status=task_status)
+        await server.serve_unix(address.path, admit=admit, task_status=task_status)
     elif address.kind == "vsock":
-        await serve_vsock(server, address.port, task_status=task_status)
+        await serve_vsock(server, address.port, admit, task_status=task_status)
     else:
         await serve_serial(server, Path(address.path), task_status=task_status)
 
 
 async def serve_vsock(
-    server: Server, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    server: Server,
+    port: int,
+    admit: Admit,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on AF_VSOCK (any CID) and serve every connection."""
+    """Listen on AF_VSOCK (any CID) and serve every connection ``admit`` lets in."""
     sock = trio.socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     try:
         await sock.bind((socket.VMADDR_CID_ANY, port))
@@ -111,7 +123,7 @@ async def serve_vsock(
         sock.close()
         raise
     log.info("listening on vsock port %d", port)
-    await server.serve_listener(trio.SocketListener(sock), task_status=task_status)
+    await server.serve_listener(trio.SocketListener(sock), admit=admit, task_status=task_status)
 
 
 async def _wait_for(path: Path, timeout: float) -> None:

@@ -43,13 +43,16 @@ def reset_children_oom_score_adj(value: int) -> None:
     _child_oom_score_adj = value
 
 
-def _with_oom_reset(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
-    if _child_oom_score_adj is None:
+def _with_oom_reset(
+    argv: Sequence[str], env: Mapping[str, str], value: int | None = None
+) -> list[str]:
+    value = _child_oom_score_adj if value is None else value
+    if value is None:
         return list(argv)
     program = shutil.which(argv[0], path=env.get("PATH"))
     if program is None:
         raise FileNotFoundError(errno.ENOENT, "no such program", argv[0])
-    script = f'echo {_child_oom_score_adj} > /proc/self/oom_score_adj && exec "$@"'
+    script = f'echo {int(value)} > /proc/self/oom_score_adj && exec "$@"'
     return [SHELL, "-c", script, argv[0], program, *argv[1:]]
 
 
@@ -82,11 +85,13 @@ def spawn(
     stdout: int | None = None,
     stderr: int | None = None,
     env: Mapping[str, str] | None = None,
+    oom_score_adj: int | None = None,
 ) -> ExitWatch:
     """Start ``argv`` with the given fds as its stdio (None: /dev/null) and watch it.
 
     The caller keeps ownership of the fds it passes and should close its copies
-    of the child's ends once this returns.
+    of the child's ends once this returns. ``oom_score_adj`` is the child's
+    (default: what :func:`reset_children_oom_score_adj` set).
     """
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -99,7 +104,7 @@ def spawn(
             else:
                 actions.append((os.POSIX_SPAWN_DUP2, source, target))
         environment = dict(os.environ if env is None else env)
-        argv = _with_oom_reset(argv, environment)
+        argv = _with_oom_reset(argv, environment, oom_score_adj)
         pid = os.posix_spawnp(
             argv[0], argv, environment, file_actions=actions, setsigdef=_RESET_SIGNALS
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import InvalidArgumentError
+from guest.agent.auth import FW_CFG_SECRET
 from guest.agent.storage import SysfsLayout
 
 KATA_SHARED_DIR = Path("/run/kata-containers/shared/containers")
@@ -42,6 +43,8 @@ class AgentConfig:
     proc_sys: Path = Path("/proc/sys")
     """Where the pod network's sysctls are written (the VM's network is the pod's)."""
     host_mode: bool = False
+    secret_file: Path = FW_CFG_SECRET
+    """The sandbox's channel secret: a vsock or unix peer must prove it (``guest.agent.auth``)."""
     sysfs: SysfsLayout = field(default_factory=SysfsLayout)
 
     def bundle_dir(self, container_id: str) -> Path:

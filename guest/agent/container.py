@@ -21,7 +21,7 @@ from common.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from guest.agent import oci, storage
+from guest.agent import oci, readonly, storage
 from guest.agent.config import AgentConfig, check_id
 from guest.agent.console import ConsoleSocket
 from guest.agent.process import Process, ProcessIO, process_label
@@ -120,6 +120,15 @@ def _exe(pid: int) -> str | None:
         return None
 
 
+async def _keep_readonly_flags(rt: Runtime, cid: str, pid: int, paths: list[str]) -> None:
+    """crun drops nosuid/nodev/noexec from read-only paths; put them back (see ``readonly``)."""
+    if not paths or os.path.basename(rt.runc.binary) != "crun":
+        return
+    status = await readonly.keep_mount_flags(rt.reaper, pid, paths)
+    if status != 0:
+        log.warning("container %s: read-only paths keep crun's flags (status %d)", cid, status)
+
+
 class Container:
     """A container created by runc, with its processes and the mounts made for it."""
 
@@ -154,10 +163,12 @@ class Container:
         mounts: list[str],
         *,
         oci_version: str,
+        pod_namespaces: dict[str, str] | None = None,
     ) -> Container:
         """Write the bundle and ``runc create`` the container (its init waits for start).
 
-        ``oci_version`` is the runtime-spec version the runtime is handed.
+        ``oci_version`` is the runtime-spec version the runtime is handed;
+        ``pod_namespaces``: the guest files of its pod's namespaces (see ``oci``).
         """
         cid = request.container_id
         spec = request.OCI
@@ -168,6 +179,7 @@ class Container:
             root_path=str(root),
             cgroups_path=rt.config.cgroups_path(cid),
             oci_version=oci_version,
+            pod_namespaces=pod_namespaces,
         )
         bundle = rt.config.bundle_dir(cid)
         if bundle.exists():
@@ -189,6 +201,7 @@ class Container:
             raise
         watch = rt.reaper.adopt(pid, since)
         init = Process(cid, exec_id, pid, io, watch, init=True)
+        await _keep_readonly_flags(rt, cid, pid, config["linux"].get("readonlyPaths", []))
         log.info("created container %s (init pid %d)", cid, pid)
         return cls(rt, cid, bundle, init, mounts)
 
@@ -236,7 +249,13 @@ class Container:
 
             async def run(stdio: Sequence[int | None], console: str | None) -> None:
                 await self.rt.runc.exec(
-                    self.id, self.bundle, process_file, pid_file, stdio, console
+                    self.id,
+                    self.bundle,
+                    process_file,
+                    pid_file,
+                    stdio,
+                    console,
+                    oom_score_adj=int(process_json["oomScoreAdj"]),
                 )
 
             since = self.rt.reaper.generation

@@ -4,7 +4,10 @@ Served only when the kernel command line has ``husk.debug_console=1`` (the
 shim adds it for ``[agent.husk] debug_console = true``; Kata's
 ``agent.debug_console`` is accepted too). It listens on its own channel, never
 the agent's: the virtio-serial port ``console.channel.0`` or, where the guest
-has vsock, port 1026. The framing is :mod:`common.console`.
+has vsock, port 1026. The framing is :mod:`common.console`. On vsock, which
+every host process can reach, a connection gets a shell only after proving
+the sandbox's secret (:mod:`guest.agent.auth`); the virtio-serial port's host
+end is a root-only socket.
 
 The agent spawns the shell rather than the init script because a usable shell
 needs a pty whose size follows the host's terminal, and the agent already
@@ -29,6 +32,7 @@ from pathlib import Path
 import trio
 
 from common import console
+from guest.agent.auth import Gate
 from guest.agent.reaper import ExitWatch, Reaper
 
 log = logging.getLogger("husk.agent.console")
@@ -224,20 +228,26 @@ async def serve_serial(reaper: Reaper, path: Path = SERIAL_PORT) -> None:
         await trio.sleep(delay)
 
 
-async def serve_vsock(reaper: Reaper, port: int = console.VSOCK_PORT) -> None:
-    """One session per vsock connection."""
+async def serve_vsock(reaper: Reaper, gate: Gate, port: int = console.VSOCK_PORT) -> None:
+    """One session per vsock connection that passes ``gate``."""
     sock = trio.socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     await sock.bind((socket.VMADDR_CID_ANY, port))
     sock.listen(4)
 
     async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            await Session(stream, reaper).run()
+        await serve_connection(stream, reaper, gate)
 
     await trio.serve_listeners(handle, [trio.SocketListener(sock)])
 
 
-async def serve(reaper: Reaper) -> None:
+async def serve_connection(stream: trio.abc.Stream, reaper: Reaper, gate: Gate) -> None:
+    """A session on one connection, once its peer has proved the secret; closes it."""
+    async with stream:
+        if await gate(stream):
+            await Session(stream, reaper).run()
+
+
+async def serve(reaper: Reaper, gate: Gate) -> None:
     """The console on its virtio-serial port where the VM has one, else on vsock.
 
     The port decides: ``/dev/vsock`` exists whenever the vsock modules are
@@ -252,4 +262,5 @@ async def serve(reaper: Reaper) -> None:
         await serve_serial(reaper)
     else:
         log.info("debug console on vsock port %d: a root shell for `husk exec`", console.VSOCK_PORT)
-        await serve_vsock(reaper)
+        gate.check()
+        await serve_vsock(reaper, gate)

@@ -67,7 +67,13 @@ class Runc:
         return done.stdout
 
     async def _run_detached(
-        self, cid: str, what: str, log_file: Path, args: Sequence[str], stdio: Sequence[int | None]
+        self,
+        cid: str,
+        what: str,
+        log_file: Path,
+        args: Sequence[str],
+        stdio: Sequence[int | None],
+        oom_score_adj: int | None = None,
     ) -> None:
         """Run ``create``/``exec``, whose stdio is the container process's stdio."""
         since = log_file.stat().st_size if log_file.exists() else 0
@@ -77,6 +83,7 @@ class Runc:
             stdin=stdio[0],
             stdout=stdio[1],
             stderr=stdio[2],
+            oom_score_adj=oom_score_adj,
         )
         status = await watch.wait()
         if status != 0:
@@ -107,12 +114,19 @@ class Runc:
         pid_file: Path,
         stdio: Sequence[int | None],
         console_socket: str | None = None,
+        oom_score_adj: int | None = None,
     ) -> None:
-        """``runc exec --detach``: start one more process in a running container."""
+        """``runc exec --detach``: start one more process in a running container.
+
+        Neither runc nor crun applies the process's ``oomScoreAdj`` on exec: the
+        process inherits theirs, so ``oom_score_adj`` is what they start with.
+        """
         args = ["exec", "--detach", "--process", str(process_file), "--pid-file", str(pid_file)]
         if console_socket:
             args += ["--console-socket", console_socket]
-        await self._run_detached(cid, "exec", bundle / "runc.log", [*args, cid], stdio)
+        await self._run_detached(
+            cid, "exec", bundle / "runc.log", [*args, cid], stdio, oom_score_adj
+        )
 
     async def start(self, cid: str) -> None:
         """``runc start``: let the init process exec the container's program."""

@@ -8,14 +8,14 @@ import socket
 
 import trio
 
-from agent_proto import agent_pb2
+from agent_proto import agent_pb2, oci_pb2
 from common.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
 )
-from guest.agent import cgroups, spec_version, storage
+from guest.agent import cgroups, oci, spec_version, storage
 from guest.agent.config import AgentConfig, check_id
 from guest.agent.container import Container, Runtime
 from guest.agent.oom import OomWatcher
@@ -106,7 +106,13 @@ class Sandbox:
             self.network_sysctls.take(cid, request.OCI.Linux.Sysctl)
             mounts = await storage.mount_storages(request.storages, self.config.sysfs)
             try:
-                container = await Container.create(self.rt, request, mounts, oci_version=version)
+                container = await Container.create(
+                    self.rt,
+                    request,
+                    mounts,
+                    oci_version=version,
+                    pod_namespaces=self._pod_namespaces(request.OCI),
+                )
             except BaseException:
                 storage.unmount_all(mounts)
                 raise
@@ -115,6 +121,14 @@ class Sandbox:
             return container
         finally:
             self._creating.discard(cid)
+
+    def _pod_namespaces(self, spec: oci_pb2.Spec) -> dict[str, str]:
+        """The namespaces of a CRI container's pod: its sandbox container's, while it runs."""
+        sandbox_id = oci.pod_sandbox_id(spec)
+        pause = self.containers.get(sandbox_id) if sandbox_id else None
+        if pause is None or pause.init.exited:
+            return {}
+        return oci.pod_namespace_files(pause.init.pid)
 
     async def remove_container(self, container_id: str, timeout: float = 0) -> None:
         """Destroy a container (``timeout`` seconds, 0 for no limit) and forget it."""

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 import trio
 
 from agent_proto import agent_pb2, health_pb2
+from common import channel_auth
 from guest.agent import command, debug_console, logs, power, system
+from guest.agent.auth import Gate
 from guest.agent.channel import ListenAddress, serve
 from guest.agent.config import AgentConfig
 from guest.agent.health import HealthService
@@ -65,6 +67,9 @@ async def run(config: AgentConfig, addresses: Sequence[ListenAddress], on_destro
     service = AgentService(Sandbox(config, reaper), Network())
     server = build_server(service)
     stop = trio.Event()
+    gate = Gate(config.secret_file, channel_auth.AGENT)
+    if any(a.kind != "serial" for a in addresses):
+        gate.check()
     if not config.host_mode:
         system.protect_from_oom_killer()
         command.reset_children_oom_score_adj(0)
@@ -74,7 +79,7 @@ async def run(config: AgentConfig, addresses: Sequence[ListenAddress], on_destro
         served = 0
         for address in addresses:
             try:
-                await nursery.start(serve, server, address)
+                await nursery.start(serve, server, address, gate)
             except OSError as exc:
                 # e.g. /dev/vsock without a transport: the other channel may still work.
                 log.error("cannot listen on %s: %s", address, exc)
@@ -84,7 +89,8 @@ async def run(config: AgentConfig, addresses: Sequence[ListenAddress], on_destro
         if not served:
             raise OSError(f"the agent could not listen on any of {', '.join(map(str, addresses))}")
         if not config.host_mode and debug_console.enabled(logs.read_cmdline()):
-            nursery.start_soon(debug_console.serve, reaper)
+            console_gate = Gate(config.secret_file, channel_auth.DEBUG_CONSOLE)
+            nursery.start_soon(debug_console.serve, reaper, console_gate)
         nursery.start_soon(_stop_on_signal, service, stop)
         nursery.start_soon(_stop_when_destroyed, service, stop)
         await stop.wait()

@@ -49,6 +49,9 @@ KERNEL_MODULES: tuple[str, ...] = (
     "virtio_net",
     "virtio_rng",
     "virtio_mem",  # memory hot-plug: the sandbox grows (and shrinks) with its containers
+    # fw_cfg in sysfs: the agent reads the sandbox's channel secret from QEMU's
+    # opt/io.husk/agent-secret (found through ACPI's QEMU0002 device on q35)
+    "qemu_fw_cfg",
     "vsock",
     "vmw_vsock_virtio_transport",
     "9p",

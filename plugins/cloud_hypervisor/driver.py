@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from common.channel_auth import read_secret, write_secret
 from plugins.cloud_hypervisor import virtiofsd
 from plugins.cloud_hypervisor.api import ApiClient, ApiError
 from plugins.cloud_hypervisor.plugin import kvm_problem
@@ -142,13 +143,15 @@ class CloudHypervisor(Hypervisor):
         )
 
     def agent_endpoint(self) -> AgentEndpoint:
-        return HybridVsockEndpoint(self._require_paths().vsock, AGENT_VSOCK_PORT)
+        paths = self._require_paths()
+        return HybridVsockEndpoint(paths.vsock, AGENT_VSOCK_PORT, paths.agent_secret)
 
     def debug_console_endpoint(self) -> AgentEndpoint | None:
         spec = self._spec
         if spec is None or not spec.debug_console:
             return None
-        return HybridVsockEndpoint(self._require_paths().vsock, DEBUG_CONSOLE_VSOCK_PORT)
+        paths = self._require_paths()
+        return HybridVsockEndpoint(paths.vsock, DEBUG_CONSOLE_VSOCK_PORT, paths.agent_secret)
 
     def console_socket(self) -> Path | None:
         return self._require_paths().console
@@ -179,8 +182,11 @@ class CloudHypervisor(Hypervisor):
         for sock in paths.sockets():
             spec.record(Resource(SOCKET_FILE, path=str(sock)))
         spec.record(Resource(FILE, path=str(paths.log)))
+        spec.record(Resource(FILE, path=str(paths.agent_secret)))
         spec.state_dir.mkdir(parents=True, exist_ok=True)
         paths.dir.mkdir(mode=0o700, exist_ok=True)
+        # before the VMM starts; every hybrid-vsock peer of the guest must prove it
+        write_secret(paths.agent_secret)
         for device in spec.devices:
             self._devices[device.id] = device
 
@@ -255,7 +261,8 @@ class CloudHypervisor(Hypervisor):
         devices = list(self._devices.values())
         disks = [d for d in devices if isinstance(d, BlockDevice)]
         nics = [d for d in devices if isinstance(d, NetDevice)]
-        body = vm_config(spec, self.settings, paths, disks, _shares(spec))
+        secret = read_secret(paths.agent_secret)
+        body = vm_config(spec, self.settings, paths, disks, _shares(spec), secret)
         try:
             with trio.fail_at(deadline):
                 await self._call(lambda api: api.put("vm.create", body))

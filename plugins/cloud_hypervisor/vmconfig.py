@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.channel_auth import SMBIOS_OEM_PREFIX
 from shim.hypervisor import BlockDevice, NetDevice, SharedFsDevice, VmSpec
 
 MIB = 1 << 20
@@ -95,6 +96,11 @@ class VmPaths:
         return self.dir / "console.sock"
 
     @property
+    def agent_secret(self) -> Path:
+        """The sandbox's channel secret (0600); the guest gets it as an SMBIOS OEM string."""
+        return self.dir / "agent.secret"
+
+    @property
     def log(self) -> Path:
         """Cloud Hypervisor's own output."""
         return self.dir / "cloud-hypervisor.log"
@@ -134,8 +140,14 @@ def vm_config(
     paths: VmPaths,
     disks: list[BlockDevice],
     shares: list[SharedFsDevice],
+    secret: bytes,
 ) -> dict[str, Any]:
-    """The ``VmConfig`` body of ``vm.create`` (NICs are added before boot, with their fds)."""
+    """The ``VmConfig`` body of ``vm.create`` (NICs are added before boot, with their fds).
+
+    ``secret`` is the sandbox's channel secret: Cloud Hypervisor has no fw_cfg, so
+    it rides as an SMBIOS OEM string in this body, sent over the root-only API
+    socket (never argv, never the kernel command line).
+    """
     memory: dict[str, Any] = {"size": spec.memory_mib * MIB, "shared": True}
     room = hotplug_memory_mib(spec)
     if room:
@@ -156,6 +168,7 @@ def vm_config(
         "rng": {"src": "/dev/urandom"},
         # the guest reports a panic through the pvpanic device to the event monitor
         "pvpanic": True,
+        "platform": {"oem_strings": [f"{SMBIOS_OEM_PREFIX}{secret.hex()}"]},
     }
     if disks:
         config["disks"] = [disk_config(d) for d in disks]

@@ -45,6 +45,9 @@ AGENT_PORT = "agent.channel.0"
 SECCOMP_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 #: the virtio-serial port of the guest's debug console (``common.console``)
 DEBUG_CONSOLE_PORT = "console.channel.0"
+#: the fw_cfg file that carries the sandbox's channel secret into the guest (the agent
+#: reads it from /sys/firmware/qemu_fw_cfg/by_name/<name>/raw); only its path is in argv
+SECRET_FW_CFG_NAME = "opt/io.husk/agent-secret"
 #: the memory backend of a template's (or a clone's) RAM
 TEMPLATE_RAM = "ram0"
 #: sun_path is 108 bytes, NUL included
@@ -143,6 +146,11 @@ class VmPaths:
         return self.dir / "console.sock"
 
     @property
+    def agent_secret(self) -> Path:
+        """The sandbox's channel secret (0600): QEMU reads it into the guest's fw_cfg."""
+        return self.dir / "agent.secret"
+
+    @property
     def log(self) -> Path:
         """QEMU's own stderr (and ``-d`` log), rotated into ``log_rotated`` at its cap."""
         return self.dir / "qemu.log"
@@ -215,6 +223,8 @@ def build_argv(
     if spec.initrd is not None:
         argv += ["-initrd", str(spec.initrd)]
     argv += ["-append", kernel_append(spec, settings)]
+    # the secret by file: its bytes never appear in argv or on the kernel command line
+    argv += ["-fw_cfg", f"name={SECRET_FW_CFG_NAME},file={_opt(paths.agent_secret)}"]
     if settings.seccomp_sandbox:
         argv += ["-sandbox", _seccomp(settings)]
     if settings.run_as:
@@ -318,16 +328,19 @@ def _memory_backend_option(spec: VmSpec) -> str:
 
 
 def template_memory_args(spec: VmSpec, readonly_ram: bool = False) -> list[str]:
-    """The guest's RAM as the template's file: the file itself for the template
-    (``share=on``: the RAM is the file), a private copy-on-write mapping of it
-    for a clone (``share=off``), so clones share every page none has written.
+    """The guest's RAM as the template's memory: the memory itself for the
+    template (``share=on``: the RAM is the memfd), a private copy-on-write
+    mapping of it for a clone (``share=off``), so clones share every page none
+    has written.
 
-    A clone never needs to write the file, and one whose QEMU a guest takes
-    over must not be able to (every later clone starts from it). Where QEMU
-    can (8.2: ``readonly_ram``), the clone opens it O_RDONLY and still maps it
-    writable and private (``readonly=on,rom=off``). QEMU 7.2 cannot: it opens
-    ``mem-path`` O_RDWR unless ``readonly=on``, which also maps the RAM
-    read-only (the guest's RAM becomes a ROM and it cannot run).
+    A clone never needs to write it, and one whose QEMU a guest takes over
+    must not be able to (every later clone starts from it). ``mem-path`` is a
+    memfd sealed against writes once the template is saved
+    (``shim.sandbox.ram_holder``): QEMU 7.2 opens it O_RDWR (it does unless
+    ``readonly=on``, which also maps the RAM read-only: a ROM the guest cannot
+    run on), but every write through that fd fails. Where QEMU can (8.2:
+    ``readonly_ram``), the clone also opens it O_RDONLY and still maps it
+    writable and private (``readonly=on,rom=off``).
     """
     template = spec.template
     if template is None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from common.channel_auth import write_secret
 from plugins.qemu import features, hotplug, resize
 from plugins.qemu.cmdline import Placed, QemuSettings, VmPaths, build_argv, hotplug_memory_mib
 from plugins.qemu.process import QemuProcess
@@ -145,7 +146,7 @@ class QemuHypervisor(Hypervisor):
         if self.settings.agent_transport == "vsock":
             if self._cid is None:
                 raise FailedPreconditionError("qemu: the VM has no guest CID before start")
-            return VsockEndpoint(self._cid, AGENT_VSOCK_PORT)
+            return VsockEndpoint(self._cid, AGENT_VSOCK_PORT, self._require_paths().agent_secret)
         return SerialEndpoint(self._require_paths().agent)
 
     def debug_console_endpoint(self) -> AgentEndpoint | None:
@@ -155,7 +156,9 @@ class QemuHypervisor(Hypervisor):
         if self.settings.agent_transport == "vsock":
             if self._cid is None:
                 return None
-            return VsockEndpoint(self._cid, DEBUG_CONSOLE_VSOCK_PORT)
+            return VsockEndpoint(
+                self._cid, DEBUG_CONSOLE_VSOCK_PORT, self._require_paths().agent_secret
+            )
         return SerialEndpoint(self._require_paths().debug_console)
 
     @property
@@ -193,10 +196,14 @@ class QemuHypervisor(Hypervisor):
             Resource(FILE, path=str(paths.log)),
             Resource(FILE, path=str(paths.log_rotated)),
             Resource(FILE, path=str(paths.pidfile)),
+            Resource(FILE, path=str(paths.agent_secret)),
         ):
             spec.record(resource)
         spec.state_dir.mkdir(parents=True, exist_ok=True)
         paths.dir.mkdir(mode=0o700, exist_ok=True)
+        # before QEMU starts: the guest learns it from fw_cfg, every vsock peer must prove it;
+        # a fresh one for each VM (a template's never serves its clones)
+        write_secret(paths.agent_secret)
         for device in spec.devices:
             self._place(device)
 
@@ -352,7 +359,7 @@ class QemuHypervisor(Hypervisor):
         if not readonly:
             log.debug(
                 "%s has no memory-backend-file rom=off (QEMU 8.2): the clone opens the "
-                "template's RAM file read-write",
+                "template's RAM read-write (its write seals refuse every write)",
                 self.settings.binary,
             )
         return readonly

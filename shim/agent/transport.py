@@ -10,9 +10,15 @@ Three channels carry the same ttrpc protocol:
 - **virtio-serial**: QEMU's unix-socket chardev bound to the guest's
   ``agent.channel.0`` port, for hosts without ``/dev/vhost-vsock``.
 
+On vsock and hybrid vsock, which any host process can reach, the guest
+serves a connection only after the shim proves the sandbox's secret
+(:mod:`common.channel_auth`; the endpoint names the 0600 file that holds it):
+``connect`` answers the guest's challenge before it returns the stream.
+virtio-serial has no handshake: its socket is QEMU's, in a root-only dir.
+
 ``connect`` retries while the far end is not there yet (the VM is still
 booting) and fails with ``AgentUnreachableError`` naming the endpoint once the
-timeout passes.
+timeout passes; a guest that refuses the secret fails at once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from typing import Any
 
 import trio
 
+from common import channel_auth
+from common.channel_auth import AuthenticationError
 from shim.errors import HuskError
 from shim.hypervisor import AgentEndpoint, HybridVsockEndpoint, SerialEndpoint, VsockEndpoint
 from ttrpc.codes import Code
@@ -50,7 +58,8 @@ class AgentUnreachableError(HuskError):
 
 
 class HandshakeError(AgentUnreachableError):
-    """A hybrid-vsock VMM refused or garbled the ``CONNECT`` handshake."""
+    """A hybrid-vsock VMM refused or garbled the ``CONNECT`` handshake, or the guest
+    refused (or never asked for) the sandbox's secret."""
 
 
 def describe(endpoint: AgentEndpoint) -> str:
@@ -67,23 +76,30 @@ def describe(endpoint: AgentEndpoint) -> str:
 def endpoint_record(endpoint: AgentEndpoint | None) -> dict[str, Any]:
     """An endpoint as plain JSON values, for the sandbox's record (``{}`` for None)."""
     match endpoint:
-        case VsockEndpoint(cid, port):
-            return {"kind": "vsock", "cid": cid, "port": port}
-        case HybridVsockEndpoint(path, port):
-            return {"kind": "hybrid-vsock", "path": str(path), "port": port}
+        case VsockEndpoint(cid, port, secret):
+            return {"kind": "vsock", "cid": cid, "port": port, **_secret_record(secret)}
+        case HybridVsockEndpoint(path, port, secret):
+            hybrid = {"kind": "hybrid-vsock", "path": str(path), "port": port}
+            return {**hybrid, **_secret_record(secret)}
         case SerialEndpoint(path):
             return {"kind": "serial", "path": str(path)}
     return {}
 
 
+def _secret_record(secret: Path | None) -> dict[str, str]:
+    """The secret's file, never its bytes: records are read by ``husk sandbox ls`` and others."""
+    return {"secret_file": str(secret)} if secret is not None else {}
+
+
 def endpoint_from_record(record: Mapping[str, Any]) -> AgentEndpoint | None:
     """The endpoint ``endpoint_record`` wrote (None for ``{}`` or an unknown kind)."""
     try:
+        secret = Path(record["secret_file"]) if record.get("secret_file") else None
         match record.get("kind"):
             case "vsock":
-                return VsockEndpoint(int(record["cid"]), int(record["port"]))
+                return VsockEndpoint(int(record["cid"]), int(record["port"]), secret)
             case "hybrid-vsock":
-                return HybridVsockEndpoint(Path(record["path"]), int(record["port"]))
+                return HybridVsockEndpoint(Path(record["path"]), int(record["port"]), secret)
             case "serial":
                 return SerialEndpoint(Path(record["path"]))
     except (KeyError, TypeError, ValueError):
@@ -91,16 +107,64 @@ def endpoint_from_record(record: Mapping[str, Any]) -> AgentEndpoint | None:
     return None
 
 
-async def connect(endpoint: AgentEndpoint, timeout: float) -> trio.abc.Stream:
-    """Open a stream to the agent, retrying until ``timeout`` seconds pass."""
+async def connect(
+    endpoint: AgentEndpoint, timeout: float, purpose: int = channel_auth.AGENT
+) -> trio.abc.Stream:
+    """Open a stream to the agent (or, with ``purpose``, the debug console), retrying
+    until ``timeout`` seconds pass; on vsock the guest has accepted the secret."""
+    what = describe(endpoint)
     match endpoint:
-        case VsockEndpoint(cid, port):
-            dial: Callable[[], Awaitable[trio.abc.Stream]] = lambda: _vsock(cid, port)  # noqa: E731
-        case HybridVsockEndpoint(path, port):
-            dial = lambda: _hybrid_vsock(str(path), port)  # noqa: E731
+        case VsockEndpoint(cid, port, secret):
+            key = _secret_of(secret, what)
+            dial: Callable[[], Awaitable[trio.abc.Stream]] = lambda: _authenticated(  # noqa: E731
+                _vsock(cid, port), key, purpose, what
+            )
+        case HybridVsockEndpoint(path, port, secret):
+            key = _secret_of(secret, what)
+            dial = lambda: _authenticated(  # noqa: E731
+                _hybrid_vsock(str(path), port), key, purpose, what
+            )
         case SerialEndpoint(path):
             dial = lambda: _unix(str(path))  # noqa: E731
-    return await _retry(dial, timeout, describe(endpoint))
+    return await _retry(dial, timeout, what)
+
+
+def _secret_of(path: Path | None, what: str) -> bytes:
+    """The sandbox's secret for a vsock endpoint (read by the shim or by root's ``husk exec``)."""
+    if path is None:
+        raise HandshakeError(f"{what}: the endpoint names no secret file; the guest would refuse")
+    try:
+        return channel_auth.read_secret(path)
+    except AuthenticationError as e:
+        raise HandshakeError(f"{what}: {e}") from None
+
+
+async def authenticate(stream: trio.abc.Stream, secret: bytes, purpose: int, what: str) -> None:
+    """Answer the guest's challenge on a connected stream (within ``channel_auth.TIMEOUT``)."""
+    try:
+        with trio.fail_after(channel_auth.TIMEOUT):
+            await channel_auth.prove(stream, secret, purpose)
+    except trio.TooSlowError:
+        raise HandshakeError(
+            f"{what}: the guest sent no handshake within {channel_auth.TIMEOUT:g} s "
+            "(a guest image older than this shim? run `husk image build`)"
+        ) from None
+    except AuthenticationError as e:
+        raise HandshakeError(f"{what}: {e}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        raise OSError(errno.ECONNRESET, f"the connection ended during the handshake: {e}") from None
+
+
+async def _authenticated(
+    connecting: Awaitable[trio.abc.Stream], secret: bytes, purpose: int, what: str
+) -> trio.abc.Stream:
+    stream = await connecting
+    try:
+        await authenticate(stream, secret, purpose, what)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
 
 
 async def _retry(

@@ -96,16 +96,18 @@ def _qemu_findings(config: Config, run: Runner) -> list[Finding]:
 
 
 def _template_ram_finding(binary: str, run: Runner) -> Finding:
-    """Whether VM clones can hold the template's RAM file read-only (QEMU 8.2's rom=off)."""
+    """How VM clones hold the template's RAM: a write-sealed memfd, read-only too with
+    QEMU 8.2's rom=off."""
     argv = [binary, "-nodefaults", "-machine", "none", "-object", "memory-backend-file,help"]
     readonly = "rom=" in (run(argv) or "")
     return Finding(
         "template-ram",
-        readonly,
-        "VM clones open the template's RAM file read-only (memory-backend-file rom=off)"
+        True,
+        "VM clones open the template's RAM read-only (memory-backend-file rom=off); "
+        "it is a write-sealed memfd"
         if readonly
-        else "VM clones open the template's RAM file read-write: this QEMU lacks "
-        "memory-backend-file rom=off (QEMU 8.2 or later has it)",
+        else "VM clones open the template's RAM read-write (no memory-backend-file rom=off "
+        "before QEMU 8.2), but it is a write-sealed memfd: writes through that fd fail",
     )
 
 

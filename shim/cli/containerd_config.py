@@ -10,6 +10,10 @@ use. Two handlers are printed, both passing husk's own pod annotations
 - ``husk-template``: the same configuration with ``[factory] enable_template``
   on, in ``/etc/husk/configuration-template.toml``: pods start as clones of a
   VM template.
+- ``husk-vm`` (containerd 2.x only): the configuration in use with
+  ``sandboxer = "shim"``: containerd asks the shim itself for the pod's VM
+  through its sandbox API (:mod:`shim.containerd.sandbox_service`), with no
+  pause container.
 
 and the CRI plugin's pause image, husk's local one (``husk image pause
 --import``). What is printed follows the containerd it configures
@@ -94,13 +98,17 @@ class Handler:
 
     name: str
     config_path: Path
+    #: containerd 2's sandboxer for the handler ("": its default, the pause container)
+    sandboxer: str = ""
 
     def table(self, layout: Layout = V2) -> str:
         """The handler's TOML tables in ``layout``'s config version."""
         base = layout.runtime_base(self.name)
+        sandboxer = f"  sandboxer = {_string(self.sandboxer)}\n" if self.sandboxer else ""
         return (
             f"[{base}]\n"
             f'  runtime_type = "{RUNTIME_TYPE}"\n'
+            f"{sandboxer}"
             f"  pod_annotations = [{_string(ANNOTATIONS)}]\n"
             f"[{base}.options]\n"
             f"  ConfigPath = {_string(str(self.config_path))}\n"
@@ -116,9 +124,15 @@ def _table_name(path: tuple[str, ...]) -> str:
     return "plugins." + ".".join(f'"{part}"' if "." in part else part for part in path)
 
 
-def handlers(config_path: Path, template_path: Path = TEMPLATE_CONFIG) -> list[Handler]:
-    """``husk`` on the given configuration, ``husk-template`` on its template twin."""
-    return [Handler("husk", config_path), Handler("husk-template", template_path)]
+def handlers(
+    config_path: Path, template_path: Path = TEMPLATE_CONFIG, layout: Layout = V2
+) -> list[Handler]:
+    """``husk`` on the given configuration, ``husk-template`` on its template twin,
+    and for containerd 2 (version 3) ``husk-vm``, the shim as the pod's sandboxer."""
+    found = [Handler("husk", config_path), Handler("husk-template", template_path)]
+    if layout.version >= 3:
+        found.append(Handler("husk-vm", config_path, sandboxer="shim"))
+    return found
 
 
 def sandbox_image_table(layout: Layout = V2) -> str:
@@ -145,13 +159,15 @@ def snippet(
     """
     layout = LAYOUTS[release.config_version if release else 2]
     which = f"containerd {release}" if release else "containerd 1.6/1.7"
+    offered = handlers(config_path, template_path, layout)
+    names = " or ".join(h.name for h in offered)
     parts = [
-        f"# husk runtime handlers for {which}'s CRI plugin (RuntimeClass handler: husk or\n"
-        f"# husk-template); merge into /etc/containerd/config.toml (version = {layout.version})"
+        f"# husk runtime handlers for {which}'s CRI plugin (RuntimeClass handler: {names});\n"
+        f"# merge into /etc/containerd/config.toml (version = {layout.version})"
         " and\n# restart containerd, or run `husk containerd-config --install`.\n",
         sandbox_image_table(layout),
         *([cni_table(layout)] if layout.cni_table else []),
-        *(h.table(layout) for h in handlers(config_path, template_path)),
+        *(h.table(layout) for h in offered),
     ]
     return "\n".join(parts)
 
@@ -221,7 +237,7 @@ def merged(
         text += "\n" + cni_table(layout)
         added.append(f"CNI bin_dirs {', '.join(CNI_BIN_DIRS)}")
     runtimes = ("plugins", layout.runtime_plugin, "containerd", "runtimes")
-    for handler in handlers(config_path, template_path):
+    for handler in handlers(config_path, template_path, layout):
         if _has(document, *runtimes, handler.name):
             continue
         text += "\n" + handler.table(layout)

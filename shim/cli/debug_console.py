@@ -1,8 +1,10 @@
 """``husk exec <sandbox>``: this terminal on a root shell in the sandbox's guest.
 
 The sandbox's record names the console's endpoint (a root-only socket in its
-state dir, or a vsock port) when it was started with ``[agent.husk]
-debug_console = true``; without one ``husk exec`` says so in one line. The
+state dir, or a vsock port and the sandbox's 0600 secret file, whose secret
+the guest wants proved before it starts a shell) when it was started with
+``[agent.husk] debug_console = true``; without one ``husk exec`` says so in
+one line. The
 terminal goes to raw mode (restored on the way out), window size changes are
 passed on, and the session ends when the shell exits (with its status), when
 the console's channel ends, or on ``^]`` (the telnet escape), which leaves the
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import trio
 
-from common import console
+from common import channel_auth, console
 from shim.agent.transport import connect, describe, endpoint_from_record
 from shim.errors import DeadlineExceededError, FailedPreconditionError, NotFoundError
 from shim.hypervisor import AgentEndpoint
@@ -176,7 +178,7 @@ def raw_terminal(fd: int) -> Iterator[None]:
 
 async def attach(endpoint: AgentEndpoint, sandbox_id: str) -> int:
     """The whole session; returns the exit status for ``husk exec``."""
-    stream = await connect(endpoint, CONNECT_TIMEOUT)
+    stream = await connect(endpoint, CONNECT_TIMEOUT, channel_auth.DEBUG_CONSOLE)
     async with stream:
         session = Attachment(stream)
         decoder = await session.open(os.environ.get("TERM", "linux"))

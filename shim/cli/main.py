@@ -207,7 +207,7 @@ def _cmd_factory(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    from shim.sandbox import cleanup
+    from shim.sandbox import cleanup, ram_holder
 
     root = config.load(args.config).runtime.state_dir
     found, problems = cleanup.reclaim_orphans(root, dry_run=args.dry_run)
@@ -215,6 +215,10 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     for state in found:
         things = ", ".join(r.describe() for r in state.resources) or "no recorded resources"
         print(f"{verb}: sandbox {state.id} (shim {state.shim_pid} gone): {things}")
+    for pid, record in ram_holder.orphans():  # a template's RAM its record forgot
+        print(f"{verb}: template RAM holder {pid} ({record} does not name it)")
+        if not args.dry_run and cleanup.kill_and_wait([pid]):
+            problems.append(f"template RAM holder {pid} survived SIGKILL")
     for problem in problems:
         print(f"husk: {problem}", file=sys.stderr)
     if not found:

@@ -56,3 +56,21 @@ def from_agent(response: agent_pb2.StatsContainerResponse) -> cgroups_v2_pb2.Met
 def pack(metrics: cgroups_v2_pb2.Metrics) -> any_pb2.Any:
     """The ``Any`` of ``StatsResponse.stats``."""
     return any_pb2.Any(type_url=TYPE_URL, value=metrics.SerializeToString())
+
+
+def total(parts: list[cgroups_v2_pb2.Metrics]) -> cgroups_v2_pb2.Metrics:
+    """A pod's figures: the sums of its containers' counters and usages (limits are theirs)."""
+    metrics = cgroups_v2_pb2.Metrics()
+    for part in parts:
+        metrics.pids.current += part.pids.current
+        metrics.cpu.usage_usec += part.cpu.usage_usec
+        metrics.cpu.user_usec += part.cpu.user_usec
+        metrics.cpu.system_usec += part.cpu.system_usec
+        metrics.cpu.nr_periods += part.cpu.nr_periods
+        metrics.cpu.nr_throttled += part.cpu.nr_throttled
+        metrics.cpu.throttled_usec += part.cpu.throttled_usec
+        metrics.memory.usage += part.memory.usage
+        metrics.memory.swap_usage += part.memory.swap_usage
+    for section in (metrics.pids, metrics.cpu, metrics.memory):
+        section.SetInParent()
+    return metrics

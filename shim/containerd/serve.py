@@ -1,11 +1,13 @@
 """The long-lived shim process: the task service on the socket ``start`` bound.
 
 It serves ``containerd.task.v2.Task`` and ``containerd.task.v3.Task`` (one set of
-handlers) on fd 3 (passed by ``start``), logs to the bundle's ``log`` FIFO that
-containerd reads, publishes events to ``TTRPC_ADDRESS``, serves Prometheus
-metrics on ``metrics.sock`` in the sandbox's state dir and, as soon as it
-runs, begins booting the sandbox its bundle names, sized for that container's
-limits, so the VM boots while containerd prepares the ``Create`` call. It
+handlers), and containerd 2's ``containerd.runtime.sandbox.v1.Sandbox`` (for
+``sandboxer = "shim"``: :mod:`shim.containerd.sandbox_service`) on fd 3
+(passed by ``start``), logs to the bundle's ``log`` FIFO that containerd reads,
+publishes events to ``TTRPC_ADDRESS``, serves Prometheus metrics on
+``metrics.sock`` in the sandbox's state dir and, as soon as it runs, begins
+booting the sandbox its bundle names, sized for that container's limits, so
+the VM boots while containerd prepares the ``Create`` call. It
 exits after ``Shutdown`` (or SIGTERM) once the sandbox and every host resource
 it recorded are gone.
 """
@@ -26,11 +28,12 @@ from typing import Any
 
 import trio
 
-from agent_proto import task_pb2, task_v3_pb2
+from agent_proto import sandbox_pb2, task_pb2, task_v3_pb2
 from shim import network
 from shim.config import Config
 from shim.containerd.events import Publisher, RecordingPublisher, TtrpcPublisher
 from shim.containerd.launch import SERVE_FD, ShimArgs
+from shim.containerd.sandbox_service import SandboxService
 from shim.containerd.task_service import TaskService
 from shim.errors import HuskError
 from shim.lograte import RateLimit
@@ -49,7 +52,10 @@ TASK_SERVICES = (
     task_pb2.DESCRIPTOR.services_by_name["Task"],
     task_v3_pb2.DESCRIPTOR.services_by_name["Task"],
 )
+#: what containerd 2's shim sandbox controller calls (plugins/sandbox/controller.go)
+SANDBOX_SERVICE = sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"]
 SHUTDOWN_GRACE = 2.0
+PEER_POLL = 0.02
 
 
 def log_level(args: ShimArgs, config: Config | HuskError) -> int:
@@ -107,6 +113,7 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
         server = Server()
         for descriptor in TASK_SERVICES:
             server.register(descriptor, service)
+        server.register(SANDBOX_SERVICE, SandboxService(nursery, service))
         socket_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
         await nursery.start(server.serve_listener, socket_listener)
         if state_root is not None:
@@ -117,10 +124,24 @@ async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskEr
         log.info("shutting down")
         await service.teardown()
         await publisher.drain(SHUTDOWN_GRACE)
+        await _peers_gone(server, SHUTDOWN_GRACE)
         await server.shutdown(SHUTDOWN_GRACE)
         nursery.cancel_scope.cancel()
     if state_root is not None:
         _reclaim_leftovers(state_root / args.id)
+
+
+async def _peers_gone(server: Server, timeout: float) -> None:
+    """Wait (up to ``timeout``) for containerd to close its connections.
+
+    containerd closes them once it has the reply to Shutdown or ShutdownSandbox
+    and waits for the close; ending the shim first could cut that reply off
+    (seen under load as RemovePodSandbox's "failed to shutdown sandbox: ttrpc:
+    closed", which fails the pod's removal).
+    """
+    with trio.move_on_after(timeout):
+        while server.connection_count:
+            await trio.sleep(PEER_POLL)
 
 
 async def _start_metrics(nursery: trio.Nursery, directory: Path, service: TaskService) -> None:
@@ -148,6 +169,10 @@ async def _start_metrics(nursery: trio.Nursery, directory: Path, service: TaskSe
 
 def _preboot(service: TaskService, args: ShimArgs, model: str) -> None:
     """Boot the VM now if the bundle's container owns its sandbox."""
+    if not (Path(args.bundle) / "config.json").exists():
+        # a pod's bundle under containerd 2's sandbox API has no spec: StartSandbox boots
+        log.debug("bundle %s has no spec: the VM boots at StartSandbox", args.bundle)
+        return
     try:
         spec = oci.read_bundle_spec(args.bundle)
         place = placement(args.id, spec, model)

@@ -33,9 +33,11 @@ from shim.errors import (
     NotFoundError,
     UnimplementedError,
 )
+from shim.hypervisor import VmSize
 from shim.sandbox import oci, sizing
 from shim.sandbox.annotations import placement
 from shim.sandbox.container import Container, Process, Status, timestamp
+from shim.sandbox.pod_settings import PodSettings
 from shim.sandbox.sandbox import Sandbox
 
 log = logging.getLogger("husk.task")
@@ -65,6 +67,9 @@ class TaskService:
         self._namespace = namespace
         self.sandbox: Sandbox | None = None
         self.shutdown_requested = trio.Event()
+        #: set when the shim is a pod's sandboxer (containerd 2's sandbox API): then
+        #: only ShutdownSandbox (or ``now``) ends it, not the last task's delete
+        self.serves_sandbox_api = False
         self._creating: set[str] = set()
 
     # -- the sandbox ------------------------------------------------------------
@@ -84,14 +89,45 @@ class TaskService:
             resources = oci.spec_from_json(spec or {}).Linux.Resources
             limits = sizing.container_limits(resources, what)
             annotations = (spec or {}).get("annotations") or {}
-            pod = sizing.pod_reservation(annotations, what)
-            sandbox = self._make_sandbox(sandbox_id, netns, annotations)
-            sandbox.reserve_boot(sandbox_id, limits, pod)
-            sandbox.on_exit = self._process_exited
-            sandbox.on_oom = self._oom
-            self.sandbox = sandbox
-            self._nursery.start_soon(sandbox.run)
-        elif self.sandbox.id != sandbox_id:
+            return self._boot(sandbox_id, netns, annotations, limits, what, PodSettings())
+        return self._same_sandbox(sandbox_id)
+
+    def boot_pod(self, sandbox_id: str, netns: str | None, pod: PodSettings) -> Sandbox:
+        """Start booting the sandbox of a whole pod, with no container of its own (idempotent).
+
+        The VM boots with room for the pod's declared total; its first container
+        carries the pod's sysctls to the guest.
+        """
+        if self.sandbox is None:
+            what = f"sandbox {sandbox_id}"
+            return self._boot(sandbox_id, netns, pod.annotations, sizing.NOTHING, what, pod)
+        return self._same_sandbox(sandbox_id)
+
+    def _boot(
+        self,
+        sandbox_id: str,
+        netns: str | None,
+        annotations: Mapping[str, Any],
+        limits: VmSize,
+        what: str,
+        pod: PodSettings,
+    ) -> Sandbox:
+        reservation = sizing.pod_reservation(annotations, what)
+        sandbox = self._make_sandbox(sandbox_id, netns, annotations)
+        sandbox.reserve_boot(sandbox_id, limits, reservation)
+        if pod.hostname:
+            sandbox.hostname = pod.hostname
+        sandbox.pod_sysctls = dict(pod.sysctls)
+        sandbox.pod_files = dict(pod.files)
+        sandbox.on_exit = self._process_exited
+        sandbox.on_oom = self._oom
+        self.sandbox = sandbox
+        self._nursery.start_soon(sandbox.run)
+        return sandbox
+
+    def _same_sandbox(self, sandbox_id: str) -> Sandbox:
+        assert self.sandbox is not None
+        if self.sandbox.id != sandbox_id:
             raise FailedPreconditionError(
                 f"this shim serves sandbox {self.sandbox.id}, not {sandbox_id}"
             )
@@ -374,9 +410,13 @@ class TaskService:
         return task_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=task_pid, version="2")
 
     async def Shutdown(self, request: task_pb2.ShutdownRequest, ctx: object) -> Empty:
-        """Exit the shim once no container is left (``now``: regardless)."""
+        """Exit the shim once no container is left (``now``: regardless).
+
+        containerd 2 asks this after every task's Delete; a shim that is its
+        pod's sandboxer lives on until ShutdownSandbox.
+        """
         busy = self.sandbox is not None and self.sandbox.containers
-        if busy and not request.now:
+        if (busy or self.serves_sandbox_api) and not request.now:
             return Empty()
         self.shutdown_requested.set()
         return Empty()

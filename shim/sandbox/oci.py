@@ -3,6 +3,10 @@
 The shim reads the bundle; the key-by-key mapping is ``agent_proto.oci_json``,
 the one the guest agent uses to write the spec back out for runc. Keys the
 protobuf form lacks are dropped.
+
+A process whose spec sets no ``oomScoreAdj`` gets the one it would inherit
+under runc (:func:`inherited_oom_score_adj`): in the guest it would otherwise
+inherit the agent's, which the agent must not hand on.
 """
 
 from __future__ import annotations
@@ -39,12 +43,33 @@ def read_bundle_spec(bundle: str | Path) -> Json:
 
 def spec_from_json(spec: Mapping[str, Any]) -> oci_pb2.Spec:
     """The whole runtime spec."""
-    return message_from_json(oci_pb2.Spec, spec, "spec")
+    message = message_from_json(oci_pb2.Spec, spec, "spec")
+    process = spec.get("process")
+    if isinstance(process, Mapping) and process.get("oomScoreAdj") is None:
+        message.Process.OOMScoreAdj = inherited_oom_score_adj()
+    return message
 
 
 def process_from_json(process: Mapping[str, Any]) -> oci_pb2.Process:
     """A ``process`` object (exec'd processes come as one)."""
-    return message_from_json(oci_pb2.Process, process, "process")
+    message = message_from_json(oci_pb2.Process, process, "process")
+    if process.get("oomScoreAdj") is None:
+        message.OOMScoreAdj = inherited_oom_score_adj()
+    return message
+
+
+def inherited_oom_score_adj(own: Path = Path("/proc/self/oom_score_adj")) -> int:
+    """The ``oom_score_adj`` a runc container's process has when its spec sets none.
+
+    It inherits its shim's, and containerd-shim-runc-v2 sets its own to
+    containerd's + 1 (``shim.AdjustOOMScore``, at most 1000). husk's shim keeps
+    the score it inherited from containerd, so containerd's is this process's.
+    """
+    try:
+        score = int(own.read_text())
+    except (OSError, ValueError):
+        return 0
+    return max(-1000, min(score + 1, 1000))
 
 
 def resources_from_json(resources: Mapping[str, Any]) -> oci_pb2.LinuxResources:

@@ -20,6 +20,7 @@ task of the sandbox exits at once (see ``_lose``) and the sandbox tears down.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
 import time
@@ -38,7 +39,7 @@ from shim.sandbox import cleanup, liveness, oci, rootfs, share, sizing
 from shim.sandbox.boot import VmLauncher
 from shim.sandbox.boot_slots import BootSlots
 from shim.sandbox.console import ConsoleLog
-from shim.sandbox.container import KILLED_STATUS, Container, Process, Status
+from shim.sandbox.container import KILLED_STATUS, Container, Process, Status, now
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.pod_network import SandboxNetwork
 from shim.sandbox.resize import Resizer
@@ -65,6 +66,8 @@ OOM_PACE = 0.1
 LIVENESS_INTERVAL = 10.0
 #: host randomness a clone's RNG is reseeded with
 RESEED_BYTES = 64
+#: where the pod's files (``pod_files``) are kept in the sandbox's state dir
+POD_FILES = "pod-files"
 
 
 class Sandbox:
@@ -127,6 +130,17 @@ class Sandbox:
         self.on_exit: ExitCallback = lambda process: None
         self.on_oom: OomCallback = lambda container_id: None
         self.boot_seconds = 0.0
+        #: the guest's hostname (a pod's own, when the pod started the sandbox itself)
+        self.hostname = state.id[:63]
+        #: the pod's sysctls when no pause container carries them: they go on the
+        #: spec of the sandbox's first container, where the guest sets the pod's
+        #: network sysctls on the VM once
+        self.pod_sysctls: dict[str, str] = {}
+        #: the text of files every container of the pod sees, by their path in the
+        #: container, when no pause container's runtime makes them (``/etc/resolv.conf``)
+        self.pod_files: dict[str, str] = {}
+        #: when the sandbox stopped (None while it has not)
+        self.stopped_at: datetime.datetime | None = None
         self._agent: AgentClient | None = None
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
@@ -152,6 +166,7 @@ class Sandbox:
             self._ready.set()
             with trio.CancelScope(shield=True):
                 await self._teardown()
+            self.stopped_at = now()
             self.stopped.set()
 
     def reserve_boot(self, container_id: str, limits: VmSize, pod: VmSize) -> None:
@@ -216,7 +231,7 @@ class Sandbox:
             storage = rootfs.shared_storage(self.vm_spec.shared_fs)
             await agent.create_sandbox(
                 agent_pb2.CreateSandboxRequest(
-                    hostname=self.id[:63],
+                    hostname=self.hostname,
                     storages=[storage] if storage is not None else [],
                     sandbox_id=self.id,
                 )
@@ -281,6 +296,11 @@ class Sandbox:
             log.warning("%s", problem)
 
     @property
+    def running(self) -> bool:
+        """Whether the VM is up and its agent serves (booted, not stopping, not lost)."""
+        return self._agent is not None
+
+    @property
     def agent(self) -> AgentClient:
         """The connected agent; FailedPrecondition once the sandbox is going away."""
         if self._agent is None:
@@ -331,6 +351,9 @@ class Sandbox:
             oci_spec.Root.Path = shared.guest_path
             oci_spec.Process.Terminal = stdio.terminal
             oci_spec.ClearField("Hooks")
+            if not self.containers:
+                _add_pod_sysctls(oci_spec, self.pod_sysctls)
+            self._add_pod_files(oci_spec)
             rootfs.share_bind_mounts(container_id, oci_spec, shared, self.state)
             await agent.create_container(
                 agent_pb2.CreateContainerRequest(
@@ -347,6 +370,25 @@ class Sandbox:
         container = Container(container_id, bundle, mounts, init, shared)
         self.containers[container_id] = container
         return container
+
+    def _add_pod_files(self, spec: oci_pb2.Spec) -> None:
+        """Bind the pod's files read-only where the container mounts nothing itself."""
+        taken = {m.destination for m in spec.Mounts}
+        for destination, text in self.pod_files.items():
+            if destination in taken:
+                continue
+            host = self.state.dir / POD_FILES / destination.strip("/").replace("/", "_")
+            if not host.exists():
+                host.parent.mkdir(mode=0o700, exist_ok=True)
+                host.write_text(text)
+            spec.Mounts.append(
+                oci_pb2.Mount(
+                    destination=destination,
+                    source=str(host),
+                    type="bind",
+                    options=["rbind", "ro"],
+                )
+            )
 
     async def start(self, container: Container, process: Process) -> None:
         """Run a created process: the init process, or an exec'd one."""
@@ -424,7 +466,7 @@ class Sandbox:
         init = container.init
         if init.status in (Status.RUNNING, Status.PAUSED):
             raise FailedPreconditionError(f"container {container.id} is still running")
-        if self.lost is not None:
+        if self.lost is not None or self._stop.is_set():
             # the VM is gone: teardown detaches every share and reclaims the state dir
             await self.stopped.wait()
             self.containers.pop(container.id, None)
@@ -520,6 +562,12 @@ class Sandbox:
                 last_reported[container_id] = now
                 self.on_oom(container_id)
             await trio.sleep(OOM_PACE)
+
+
+def _add_pod_sysctls(spec: oci_pb2.Spec, sysctls: dict[str, str]) -> None:
+    """The pod's sysctls on its first container's spec, where the container sets none."""
+    for key, value in sysctls.items():
+        spec.Linux.Sysctl.setdefault(key, value)
 
 
 async def _make_unique(agent: AgentClient) -> None:

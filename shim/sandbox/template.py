@@ -1,14 +1,16 @@
 """The VM template (Kata's factory): one VM booted once, every sandbox started as its clone.
 
-    <template_path>/               a tmpfs husk mounts, the size of the VM's memory
-        memory                     the template's RAM: the file *is* the RAM
+    <template_path>/               a small tmpfs husk mounts
+        ram.json                   where the template's RAM is: a write-sealed memfd that
+                                   a holder process keeps (see ``ram_holder``)
         state                      its device state (a few hundred KiB), saved without RAM
         template.json              the digest of what it was made from, when, its size
         vm/                        the template VM's state dir while it boots (then removed)
 
-The template VM boots with its RAM in ``memory`` (shared), reaches its agent,
-and is saved with ``x-ignore-shared``: the state file holds no RAM. A clone
-maps ``memory`` privately (copy-on-write) and loads ``state``; it answers its
+The template VM boots with its RAM in the holder's memfd (shared), reaches
+its agent, and is saved with ``x-ignore-shared``: the state file holds no RAM.
+Once the template VM has exited, the memfd is sealed against writes. A clone
+maps it privately (copy-on-write) and loads ``state``; it answers its
 first call in well under a second and shares every page no clone has written.
 The template has the 9p device but never mounts it (QEMU cannot save a VM
 with a mounted 9p share), so each clone gets its own share on its command
@@ -18,7 +20,8 @@ reseeds its RNG and sets its clock first (see ``Sandbox``), and nothing in
 the template reads ``boot_id`` (the kernel makes it on first read).
 
 A template is valid while its digest matches: the kernel, initrd and VMM
-binary (size, mtime, inode) and the VM's shape in the config. A stale or
+binary (size, mtime, inode) and the VM's shape in the config, and while its
+RAM's holder runs and holds a sealed memfd of the RAM's size. A stale or
 damaged template is made again on the next start; one that cannot be made or
 cloned makes that sandbox boot cold, with one line in the log.
 """
@@ -46,16 +49,16 @@ from shim.agent.client import wait_ready
 from shim.config import Config
 from shim.errors import FailedPreconditionError, HuskError
 from shim.hypervisor import CLONE, TEMPLATE, Hypervisor, TemplateFiles, VmSpec
-from shim.sandbox import cleanup
+from shim.sandbox import cleanup, ram_holder
 from shim.sandbox.boot_slots import BootSlots
 from shim.sandbox.state import SandboxState, make_private_dir
 
 log = logging.getLogger("husk.sandbox.template")
 
 MANIFEST = "template.json"
-MEMORY, STATE, VM_DIR = "memory", "state", "vm"
-#: tmpfs room beyond the RAM file: the state file and the manifest
-TMPFS_SLACK_MIB = 16
+RAM, STATE, VM_DIR = "ram.json", "state", "vm"
+#: the tmpfs holds the state file and the manifest (the RAM is a memfd)
+TMPFS_MIB = 16
 #: keys of a hypervisor section that do not change the VM's shape
 _NOT_SHAPE = {"boot_timeout", "stop_timeout", "enable_debug"}
 _LOCK_POLL = 0.1
@@ -123,8 +126,11 @@ class VmTemplate:
 
     @property
     def files(self) -> TemplateFiles:
-        """The files a clone maps and loads."""
-        return TemplateFiles(memory=self.path / MEMORY, state=self.path / STATE, role=CLONE)
+        """The files a clone maps and loads (TemplateError: the RAM has no holder)."""
+        record = ram_holder.Record.load(self.path / RAM)
+        if record is None:
+            raise TemplateError(f"the VM template in {self.path} has no RAM holder record")
+        return TemplateFiles(memory=record.memory, state=self.path / STATE, role=CLONE)
 
     def _vm_state(self) -> SandboxState:
         return SandboxState(dir=self.path / VM_DIR, id="husk-template")
@@ -156,13 +162,10 @@ class VmTemplate:
 
     def _damage(self, manifest: dict[str, Any]) -> str | None:
         """What is wrong with the files of a current template (None: nothing)."""
-        memory = self.path / MEMORY
-        try:
-            size = memory.stat().st_size
-        except OSError:
-            return f"the template's memory file {memory} is gone"
-        if size != int(manifest.get("memory_mib", 0)) << 20:
-            return f"the template's memory file {memory} is {size} bytes, not its RAM's size"
+        size = int(manifest.get("memory_mib", 0)) << 20
+        held = ram_holder.problem(ram_holder.Record.load(self.path / RAM), size)
+        if held is not None:
+            return held
         if not (self.path / STATE).is_file():
             return f"the template's state file {self.path / STATE} is gone"
         return None
@@ -182,8 +185,8 @@ class VmTemplate:
     async def ensure(self) -> TemplateFiles:
         """The template's files, making the template first if it is missing or stale.
 
-        A template that was made and has since been damaged (its files deleted or
-        truncated under it) is not made again here: this start raises
+        A template that was made and has since been damaged (its files deleted, its
+        RAM's holder killed) is not made again here: this start raises
         TemplateError and boots cold, and the damaged files are cleared so the
         next start makes a fresh template.
         """
@@ -228,21 +231,39 @@ class VmTemplate:
 
     def _mount(self) -> None:
         make_private_dir(self.path)
-        spec = self._make_spec(self._vm_state())
-        size = spec.memory_mib + TMPFS_SLACK_MIB
-        mounts.mount("tmpfs", self.path, "tmpfs", [f"size={size}m", "mode=0700", "nosuid", "nodev"])
+        options = [f"size={TMPFS_MIB}m", "mode=0700", "nosuid", "nodev"]
+        mounts.mount("tmpfs", self.path, "tmpfs", options)
 
     async def _boot_and_save(self) -> int:
         """Boot the template VM to its agent, save it, stop it; its RAM size in MiB."""
         state = self._vm_state()
         make_private_dir(state.dir)
         state.shared_dir.mkdir(mode=0o700)
-        template = TemplateFiles(memory=self.path / MEMORY, state=self.path / STATE, role=TEMPLATE)
         base = self._make_spec(state)
-        spec = dataclasses.replace(base, template=template)
         hypervisor = self._make_hypervisor()
         if not hypervisor.capabilities().templates:
             raise TemplateError(f"hypervisor '{hypervisor.name}' cannot make VM templates")
+        holder = await self._hold_ram(base.memory_mib << 20)
+        memory, saved = holder.record.memory, self.path / STATE
+        spec = dataclasses.replace(base, template=TemplateFiles(memory, saved, role=TEMPLATE))
+        try:
+            await self._boot_and_save_on(hypervisor, spec)
+        except BaseException:
+            holder.close()  # unsealed, it exits
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await hypervisor.destroy()
+            shutil.rmtree(state.dir, ignore_errors=True)
+        # the template VM has exited: no shared writable mapping of the RAM is left
+        try:
+            await trio.to_thread.run_sync(holder.seal)
+        except ram_holder.HolderError as e:
+            raise TemplateError(f"cannot make the VM template in {self.path}: {e}") from None
+        return spec.memory_mib
+
+    async def _boot_and_save_on(self, hypervisor: Hypervisor, spec: VmSpec) -> None:
+        """Boot the template VM to its agent and save its device state."""
         section = self.config.hypervisor
         try:
             await hypervisor.prepare(spec)
@@ -257,11 +278,19 @@ class VmTemplate:
             await hypervisor.save_template()
         except HuskError as e:
             raise TemplateError(f"cannot make the VM template in {self.path}: {e}") from None
-        finally:
-            with trio.CancelScope(shield=True):
-                await hypervisor.destroy()
-            shutil.rmtree(state.dir, ignore_errors=True)
-        return spec.memory_mib
+
+    async def _hold_ram(self, size: int) -> ram_holder.Holder:
+        """A holder of the template's (unsealed) RAM, recorded in the template dir."""
+        try:
+            holder = await trio.to_thread.run_sync(ram_holder.start, self.path / RAM, size)
+        except (OSError, ram_holder.HolderError) as e:
+            raise TemplateError(f"cannot hold the VM template's RAM: {e}") from None
+        try:
+            (self.path / RAM).write_text(holder.record.dump())
+        except OSError as e:
+            holder.close()
+            raise TemplateError(f"cannot record the VM template's RAM holder: {e}") from None
+        return holder
 
     def destroy(self) -> list[str]:
         """Stop whatever still runs from the template, unmount it, remove it; problems."""
@@ -269,6 +298,9 @@ class VmTemplate:
         if self.path.exists():
             for pid in cleanup.kill_and_wait(cleanup.processes_naming(self.path / VM_DIR)):
                 problems.append(f"template VM process {pid} survived SIGKILL")
+        # the RAM's holder (running clones keep their own mappings of the memfd)
+        for pid in cleanup.kill_and_wait(ram_holder.holders(self.path / RAM)):
+            problems.append(f"template RAM holder {pid} survived SIGKILL")
         for point in mounts.mounts_under(self.path):
             try:
                 mounts.unmount(point)

@@ -25,6 +25,8 @@ import pytest
 import trio
 
 from agent_proto import agent_pb2, health_pb2, oci_pb2
+from common import channel_auth
+from shim.agent.transport import authenticate
 from ttrpc.client import Client
 from ttrpc.codes import Code
 from ttrpc.errors import RpcError
@@ -144,11 +146,14 @@ async def running_agent(*, stop_with_sigterm: bool = False) -> AsyncIterator[Age
     """
     base = Path(tempfile.mkdtemp(prefix="husk-agent-"))
     sock = base / "agent.sock"
+    secret = base / "agent.secret"
+    channel_auth.write_secret(secret)
     cgroup_parent = f"/husk-test-{uuid.uuid4().hex[:8]}"
     argv = [
         sys.executable, "-m", "guest.agent", "--host-mode", "--debug",
-        "--listen", f"unix:{sock}", "--state-dir", str(base / "state"),
-        "--shared-dir", str(base / "shared"), "--runc", RUNC, "--cgroup-parent", cgroup_parent,
+        "--listen", f"unix:{sock}", "--secret-file", str(secret),
+        "--state-dir", str(base / "state"), "--shared-dir", str(base / "shared"),
+        "--runc", RUNC, "--cgroup-parent", cgroup_parent,
     ]  # fmt: skip
     log = open(base / "agent.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -158,6 +163,7 @@ async def running_agent(*, stop_with_sigterm: bool = False) -> AsyncIterator[Age
                 assert process.poll() is None, (base / "agent.log").read_text()
                 await trio.sleep(0.05)
         stream = await trio.open_unix_socket(str(sock))
+        await authenticate(stream, channel_auth.read_secret(secret), channel_auth.AGENT, str(sock))
         async with Client.open(stream) as client:
             agent = Agent(
                 base,
@@ -210,7 +216,8 @@ def assert_nothing_left(agent: Agent) -> None:
         cgroups / agent.cgroup_parent.lstrip("/")
     ).exists()
     assert left == [], f"cgroups left behind: {left}"
-    assert not list((agent.base / "state" / "bundles").iterdir())
+    bundles = agent.base / "state" / "bundles"
+    assert not bundles.exists() or not list(bundles.iterdir())
 
 
 async def create_sandbox(agent: Agent) -> None:

@@ -203,10 +203,11 @@ def sleeper(client: CriClient, pod: Pod) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def worker(client: CriClient, pod: Pod) -> Iterator[str]:
-    """A container that burns some CPU and touches some memory, then sleeps."""
+    """A container that burns some CPU and holds some memory while it sleeps."""
+    # the shell outlives the sleep (ash would exec a last simple command, freeing x)
     script = (
         "x=$(head -c 8000000 /dev/zero | tr '\\0' a); "
-        "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; sleep 3600"
+        "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; sleep 3600; echo ${#x}"
     )
     container_id = start_container(client, pod, container_config("worker", ["sh", "-c", script]))
     yield container_id

@@ -33,6 +33,12 @@ from shim.sandbox import cleanup
 from shim.sandbox.state import SandboxState
 from tests.integration.containerd import Containerd
 from tests.integration.containerd_versions import ContainerdBinaries
+from tests.integration.test_agent_secret_vm import (
+    assert_no_command_line_shows,
+    assert_root_only,
+    spellings,
+    what_nobody_gets,
+)
 from tests.integration.test_shim_containerd import _REASON
 
 IMAGE = local_images.BUSYBOX_REFERENCE
@@ -218,6 +224,21 @@ def test_sandbox_ls_lists_the_running_pod(pod: str, husk_config: Path) -> None:
     assert int(rows[pod][-2]) >= 1
     state = SandboxState.load(Path(husk_config.read_text().split('"')[1]) / pod)
     assert state.vcpus >= 1 and state.memory_mib >= 64
+
+
+def test_the_sandbox_secret_is_root_only_and_in_no_command_line_or_record(
+    pod: str, state_root: Path
+) -> None:
+    sandbox = state_root / pod
+    secret_file = sandbox / "qemu" / "agent.secret"
+    assert_root_only(secret_file)
+    secret = secret_file.read_bytes()
+    assert_no_command_line_shows(secret)  # the shim's, QEMU's, containerd's, anyone's
+    record = (sandbox / "sandbox.json").read_bytes()
+    assert all(spelling not in record for spelling in spellings(secret))
+    sockets = [sandbox / "qemu" / name for name in ("agent.sock", "debug-console.sock")]
+    got = what_nobody_gets(secret_file, *sockets, sandbox / "shim.sock")
+    assert set(got.values()) == {"Permission denied"}, got
 
 
 def husk(husk_config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,8 @@ from bench.net_throughput import Pod, pod_netns
 from plugins.qemu import features
 from shim import config
 from shim.cli import local_images
-from shim.sandbox import cleanup
+from shim.sandbox import cleanup, ram_holder
+from shim.sandbox.factory import vm_template
 from tests.integration.containerd import Containerd
 from tests.integration.test_shim_containerd import RUNTIME, pytestmark  # noqa: F401
 
@@ -92,7 +94,11 @@ def started_how(ctd: Containerd, name: str) -> str:
 
 
 def run(ctd: Containerd, *args: str) -> str:
-    return ctd.ctr("run", *RUNTIME, "--rm", IMAGE, cid(), *args).stdout.decode()
+    return run_named(ctd, cid(), *args)
+
+
+def run_named(ctd: Containerd, name: str, *args: str) -> str:
+    return ctd.ctr("run", *RUNTIME, "--rm", IMAGE, name, *args).stdout.decode()
 
 
 def remove(ctd: Containerd, *names: str) -> None:
@@ -151,10 +157,14 @@ def test_running_clones_outlive_their_template(ctd: Containerd, husk_toml: Path)
     ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "600")
     try:
         assert started_how(ctd, name) == "cloned"
+        holder = ram_holder.Record.load(husk_toml.parent / "template" / "ram.json")
+        assert holder is not None and holder.alive()
         husk = [HUSK, "--config", str(husk_toml), "factory"]
         subprocess.run([*husk, "destroy"], check=True, capture_output=True)
         assert subprocess.run([*husk, "status"], capture_output=True).returncode == 1
-        out = ctd.ctr("task", "exec", "--exec-id", "e", name, "echo", "still-here")
+        assert not holder.alive()  # the clone's QEMU still maps the memfd
+        script = "cat /proc/meminfo >/dev/null && echo still-here"
+        out = ctd.ctr("task", "exec", "--exec-id", "e", name, "sh", "-c", script)
         assert out.stdout.decode() == "still-here\n"
     finally:
         remove(ctd, name)
@@ -178,7 +188,9 @@ def test_a_damaged_template_makes_the_next_start_boot_cold_and_leaves_nothing(
 ) -> None:
     run(ctd, "true")
     state_root = husk_toml.parent / "state"
-    os.truncate(husk_toml.parent / "template" / "memory", 64 << 20)
+    holder = ram_holder.Record.load(husk_toml.parent / "template" / "ram.json")
+    assert holder is not None and holder.alive()
+    os.kill(holder.pid, signal.SIGKILL)  # its RAM is gone with it
     name = cid()
     out = ctd.ctr("run", *RUNTIME, "--rm", IMAGE, name, "echo", "cold-but-fine")
     assert out.stdout.decode() == "cold-but-fine\n"
@@ -226,21 +238,22 @@ def test_cold_boots_beyond_the_boot_slots_queue_and_all_answer(
     assert "all 1 boot slots are taken; waiting" in daemon.log_text()
 
 
-def open_modes(pid: int, path: Path) -> list[int]:
-    """The access modes (O_RDONLY, O_RDWR, ...) of ``pid``'s fds open on ``path``."""
-    modes = []
+def template_ram_fds(pid: int, ram: Path) -> dict[int, int]:
+    """``pid``'s fds open on the template's RAM ``ram``: fd -> access mode (O_RDONLY, O_RDWR)."""
+    target = os.stat(ram)
+    found = {}
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
-            if os.readlink(fd) != str(path):
-                continue
+            st = os.stat(fd)
             fields = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split()
         except OSError:
             continue
-        modes.append(int(fields[fields.index("flags:") + 1], 8) & os.O_ACCMODE)
-    return modes
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            found[int(fd.name)] = int(fields[fields.index("flags:") + 1], 8) & os.O_ACCMODE
+    return found
 
 
-def test_a_clones_qemu_opens_the_template_memory_read_only_where_qemu_can(
+def test_a_compromised_clone_qemu_cannot_change_the_template_ram_later_clones_start_from(
     ctd: Containerd, husk_toml: Path
 ) -> None:
     name = cid()
@@ -248,14 +261,39 @@ def test_a_clones_qemu_opens_the_template_memory_read_only_where_qemu_can(
     try:
         assert started_how(ctd, name) == "cloned"
         pid = int((husk_toml.parent / "state" / name / "qemu" / "qemu.pid").read_text())
-        modes = open_modes(pid, husk_toml.parent / "template" / "memory")
+        ram = vm_template(config.load(husk_toml)).files.memory
+        fds = template_ram_fds(pid, ram)
+        assert len(fds) == 1
+        ((fd, mode),) = fds.items()
         qemu = str(config.load(husk_toml).hypervisor["path"])
-        # QEMU 8.2's readonly=on,rom=off; 7.2 (Debian 12) can only open it O_RDWR
+        # QEMU 8.2's readonly=on,rom=off opens it O_RDONLY; 7.2 (Debian 12) O_RDWR
         readonly = trio.run(features.maps_file_ram_readonly, qemu)
-        assert modes == [os.O_RDONLY if readonly else os.O_RDWR]
+        assert mode == (os.O_RDONLY if readonly else os.O_RDWR)
+        # what a guest that took over this QEMU can do with that fd (QEMU is root
+        # when it opens it; the same file opened again read-write, as root can)
+        before = ram.read_bytes()
+        attack = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+        try:
+            offset = 1 << 20
+            original = os.pread(attack, 8, offset)
+            try:
+                written = os.pwrite(attack, b"PWNED!!!", offset)
+            except PermissionError:
+                written = 0  # the write seal: EPERM
+            else:
+                os.pwrite(attack, original, offset)  # leave the template usable
+            assert written == 0, "a clone's QEMU rewrote the template's RAM"
+            with pytest.raises(PermissionError):
+                os.ftruncate(attack, 0)
+        finally:
+            os.close(attack)
+        assert ram.read_bytes() == before
         # the guest still writes its own (private) RAM
         fill = "dd if=/dev/zero of=/dev/shm/fill bs=1M count=32 2>/dev/null && echo written"
         out = ctd.ctr("task", "exec", "--exec-id", "w", name, "sh", "-c", fill)
         assert out.stdout.decode() == "written\n"
+        later = cid()
+        assert run_named(ctd, later, "echo", "later-clone") == "later-clone\n"
+        assert started_how(ctd, later) == "cloned"
     finally:
         remove(ctd, name)

@@ -61,17 +61,21 @@ class RuntimeHandler:
     options: Mapping[str, str | int | bool] = field(default_factory=dict)
     pod_annotations: Sequence[str] = ()
     container_annotations: Sequence[str] = ()
+    #: containerd 2's sandboxer ("shim": the shim starts the pod's sandbox, no pause container)
+    sandboxer: str = ""
 
 
 RUNC = RuntimeHandler("io.containerd.runc.v2")
 
 
-def husk_handler(config_path: Path | str) -> RuntimeHandler:
-    """A handler for husk, as Kata's is configured: its config file in ``options``."""
+def husk_handler(config_path: Path | str, sandboxer: str = "") -> RuntimeHandler:
+    """A handler for husk, as Kata's is configured: its config file in ``options``
+    (``sandboxer = "shim"``: containerd 2's ``husk-vm``, no pause container)."""
     return RuntimeHandler(
         "io.containerd.husk.v2",
         options={"ConfigPath": str(config_path)},
         pod_annotations=("io.husk.*",),
+        sandboxer=sandboxer,
     )
 
 
@@ -248,6 +252,8 @@ class CriContainerd:
                 keys["pod_annotations"] = list(handler.pod_annotations)
             if handler.container_annotations:
                 keys["container_annotations"] = list(handler.container_annotations)
+            if handler.sandboxer:
+                keys["sandboxer"] = handler.sandboxer
             parts.append(_table(table, keys))
             if handler.options:
                 parts.append(_table(f"{table}.options", handler.options))

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from agent_proto import oci_pb2
-from guest.agent.oci import DEFAULT_PATH_ENV, process_config, resources_config, runc_config
+from guest.agent.oci import (
+    DEFAULT_PATH_ENV,
+    pod_namespace_files,
+    pod_sandbox_id,
+    process_config,
+    resources_config,
+    runc_config,
+)
 from shim.errors import InvalidArgumentError
 from shim.sandbox.oci import spec_from_json
 from tests.unit.oci_samples import ctr_run_spec, every_field
@@ -90,7 +97,7 @@ def test_full_spec_converts_the_fields_that_matter() -> None:
     assert config["annotations"] == {"io.kubernetes.cri.container-type": "container"}
     linux = config["linux"]
     # The VM's network is shared; host namespace paths mean nothing in the guest.
-    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     assert linux["cgroupsPath"] == "/husk/c1"
     # net.* went with the network namespace: the sandbox sets it on the VM
     assert linux["sysctl"] == {"kernel.shm_rmid_forced": "1"}
@@ -121,9 +128,43 @@ def test_minimal_spec_gets_defaults_and_a_mount_namespace() -> None:
     assert config["process"]["cwd"] == "/"
     assert config["process"]["env"] == [DEFAULT_PATH_ENV]
     assert config["process"]["terminal"] is False
-    assert config["linux"]["namespaces"] == [{"type": "mount"}]
+    assert config["linux"]["namespaces"] == [{"type": "mount"}, {"type": "cgroup"}]
     assert "resources" not in config["linux"]
     assert "seccomp" not in config["linux"]
+
+
+def cgroup_namespaces(spec: oci_pb2.Spec) -> list[dict[str, str]]:
+    config = runc_config(spec, root_path="/r", cgroups_path="/husk/x")
+    return [ns for ns in config["linux"]["namespaces"] if ns["type"] == "cgroup"]
+
+
+def test_a_container_from_a_cgroup_v1_host_gets_the_cgroup_namespace_v2_would_give() -> None:
+    # containerd on a v1 host asks for no cgroup namespace; the guest is v2, where
+    # CRI gives one to every unprivileged container, so its cgroup mount shows its own
+    spec = spec_from_json(ctr_run_spec())
+    spec.Mounts.add(
+        destination="/sys/fs/cgroup",
+        source="cgroup",
+        type="cgroup",
+        options=["nosuid", "noexec", "nodev", "relatime", "ro"],
+    )
+    assert cgroup_namespaces(spec) == [{"type": "cgroup"}]
+
+
+def test_a_privileged_container_keeps_the_guests_cgroup_namespace() -> None:
+    # containerd's WithPrivileged leaves /sys writable; CRI on v2 gives such a
+    # container no cgroup namespace, and runc shows it the whole hierarchy
+    spec = spec_from_json(ctr_run_spec())
+    for mount in spec.Mounts:
+        if mount.type == "sysfs":
+            mount.options[:] = ["nosuid", "noexec", "nodev", "rw"]
+    assert cgroup_namespaces(spec) == []
+
+
+def test_a_cgroup_namespace_in_the_spec_is_kept_once_without_its_host_path() -> None:
+    spec = spec_from_json(ctr_run_spec())
+    spec.Linux.Namespaces.add(Type="cgroup", Path="/proc/7/ns/cgroup")
+    assert cgroup_namespaces(spec) == [{"type": "cgroup"}]
 
 
 def test_every_process_gets_an_oom_score_adj_so_none_inherits_the_agents() -> None:
@@ -282,7 +323,7 @@ def test_a_ctr_run_spec_as_runc_gets_it_in_the_guest() -> None:
     assert config["process"]["user"] == {"uid": 0, "gid": 0}
     assert config["process"]["terminal"] is True
     linux = config["linux"]
-    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    assert linux["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     assert linux["cgroupsPath"] == "/husk/c1"
     # containerd's /dev/pts rule is for every minor, and device 5:0 (/dev/tty) stays 0
     rules = linux["resources"]["devices"]
@@ -318,3 +359,66 @@ def test_a_seccomp_without_default_action_is_left_out() -> None:
     spec = oci_pb2.Spec(Process=oci_pb2.Process(Args=["true"]))
     spec.Linux.Seccomp.Syscalls.add(Names=["read"], Action="SCMP_ACT_ALLOW")
     assert "seccomp" not in runc_config(spec, root_path="/r", cgroups_path="/c")["linux"]
+
+
+def pod_container_spec() -> oci_pb2.Spec:
+    """A CRI container's spec: it joins its pod's ipc and uts (host paths), its own pid."""
+    spec = oci_pb2.Spec()
+    spec.Process.Args.append("sleep")
+    spec.Annotations["io.kubernetes.cri.container-type"] = "container"
+    spec.Annotations["io.kubernetes.cri.sandbox-id"] = "pod1"
+    for kind in ("pid", "ipc", "uts", "mount", "network"):
+        path = f"/proc/4242/ns/{kind}" if kind in ("ipc", "uts", "network") else ""
+        spec.Linux.Namespaces.add(Type=kind, Path=path)
+    return spec
+
+
+def test_a_pod_container_joins_its_pods_namespaces_in_the_guest() -> None:
+    # under runc it joins the pause container's ipc and uts (pod sysctls, hostname, SysV IPC)
+    spec = pod_container_spec()
+    assert pod_sandbox_id(spec) == "pod1"
+    config = runc_config(
+        spec, root_path="/r", cgroups_path="/husk/c", pod_namespaces=pod_namespace_files(77)
+    )
+    assert config["linux"]["namespaces"] == [
+        {"type": "pid"},
+        {"type": "ipc", "path": "/proc/77/ns/ipc"},
+        {"type": "uts", "path": "/proc/77/ns/uts"},
+        {"type": "mount"},
+        {"type": "cgroup"},
+    ]
+
+
+def test_without_its_pod_a_container_gets_new_namespaces() -> None:
+    config = runc_config(pod_container_spec(), root_path="/r", cgroups_path="/husk/c")
+    assert all("path" not in ns for ns in config["linux"]["namespaces"])
+
+
+def test_only_cri_containers_belong_to_a_pod() -> None:
+    spec = pod_container_spec()
+    spec.Annotations["io.kubernetes.cri.container-type"] = "sandbox"
+    assert pod_sandbox_id(spec) is None
+    assert pod_sandbox_id(oci_pb2.Spec()) is None
+
+
+def privileged_spec() -> oci_pb2.Spec:
+    spec = spec_from_json(ctr_run_spec())
+    for mount in spec.Mounts:
+        if mount.type == "sysfs":
+            mount.options[:] = ["nosuid", "noexec", "nodev", "rw"]
+    spec.Linux.Devices.add(Path="/dev/zram0", Type="b", Major=253, Minor=0)
+    return spec
+
+
+def test_a_privileged_container_gets_the_machines_devices_not_the_hosts() -> None:
+    guest = [{"path": "/dev/vda", "type": "b", "major": 254, "minor": 0}]
+    config = runc_config(
+        privileged_spec(), root_path="/r", cgroups_path="/husk/x", machine_devices=lambda: guest
+    )
+    assert config["linux"]["devices"] == guest
+
+
+def test_an_unprivileged_containers_devices_are_its_specs() -> None:
+    spec = spec_from_json(ctr_run_spec())  # ctr run --device /dev/fuse
+    config = runc_config(spec, root_path="/r", cgroups_path="/husk/x", machine_devices=list)
+    assert [(d["path"], d["major"]) for d in config["linux"]["devices"]] == [("/dev/fuse", 10)]

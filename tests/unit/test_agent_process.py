@@ -110,3 +110,25 @@ async def test_children_can_start_with_their_own_oom_score_adj(
             await command.run(reaper, ["no-such-program-anywhere"])
         nursery.cancel_scope.cancel()
     assert int(Path("/proc/self/oom_score_adj").read_text()) == own
+
+
+async def test_one_child_can_start_with_its_process_specs_oom_score_adj(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # runc/crun exec apply no oomScoreAdj: the exec'd process keeps what its runtime started with
+    own = int(Path("/proc/self/oom_score_adj").read_text())
+    monkeypatch.setattr(command, "_child_oom_score_adj", min(own + 3, 1000))
+    wanted = min(own + 5, 1000)
+    reaper = Reaper()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        read_fd, write_fd = os.pipe()
+        watch = command.spawn(
+            reaper, ["cat", "/proc/self/oom_score_adj"], stdout=write_fd, oom_score_adj=wanted
+        )
+        os.close(write_fd)
+        assert await watch.wait() == 0
+        assert int(await command.read_all(read_fd)) == wanted
+        done = await command.run(reaper, ["cat", "/proc/self/oom_score_adj"])
+        assert int(done.stdout) == min(own + 3, 1000)  # the others keep the agent-wide reset
+        nursery.cancel_scope.cancel()

@@ -21,6 +21,7 @@ EXPECTED_PROTOS = {
     "agent",
     "bootstrap",
     "cgroups_v2",
+    "cri_pod",
     "events",
     "events_ttrpc",
     "health",
@@ -28,6 +29,7 @@ EXPECTED_PROTOS = {
     "mount",
     "oci",
     "runtime_options",
+    "sandbox",
     "status",
     "task",
     "task_types",
@@ -235,6 +237,7 @@ def test_only_the_expected_services_exist() -> None:
     assert set(_all_services()) == {
         "containerd.task.v2.Task",
         "containerd.task.v3.Task",
+        "containerd.runtime.sandbox.v1.Sandbox",
         "containerd.services.events.ttrpc.v1.Events",
         "grpc.AgentService",
         "grpc.Health",

@@ -38,7 +38,10 @@ def test_a_new_containerds_spec_reaches_a_runtime_without_features_as_1_0_2(
     config = runc_config(spec, root_path="/r", cgroups_path="/husk/c1", oci_version=version)
     assert config["ociVersion"] == "1.0.2"
     assert config["process"]["args"] == ["/bin/sh", "-c", "sleep 30"]
-    assert config["linux"]["namespaces"] == [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    # the guest is cgroup v2: every container but a privileged one gets its cgroup namespace
+    assert config["linux"]["namespaces"] == [
+        {"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")
+    ]
 
 
 def test_a_runtime_that_knows_less_gets_its_own_newest_version() -> None:

@@ -108,6 +108,17 @@ def test_containerd_2_gets_config_version_3s_cri_plugins() -> None:
     assert plugins[V3_RUNTIME]["cni"] == {"bin_dirs": ["/opt/cni/bin", "/usr/lib/cni"]}
 
 
+def test_containerd_2_gets_husk_vm_with_the_shim_as_sandboxer() -> None:
+    text = ctd.snippet(Path("/etc/husk/configuration.toml"), Path("/t.toml"), CONTAINERD_2)
+    assert "husk-vm" in text.splitlines()[0]
+    assert _v3_runtimes(text)["husk-vm"] == {
+        "runtime_type": "io.containerd.husk.v2",
+        "sandboxer": "shim",
+        "pod_annotations": ["io.husk.*"],
+        "options": {"ConfigPath": "/etc/husk/configuration.toml"},
+    }
+
+
 @pytest.mark.parametrize("version", ["1.6", "1.7"])
 def test_containerd_1_6_and_1_7_get_config_version_2(version: str) -> None:
     text = ctd.snippet(Path("/a.toml"), Path("/b.toml"), releases.parse(version))
@@ -119,8 +130,8 @@ def test_containerd_1_6_and_1_7_get_config_version_2(version: str) -> None:
 def test_merging_into_no_config_for_containerd_2_makes_a_version_3_file() -> None:
     text, added = ctd.merged("", Path("/a.toml"), Path("/b.toml"), CONTAINERD_2)
     assert tomllib.loads(text)["version"] == 3
-    assert set(_v3_runtimes(text)) == {"husk", "husk-template"}
-    assert len(added) == 4  # pause image, CNI dirs, two handlers
+    assert set(_v3_runtimes(text)) == {"husk", "husk-template", "husk-vm"}
+    assert len(added) == 5  # pause image, CNI dirs, three handlers
 
 
 def test_merging_a_version_3_file_twice_adds_nothing() -> None:
@@ -143,8 +154,8 @@ def test_an_operators_version_3_settings_are_kept() -> None:
     plugins = tomllib.loads(text)["plugins"]
     assert plugins[V3_IMAGES]["pinned_images"]["sandbox"] == "registry.k8s.io/pause:3.10"
     assert plugins[V3_RUNTIME]["cni"]["bin_dirs"] == ["/opt/cni/bin"]
-    assert set(_v3_runtimes(text)) == {"runc", "husk", "husk-template"}
-    assert [a.split()[0] for a in added] == ["handler", "handler"]
+    assert set(_v3_runtimes(text)) == {"runc", "husk", "husk-template", "husk-vm"}
+    assert [a.split()[0] for a in added] == ["handler", "handler", "handler"]
 
 
 def test_a_pinned_images_table_without_a_sandbox_is_refused_in_one_line() -> None:

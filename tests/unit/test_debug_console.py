@@ -11,9 +11,11 @@ import pytest
 import trio
 import trio.testing
 
-from common import console
-from guest.agent.debug_console import Session, enabled
+from common import channel_auth, console
+from guest.agent.auth import Gate
+from guest.agent.debug_console import Session, enabled, serve_connection
 from guest.agent.reaper import Reaper
+from shim.agent.transport import authenticate
 from shim.cli.debug_console import Attachment
 from shim.sandbox.state import SandboxState
 
@@ -124,6 +126,55 @@ async def test_ctrl_close_bracket_detaches_and_the_guest_hangs_the_shell_up() ->
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     assert outcome.detached and outcome.status is None
+    for fd in (keyboard_r, keyboard_w):
+        os.close(fd)
+
+
+async def test_the_console_starts_no_shell_for_a_peer_without_the_secret(tmp_path: Path) -> None:
+    """vsock's console: a stranger's OPEN (here: sent where the proof belongs) gets no shell."""
+    secret = tmp_path / "agent.secret"
+    channel_auth.write_secret(secret)
+    host, guest = trio.testing.memory_stream_pair()
+    reaper = Reaper()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        nursery.start_soon(
+            serve_connection, guest, reaper, Gate(secret, channel_auth.DEBUG_CONSOLE)
+        )
+        challenge = await channel_auth.receive_exactly(host, channel_auth.CHALLENGE_SIZE)
+        assert challenge.startswith(channel_auth.MAGIC)
+        await host.send_all(console.encode_open(24, 80, "xterm") * 4)
+        with trio.fail_after(10):
+            assert await host.receive_some() == b""  # closed: no STARTED, no output
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_console_refuses_the_agents_proof_and_serves_its_own(tmp_path: Path) -> None:
+    secret = tmp_path / "agent.secret"
+    channel_auth.write_secret(secret)
+    key = channel_auth.read_secret(secret)
+    reaper = Reaper()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reaper.run)
+        gate = Gate(secret, channel_auth.DEBUG_CONSOLE)
+        wrong_host, wrong_guest = trio.testing.memory_stream_pair()
+        nursery.start_soon(serve_connection, wrong_guest, reaper, gate)
+        challenge = await channel_auth.receive_exactly(wrong_host, channel_auth.CHALLENGE_SIZE)
+        nonce = challenge[-channel_auth.NONCE_SIZE :]
+        agents_proof = channel_auth.mac(key, channel_auth.AGENT, nonce)
+        await wrong_host.send_all(channel_auth.MAGIC + bytes([channel_auth.VERSION]) + agents_proof)
+        with trio.fail_after(10):
+            assert await wrong_host.receive_some() == b""
+        host, guest = trio.testing.memory_stream_pair()
+        nursery.start_soon(serve_connection, guest, reaper, gate)
+        await authenticate(host, key, channel_auth.DEBUG_CONSOLE, "test console")
+        keyboard_r, keyboard_w = os.pipe()
+        os.write(keyboard_w, b"exit 4\n")
+        attachment = Attachment(host, stdin=keyboard_r, stdout=os.open(os.devnull, os.O_WRONLY))
+        with trio.fail_after(20):
+            outcome = await attachment.run(await attachment.open("dumb"))
+        nursery.cancel_scope.cancel()
+    assert outcome.status == 4
     for fd in (keyboard_r, keyboard_w):
         os.close(fd)
 

@@ -62,6 +62,7 @@ def test_q35_tcg_virtio_serial_argv() -> None:
         "-pidfile", f"{D}/qemu.pid",
         "-kernel", "/img/vmlinuz", "-initrd", "/img/initrd.img",
         "-append", BASE_KERNEL_PARAMS + " debug",
+        "-fw_cfg", f"name=opt/io.husk/agent-secret,file={D}/agent.secret",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"socket,id=console,path={D}/console.sock,server=on,wait=off",
         "-serial", "chardev:console",

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import pytest
 from shim import config
 from shim.host import HostFacts
 from shim.hypervisor import TEMPLATE, Hypervisor
-from shim.sandbox import factory
+from shim.sandbox import factory, ram_holder
 from shim.sandbox.boot_slots import BootSlots
 from shim.sandbox.template import VmTemplate
 
@@ -41,14 +44,23 @@ def template(cfg: config.Config) -> VmTemplate:
     )
 
 
-def made(t: VmTemplate, memory_mib: int = 512) -> None:
-    """Files as a made template leaves them."""
-    t.path.mkdir(parents=True)
-    (t.path / "memory").write_bytes(b"")
-    os.truncate(t.path / "memory", memory_mib << 20)
+@pytest.fixture(autouse=True)
+def no_holder_left(cfg: config.Config) -> Iterator[None]:
+    yield
+    assert template(cfg).destroy() == []
+
+
+def made(t: VmTemplate, memory_mib: int = 512, seal: bool = True) -> ram_holder.Holder:
+    """Files as a made template leaves them, and its RAM's holder."""
+    t.path.mkdir(parents=True, exist_ok=True)
+    holder = ram_holder.start(t.path / "ram.json", memory_mib << 20)
+    (t.path / "ram.json").write_text(holder.record.dump())
+    if seal:
+        holder.seal()
     (t.path / "state").write_bytes(b"state")
     manifest = {"digest": t.digest(), "memory_mib": memory_mib, "created": 1.0}
     (t.path / "template.json").write_text(json.dumps(manifest))
+    return holder
 
 
 def test_a_template_is_usable_when_made_for_this_configuration(cfg: config.Config) -> None:
@@ -86,22 +98,56 @@ def test_timeouts_do_not_change_the_vm_shape(cfg: config.Config, tmp_path: Path)
     assert template(config.load(tmp_path / "husk.toml", host=host)).problem() is None
 
 
-def test_a_truncated_or_missing_file_is_damage(cfg: config.Config) -> None:
+def test_a_missing_state_file_is_damage(cfg: config.Config) -> None:
     t = template(cfg)
     made(t)
-    os.truncate(t.path / "memory", 1 << 20)
-    assert "not its RAM's size" in (t.problem() or "")
-    made_again = template(cfg)
-    (made_again.path / "memory").unlink()
-    assert "is gone" in (made_again.problem() or "")
+    (t.path / "state").unlink()
+    assert "state file" in (t.problem() or "")
 
 
-def test_the_template_vm_maps_the_ram_file_shared_and_clones_privately(
-    cfg: config.Config,
-) -> None:
+def test_a_template_whose_ram_holder_is_gone_is_damaged(cfg: config.Config) -> None:
     t = template(cfg)
+    made(t)
+    record = ram_holder.Record.load(t.path / "ram.json")
+    assert record is not None
+    os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while record.alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert f"(pid {record.pid}) is gone" in (t.problem() or "")
+    assert not t.status().ready
+
+
+def test_a_template_whose_ram_is_not_sealed_is_damaged(cfg: config.Config) -> None:
+    t = template(cfg)
+    holder = made(t, seal=False)
+    try:
+        assert t.problem() == "the template's RAM is not sealed against writes"
+    finally:
+        holder.close()
+
+
+def test_a_template_without_a_ram_record_is_damaged(cfg: config.Config) -> None:
+    t = template(cfg)
+    made(t)
+    (t.path / "ram.json").unlink()
+    assert t.problem() == "the template's RAM has no holder record"
+
+
+def test_clones_map_the_holders_memfd_and_load_the_state_file(cfg: config.Config) -> None:
+    t = template(cfg)
+    holder = made(t)
     assert t.files.role != TEMPLATE
-    assert t.files.memory == t.path / "memory" and t.files.state == t.path / "state"
+    assert t.files.memory == Path(f"/proc/{holder.record.pid}/fd/{holder.record.fd}")
+    assert os.readlink(t.files.memory).startswith("/memfd:husk-template-ram ")
+    assert t.files.state == t.path / "state"
+
+
+def test_destroying_the_template_stops_its_ram_holder(cfg: config.Config) -> None:
+    t = template(cfg)
+    record = made(t).record
+    assert t.destroy() == []
+    assert not record.alive() and not t.path.exists()
 
 
 def _with_template_path(cfg: config.Config, path: Path) -> config.Config:

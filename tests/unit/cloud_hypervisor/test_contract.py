@@ -74,9 +74,19 @@ def test_every_endpoint_the_driver_calls_is_in_the_description() -> None:
 
 def test_the_vm_config_the_driver_builds_keeps_the_description(tmp: Path) -> None:
     spec = VmSpec("sb", tmp, 2, 512, Path("/k"), Path("/i"), max_vcpus=4, max_memory_mib=4096)
-    body = vm_config(spec, ChSettings.from_section({}), VmPaths(tmp), [], [])
+    body = vm_config(spec, ChSettings.from_section({}), VmPaths(tmp), [], [], bytes(32))
     assert Contract().request_problems("PUT", "vm.create", json.dumps(body).encode()) == []
     assert body["memory"]["hotplug_size"] == 3584 * MIB  # whole 128 MiB regions
+
+
+def test_the_guest_gets_the_secret_as_an_oem_string_in_the_api_body_not_the_cmdline(
+    tmp: Path,
+) -> None:
+    spec = VmSpec("sb", tmp, 1, 512, Path("/k"), Path("/i"))
+    secret = bytes(range(32))
+    body = vm_config(spec, ChSettings.from_section({}), VmPaths(tmp), [], [], secret)
+    assert body["platform"] == {"oem_strings": ["io.husk.agent-secret=" + secret.hex()]}
+    assert secret.hex() not in body["payload"]["cmdline"]
 
 
 def test_a_misspelt_field_breaks_the_contract_though_cloud_hypervisor_would_ignore_it() -> None:

@@ -100,7 +100,11 @@ async def test_vm_create_carries_payload_sizes_console_vsock_and_the_share(
             "queue_size": 1024,
         }
     ]
-    assert driver.agent_endpoint() == HybridVsockEndpoint(paths.vsock, 1024)
+    secret = paths.agent_secret.read_bytes()
+    assert body["platform"] == {"oem_strings": [f"io.husk.agent-secret={secret.hex()}"]}
+    assert paths.agent_secret.stat().st_mode & 0o777 == 0o600
+    assert secret.hex() not in " ".join(vmm.argv()) and secret.hex() not in str(body["payload"])
+    assert driver.agent_endpoint() == HybridVsockEndpoint(paths.vsock, 1024, paths.agent_secret)
     assert driver.console_socket() == paths.console and paths.console.is_socket()
     assert vmm.argv()[:4] == ["--api-socket", f"path={paths.api}", "--event-monitor", vmm.argv()[3]]
     assert vmm.argv()[3].startswith("fd=")
@@ -325,7 +329,9 @@ async def test_the_debug_console_is_a_vsock_port_of_its_own_only_when_asked(
     await driver.prepare(spec)
     assert driver.debug_console_endpoint() is None
     await driver.prepare(_with(spec, debug_console=True))
-    assert driver.debug_console_endpoint() == HybridVsockEndpoint(driver.paths.vsock, 1026)
+    assert driver.debug_console_endpoint() == HybridVsockEndpoint(
+        driver.paths.vsock, 1026, driver.paths.agent_secret
+    )
 
 
 async def test_stop_escalates_when_the_vmm_ignores_shutdown_and_sigterm(
