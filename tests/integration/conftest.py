@@ -85,7 +85,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _line_of(item: pytest.Item) -> str | None:
     callspec = getattr(item, "callspec", None)
-    return callspec.params.get(LINE_PARAM) if callspec is not None else None
+    line = callspec.params.get(LINE_PARAM) if callspec is not None else None
+    # a test for releases the narrowed matrix leaves out has an empty parameter set
+    return line if isinstance(line, str) else None
 
 
 @pytest.hookimpl(trylast=True)

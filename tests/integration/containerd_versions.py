@@ -48,6 +48,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.containerd import releases
+
 CACHE_ENV = "HUSK_TEST_CONTAINERD_CACHE"
 DEFAULT_CACHE = Path("/var/cache/husk-tests/containerd")
 #: the binaries every release provides, by the names containerd looks for
@@ -95,7 +97,7 @@ class ContainerdBinaries:
     @property
     def config_version(self) -> int:
         """The ``version`` of the config file the release reads natively (3 since 2.0)."""
-        return 3 if self.major >= 2 else 2
+        return releases.parse(self.line).config_version
 
 
 def cache_root() -> Path:
@@ -250,7 +252,10 @@ def debian_package(line: str, suite: str, cache: Path | None = None) -> Containe
             f"apt-get download containerd/{suite}",
             cwd=work / "debs",
         )
-        (deb,) = (work / "debs").glob("containerd_*.deb")
+        debs = sorted((work / "debs").glob("containerd_*.deb"))
+        if len(debs) != 1:
+            raise ProvisionError(f"apt-get download containerd/{suite} left {len(debs)} packages")
+        deb = debs[0]
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             root = Path(tmp) / "root"
             _run(["dpkg", "-x", str(deb), str(root)], f"dpkg -x {deb.name}")
