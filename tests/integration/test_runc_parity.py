@@ -13,8 +13,9 @@ runs every probe its spec allows, through ``ctr task exec``. Probes read
 ``/proc/self/...`` (an exec'd process), so both ways a runtime starts a
 process are compared. The CRI probes run in one pod per handler.
 
-The containerd is the ``ctd`` fixture (``cri_ctd`` for CRI), so the module can
-be run against other containerd versions by parametrizing it.
+The containerd is the ``ctd`` fixture (``cri_ctd`` for CRI), one per release
+of the suite's containerd matrix (``containerd_binaries``, see conftest): the
+parity holds on every containerd husk serves.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pytest
 
 from shim.cli import local_images
 from tests.integration.containerd import Containerd
+from tests.integration.containerd_versions import ContainerdBinaries
 from tests.integration.parity import CriContainers, CriPair, Pair, Seen, start_pairs
 from tests.integration.test_shim_containerd import _REASON, leftovers
 from tests.kubelet import cri_api_pb2 as cri
@@ -128,9 +130,11 @@ def husk_config(state_root: Path, shared_template: str) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def ctd(husk_config: Path, state_root: Path) -> Iterator[Containerd]:
+def ctd(
+    husk_config: Path, state_root: Path, containerd_binaries: ContainerdBinaries
+) -> Iterator[Containerd]:
     base = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
-    daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)})
+    daemon = Containerd(base, {"HUSK_CONFIG": str(husk_config)}, containerd_binaries)
     local_images.build_busybox(base / "busybox.tar")
     daemon.ctr("image", "import", str(base / "busybox.tar"))
     yield daemon
@@ -467,11 +471,12 @@ POD_DNS = cri.DNSConfig(servers=["10.0.0.10"], searches=["parity.svc"], options=
 
 
 @pytest.fixture(scope="module")
-def cri_ctd(husk_config: Path) -> Iterator[CriContainerd]:
+def cri_ctd(husk_config: Path, containerd_binaries: ContainerdBinaries) -> Iterator[CriContainerd]:
     daemon = CriContainerd(
         Path(tempfile.mkdtemp(prefix="cri-", dir="/tmp")),
         runtimes={"husk": husk_handler(husk_config)},
         env={"HUSK_CONFIG": ""},
+        binaries=containerd_binaries,
     )
     yield daemon
     daemon.stop()
