@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shim.errors import NotSupportedError
+from shim.errors import InvalidArgumentError, NotSupportedError
 from shim.resources import Resource
 
 if TYPE_CHECKING:
@@ -188,6 +188,15 @@ class VmSize:
 
     vcpus: int
     memory_mib: int
+
+    def check_within(self, maximum: VmSize, plugin: str, sandbox_id: str) -> None:
+        """InvalidArgumentError unless this size fits the room a VM was started with."""
+        if self.vcpus > maximum.vcpus or self.memory_mib > maximum.memory_mib:
+            raise InvalidArgumentError(
+                f"{plugin}: sandbox {sandbox_id} cannot grow to {self.vcpus} vCPUs and "
+                f"{self.memory_mib} MiB: its VM was started with room for {maximum.vcpus} vCPUs "
+                f"and {maximum.memory_mib} MiB"
+            )
 
 
 #: writes a host resource to the sandbox's record; called *before* creating it

@@ -431,12 +431,7 @@ class CloudHypervisor(Hypervisor):
     async def resize(self, vcpus: int, memory_mib: int) -> VmSize:
         spec = self._require_spec()
         maximum = self._maximum()
-        if vcpus > maximum.vcpus or memory_mib > maximum.memory_mib:
-            raise InvalidArgumentError(
-                f"cloud-hypervisor: sandbox {spec.sandbox_id} cannot grow to {vcpus} vCPUs and "
-                f"{memory_mib} MiB: its VM was started with room for {maximum.vcpus} vCPUs "
-                f"and {maximum.memory_mib} MiB"
-            )
+        VmSize(vcpus, memory_mib).check_within(maximum, "cloud-hypervisor", spec.sandbox_id)
         want = VmSize(
             max(vcpus, spec.vcpus),
             min(max(round_memory_mib(memory_mib), spec.memory_mib), maximum.memory_mib),

@@ -41,7 +41,6 @@ from shim.errors import (
     FailedPreconditionError,
     HostError,
     HypervisorError,
-    InvalidArgumentError,
     NotSupportedError,
     VmmExitedError,
 )
@@ -483,12 +482,7 @@ class QemuHypervisor(Hypervisor):
     async def resize(self, vcpus: int, memory_mib: int) -> VmSize:
         spec = self._require_spec()
         maximum = self._maximum()
-        if vcpus > maximum.vcpus or memory_mib > maximum.memory_mib:
-            raise InvalidArgumentError(
-                f"qemu: sandbox {spec.sandbox_id} cannot grow to {vcpus} vCPUs and "
-                f"{memory_mib} MiB: its VM was started with room for {maximum.vcpus} vCPUs "
-                f"and {maximum.memory_mib} MiB"
-            )
+        VmSize(vcpus, memory_mib).check_within(maximum, "qemu", spec.sandbox_id)
         async with self._monitor() as qmp:
             await self._resize_vcpus(qmp, max(vcpus, spec.vcpus))
             if maximum.memory_mib > spec.memory_mib:

@@ -113,9 +113,7 @@ class AgentClient:
     ) -> M:
         """A call whose answer, if it is not a valid reply, fails it (and nothing else)."""
         try:
-            return await self._client.call(
-                service, method, request, response_type, timeout=timeout
-            )
+            return await self._client.call(service, method, request, response_type, timeout=timeout)
         except (InvalidPayload, ProtocolError) as e:
             raise AgentReplyError(
                 f"the guest agent's answer to {method} is not valid: {e}"

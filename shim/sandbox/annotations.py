@@ -83,7 +83,7 @@ def hypervisor_overrides(
             raise InvalidArgumentError(f"{what}: unknown annotation {name} (husk knows {known})")
         if key not in enabled:
             raise InvalidArgumentError(
-                f"{what}: annotation {name} is not enabled: add \"{key}\" to "
+                f'{what}: annotation {name} is not enabled: add "{key}" to '
                 f"enable_annotations in {section_name}"
             )
         try:
