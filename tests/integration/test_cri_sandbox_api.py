@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from shim.sandbox import cleanup
-from tests.integration import containerd_versions
 from tests.integration.containerd import sandbox_dirs
+from tests.integration.containerd_versions import ContainerdBinaries
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import CriClient, GRPCError
 from tests.kubelet.cri_containerd import K8S_NAMESPACE, CriContainerd, husk_handler
@@ -47,7 +47,8 @@ def _skip_reason() -> str | None:
     return skip_reason()
 
 
-pytestmark = [pytest.mark.integration]
+# containerd 2.3+ only: the sandbox API with `sandboxer = "shim"`; the matrix's 2.4
+pytestmark = [pytest.mark.integration, pytest.mark.containerd_lines("2.4")]
 _REASON = _skip_reason()
 if _REASON:
     pytestmark.append(pytest.mark.skip(reason=_REASON))
@@ -62,18 +63,16 @@ def root(shared_template: str) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def cri_ctd(root: Path, shared_template: str) -> Iterator[CriContainerd]:
-    try:
-        binaries = containerd_versions.provide("2.4")
-    except containerd_versions.ProvisionError as e:
-        pytest.skip(f"containerd 2.4 cannot be provided: {e}")
+def cri_ctd(
+    root: Path, shared_template: str, containerd_binaries: ContainerdBinaries
+) -> Iterator[CriContainerd]:
     config = root.parent / "husk-vm.toml"
     config.write_text(f'[runtime]\nstate_dir = "{root}"\n{shared_template}')
     daemon = CriContainerd(
         Path(tempfile.mkdtemp(prefix="cri-", dir="/tmp")),
         runtimes={HANDLER: husk_handler(config, "shim")},
         env={"HUSK_CONFIG": ""},
-        binaries=binaries,
+        binaries=containerd_binaries,
     )
     yield daemon
     daemon.stop()
