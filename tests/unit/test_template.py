@@ -163,9 +163,12 @@ async def test_checking_a_template_keeps_the_mode_of_a_parent_husk_did_not_make(
     run.chmod(0o755)
     t = template(_with_template_path(cfg, run / "husk-template"))
     made(t)
-    await t.ensure()
-    assert stat.S_IMODE(run.stat().st_mode) == 0o755
-    assert (run / "husk-template.lock").exists()
+    try:
+        await t.ensure()
+        assert stat.S_IMODE(run.stat().st_mode) == 0o755
+        assert (run / "husk-template.lock").exists()
+    finally:
+        assert t.destroy() == []  # its RAM holder too: no_holder_left knows only cfg's
 
 
 async def test_a_directory_husk_makes_for_the_template_lock_is_private(
