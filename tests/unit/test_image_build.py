@@ -34,9 +34,9 @@ from guest.image.packages import parse_print_uris, subprocess_runner
 FAKE_APT_GET = r"""#!/bin/sh
 # fake apt-get: FAKE_APT_MODE=ok|network; real downloads always fail (and are logged)
 if [ "$FAKE_APT_MODE" = network ]; then
-    echo "Err:1 http://deb.debian.org/debian bookworm/main amd64 busybox-static" >&2
-    echo "E: Failed to fetch http://deb.debian.org/debian/pool/x.deb  Temporary failure \
-resolving 'deb.debian.org'" >&2
+    echo "Err:1 http://archive.invalid/debian bookworm/main amd64 busybox-static" >&2
+    echo "E: Failed to fetch http://archive.invalid/debian/pool/x.deb  Temporary failure \
+resolving 'archive.invalid'" >&2
     exit 100
 fi
 uris=0; pkgs=""
@@ -49,12 +49,12 @@ for a in "$@"; do
 done
 if [ $uris = 1 ]; then
     for p in $pkgs; do
-        echo "'http://deb.debian.org/debian/pool/main/$p.deb' ${p}_1.0-1_amd64.deb 1234 SHA256:00ff"
+        echo "'http://archive.invalid/debian/pool/main/$p.deb' ${p}_1.0-1_amd64.deb 1234 SHA256:00ff"
     done
     exit 0
 fi
 echo "download$pkgs" >> "$FAKE_APT_LOG"
-echo "E: Failed to fetch http://deb.debian.org/debian/pool/main/x.deb  404  Not Found" >&2
+echo "E: Failed to fetch http://archive.invalid/debian/pool/main/x.deb  404  Not Found" >&2
 exit 100
 """
 
@@ -206,7 +206,7 @@ def test_changed_inputs_or_force_rebuild_and_failure_keeps_old_image(
 
 def test_parse_print_uris() -> None:
     text = (
-        "'http://deb.debian.org/debian/pool/main/b/busybox/busybox-static_1%3a1.35.0-4%2bb1"
+        "'http://archive.invalid/debian/pool/main/b/busybox/busybox-static_1%3a1.35.0-4%2bb1"
         "_amd64.deb' busybox-static_1%3a1.35.0-4+b1_amd64.deb 928188 SHA256:AbC\n"
         "W: something\n"
     )
