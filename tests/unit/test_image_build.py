@@ -49,7 +49,8 @@ for a in "$@"; do
 done
 if [ $uris = 1 ]; then
     for p in $pkgs; do
-        echo "'http://archive.invalid/debian/pool/main/$p.deb' ${p}_1.0-1_amd64.deb 1234 SHA256:00ff"
+        echo "'http://archive.invalid/debian/pool/main/$p.deb'" \
+            "${p}_1.0-1_amd64.deb 1234 SHA256:00ff"
     done
     exit 0
 fi
