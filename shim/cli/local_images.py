@@ -18,10 +18,13 @@ import json
 import subprocess
 import tarfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 BUSYBOX = Path("/bin/busybox")
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 BUSYBOX_REFERENCE = "docker.io/library/busybox:husk"
 PAUSE_REFERENCE = "registry.k8s.io/pause:husk"
 BUSYBOX_CONFIG = {"Env": ["PATH=/bin:/usr/bin"], "Cmd": ["sh"], "WorkingDir": "/"}
@@ -51,7 +54,7 @@ def applets(busybox: Path = BUSYBOX) -> list[str]:
     return sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
 
 
-def _layer(busybox: Path) -> bytes:
+def _layer(busybox: Path, hard_links: bool = False) -> bytes:
     raw = io.BytesIO()
     mtime = int(busybox.stat().st_mtime)
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -70,10 +73,9 @@ def _layer(busybox: Path) -> bytes:
                 continue
             link = tarfile.TarInfo(f"bin/{name}")
             link.type, link.linkname, link.mode, link.mtime = (
-                tarfile.SYMTYPE,
-                "busybox",
-                0o777,
-                mtime,
+                (tarfile.LNKTYPE, "bin/busybox", 0o755, mtime)
+                if hard_links
+                else (tarfile.SYMTYPE, "busybox", 0o777, mtime)
             )
             tar.addfile(link)
         for path, text in _ETC.items():
@@ -100,6 +102,63 @@ def build_pause(output: Path, reference: str = PAUSE_REFERENCE) -> Path:
     return build(output, reference, PAUSE_CONFIG, "pause: sleep until TERM")
 
 
+def busybox_layer(busybox: Path = BUSYBOX, hard_links: bool = False) -> bytes:
+    """The uncompressed busybox layer every local image starts from (applets
+    as symlinks to ``busybox``, or as hard links as Docker's busybox has them)."""
+    return _layer(busybox, hard_links)
+
+
+@dataclass(frozen=True)
+class Composed:
+    """An image's manifest and every blob it names (config and layers), by digest."""
+
+    manifest: bytes
+    blobs: dict[str, bytes]
+
+    @property
+    def digest(self) -> str:
+        """The manifest's digest: the image's ``repo digest``."""
+        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+
+
+def compose(image_config: dict[str, Any], history: str, layers: Sequence[bytes]) -> Composed:
+    """An OCI image of ``layers`` (uncompressed tars, lowest first) and ``image_config``."""
+    blobs: dict[str, bytes] = {}
+    descriptors = []
+    for layer in layers:
+        compressed = gzip.compress(layer, mtime=0)
+        descriptors.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": _blob(blobs, compressed),
+                "size": len(compressed),
+            }
+        )
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": image_config,
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in layers],
+        },
+        "history": [{"created_by": f"husk: {history}"}],
+    }
+    config_bytes = json.dumps(config, sort_keys=True).encode()
+    config_digest = _blob(blobs, config_bytes)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": len(config_bytes),
+        },
+        "layers": descriptors,
+    }
+    return Composed(json.dumps(manifest, sort_keys=True).encode(), blobs)
+
+
 def build(
     output: Path,
     reference: str,
@@ -108,44 +167,16 @@ def build(
     busybox: Path = BUSYBOX,
 ) -> Path:
     """Write an image of the busybox layer with ``image_config`` to ``output``; returns it."""
-    layer = _layer(busybox)
-    compressed = gzip.compress(layer, mtime=0)
-    blobs: dict[str, bytes] = {}
-    layer_digest = _blob(blobs, compressed)
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": image_config,
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
-        "history": [{"created_by": f"husk: {history}"}],
-    }
-    config_bytes = json.dumps(config, sort_keys=True).encode()
-    config_digest = _blob(blobs, config_bytes)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": len(config_bytes),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer_digest,
-                "size": len(compressed),
-            }
-        ],
-    }
-    manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
-    manifest_digest = _blob(blobs, manifest_bytes)
+    image = compose(image_config, history, [_layer(busybox)])
+    blobs = dict(image.blobs)
+    manifest_digest = _blob(blobs, image.manifest)
     index = {
         "schemaVersion": 2,
         "manifests": [
             {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "mediaType": MANIFEST_TYPE,
                 "digest": manifest_digest,
-                "size": len(manifest_bytes),
+                "size": len(image.manifest),
                 "platform": {"architecture": "amd64", "os": "linux"},
                 "annotations": {
                     "io.containerd.image.name": reference,

@@ -13,7 +13,9 @@ conf dir, IPAM store and pod netns mounts all live under ``base``; a CNI
 bridge of its own (unique name and /24); the
 ``runc`` handler plus any handlers the caller adds (``husk_handler(...)``);
 and imports the pause image and the busybox image into the ``k8s.io``
-namespace. ``stop()`` removes the pods left, stops containerd and its shims,
+namespace. ``mirrors`` (upstream registry -> mirror URL) become its registry
+host configuration (``config_path``, ``<upstream>/hosts.toml``), the way an
+air-gapped cluster pulls through a local registry. ``stop()`` removes the pods left, stops containerd and its shims,
 unmounts, deletes the bridge and what CNI wrote outside ``base``, and restores
 ``net.ipv4.ip_forward`` (the bridge plugin turns it on for a gateway).
 """
@@ -162,8 +164,10 @@ class CriContainerd:
         env: Mapping[str, str] | None = None,
         timeout: float = 120.0,
         binaries: ContainerdBinaries = SYSTEM,
+        mirrors: Mapping[str, str] | None = None,
     ) -> None:
         self.base = base
+        self.mirrors = dict(mirrors or {})
         self.binaries = binaries
         self.address = str(base / "c.sock")
         self.root, self.state = base / "root", base / "state"
@@ -188,6 +192,7 @@ class CriContainerd:
         conf_dir.mkdir()
         conflist = self.network.conflist(self.base / "cni-ipam")
         (conf_dir / "10-husk.conflist").write_text(json.dumps(conflist, indent=2))
+        self._write_hosts()
         config = self.base / "containerd.toml"
         config.write_text(self._config(conf_dir))
         self.env = {**os.environ, **env, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
@@ -201,6 +206,22 @@ class CriContainerd:
             )
         self._wait_cri(timeout)
         self._import_images(timeout)
+
+    @property
+    def registry_config_path(self) -> Path:
+        """containerd's registry host configuration (``<host>/hosts.toml``)."""
+        return self.base / "certs.d"
+
+    def _write_hosts(self) -> None:
+        # an air-gapped cluster's mirrors: each upstream registry is served by
+        # a local one (plain HTTP on loopback), for pull and resolve only
+        for upstream, mirror in self.mirrors.items():
+            directory = self.registry_config_path / upstream
+            directory.mkdir(parents=True)
+            (directory / "hosts.toml").write_text(
+                f"server = {_toml('https://' + upstream)}\n\n[host.{_toml(mirror)}]\n"
+                '  capabilities = ["pull", "resolve"]\n'
+            )
 
     def _config(self, cni_conf_dir: Path) -> str:
         head = (
@@ -224,12 +245,14 @@ class CriContainerd:
             "conf_dir": str(cni_conf_dir),
             "max_conf_num": 1,
         }
+        registry = {"config_path": str(self.registry_config_path)}
         if self.binaries.config_version >= 3:
             runtime = f'plugins."{CRI_RUNTIME}"'
             parts += [
                 _table(f'plugins."{CRI}"', streaming),
                 _table(f'plugins."{CRI_IMAGES}"', {"snapshotter": "overlayfs"}),
                 _table(f'plugins."{CRI_IMAGES}".pinned_images', {"sandbox": PAUSE_IMAGE}),
+                _table(f'plugins."{CRI_IMAGES}".registry', registry),
                 _table(runtime, runtime_keys),
                 _table(f"{runtime}.cni", {"bin_dirs": [CNI_BIN_DIR], **cni}),
             ]
@@ -238,6 +261,7 @@ class CriContainerd:
             parts += [
                 _table(runtime, {"sandbox_image": PAUSE_IMAGE, **runtime_keys, **streaming}),
                 _table(f"{runtime}.cni", {"bin_dir": CNI_BIN_DIR, **cni}),
+                _table(f"{runtime}.registry", registry),
             ]
         containerd = {"default_runtime_name": "runc"}
         if self.binaries.config_version < 3:
