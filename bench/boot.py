@@ -22,7 +22,7 @@ import trio
 
 from agent_proto import health_pb2
 from guest.image import DEFAULT_IMAGE_DIR, INITRD_NAME, image_paths
-from plugins.qemu.cmdline import BASE_KERNEL_PARAMS
+from plugins.qemu.cmdline import BASE_KERNEL_PARAMS, TCG_KERNEL_PARAMS
 from shim.agent.transport import connect
 from shim.host import HostFacts
 from shim.hypervisor import SerialEndpoint
@@ -35,12 +35,13 @@ TIMEOUT = 60.0
 
 def qemu_argv(kernel: Path, initrd: Path, work: Path) -> list[str]:
     """The plain command line: the devices a husk sandbox has, nothing else."""
-    accel = ["-accel", "kvm", "-cpu", "host"] if HostFacts.probe().kvm_usable else [
-        "-accel", "tcg", "-cpu", "max"]  # fmt: skip
+    kvm = HostFacts.probe().kvm_usable
+    accel = ["-accel", "kvm", "-cpu", "host"] if kvm else ["-accel", "tcg", "-cpu", "max"]
+    append = BASE_KERNEL_PARAMS if kvm else f"{BASE_KERNEL_PARAMS} {TCG_KERNEL_PARAMS}"
     return [
         "qemu-system-x86_64", *accel, "-nodefaults", "-no-user-config", "-nographic",
         "-m", "512", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", BASE_KERNEL_PARAMS,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-serial", f"file:{work / 'console.log'}",
         "-device", "virtio-rng-pci",
         "-device", "virtio-serial-pci",
