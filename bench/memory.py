@@ -77,9 +77,22 @@ def pod_processes(sandbox_id: str, proc: Path = Path("/proc")) -> set[int]:
     return found
 
 
-def pod_pss(sandbox_id: str) -> int:
-    """The PSS of all the pod's host processes, summed."""
-    return sum(pss_bytes(pid) for pid in pod_processes(sandbox_id))
+def pod_pss(sandbox_id: str, breakdown: bool = False) -> int:
+    """The PSS of all the pod's host processes, summed (each printed with ``breakdown``)."""
+    total = 0
+    for pid in sorted(pod_processes(sandbox_id)):
+        pss = pss_bytes(pid)
+        total += pss
+        if breakdown:
+            print(f"  pid {pid} {_comm(pid)}: {_mib(pss)}")
+    return total
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def start_idle_pod(client: CriClient, handler: str, name: str) -> Pod:
@@ -100,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clones", type=int, default=4, help="template pods run together")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds idle before measuring")
     parser.add_argument("--handlers", default="", help="comma-separated; default: all")
+    parser.add_argument("--breakdown", action="store_true", help="print each process's PSS")
     args = parser.parse_args(argv)
     handlers = tuple(h for h in args.handlers.split(",") if h) or HANDLERS
     unknown = [h for h in handlers if h not in HANDLERS]
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             for handler in handlers:
                 pod = start_idle_pod(client, handler, f"{handler}-{round_}")
                 time.sleep(args.settle)
-                sizes[handler].append(pod_pss(pod.id))
+                sizes[handler].append(pod_pss(pod.id, args.breakdown))
                 remove_pod(client, pod)
                 print(f"round {round_ + 1} {handler}: {_mib(sizes[handler][-1])}", flush=True)
         medians = {h: statistics.median(s) for h, s in sizes.items()}
