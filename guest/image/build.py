@@ -222,8 +222,14 @@ def _build(
     if not moddir.is_dir() or not vmlinuz.is_file():
         raise RecipeError(f"{kernel_pkg} holds no vmlinuz or modules for {kernel_version}")
     index = ModuleIndex.scan(moddir)
-    selected = index.resolve(recipe.KERNEL_MODULES, recipe.MODULE_ALIASES)
-    steps.done("select kernel modules", f"{len(selected)} modules for {kernel_version}")
+    boot = index.resolve(recipe.KERNEL_MODULES, recipe.MODULE_ALIASES)
+    selected = index.resolve(
+        (*recipe.KERNEL_MODULES, *recipe.ON_DEMAND_MODULES), recipe.MODULE_ALIASES
+    )
+    steps.done(
+        "select kernel modules",
+        f"{len(selected)} modules for {kernel_version}, {len(boot)} loaded at boot",
+    )
 
     tree = rootfs.Tree()
     rootfs.add_base(tree, INIT_SCRIPT.read_bytes())
@@ -236,7 +242,11 @@ def _build(
     rootfs.add_stdlib(tree, staging)
     rootfs.add_distributions(tree, recipe.PYTHON_DISTRIBUTIONS)
     rootfs.add_husk(tree, husk_files)
-    rootfs.add_modules(tree, moddir, kernel_version, selected, index.modules_dep(selected))
+    index_files = {
+        "modules.dep": index.modules_dep(selected),
+        "modules.alias": index.modules_alias(selected),
+    }
+    rootfs.add_modules(tree, moddir, kernel_version, selected, boot, index_files)
     rootfs.link_libraries(tree, lambda msg: progress(f"      {msg}"))
     pyc = "precompiled .pyc" if rootfs.CAN_COMPILE else "sources only (host is not 3.11)"
     steps.done("assemble rootfs", f"{len(tree)} entries, {_mib(tree.size())}, {pyc}")

@@ -3,7 +3,10 @@
 The Debian kernel package ships no ``modules.dep`` (``depmod`` runs at install
 time), so dependencies are read from each module's ``.modinfo`` (``depends=``
 and ``softdep=pre:``). A ``modules.dep`` is honoured when present, and one is
-written for the chosen subset so the guest can also use ``modprobe``.
+written for the chosen subset so the guest can also use ``modprobe``; so is a
+``modules.alias`` (each module's ``alias=`` lines), through which busybox
+``modprobe`` finds ``fs-overlay`` or ``crypto-crc32c`` when the guest kernel
+asks for a module it needs (``request_module``: a first mount of a filesystem).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class ModuleIndex:
     builtin: frozenset[str] = frozenset()
     depends: dict[str, list[str]] = field(default_factory=dict)
     softdeps: dict[str, list[str]] = field(default_factory=dict)
+    aliases: dict[str, list[str]] = field(default_factory=dict)
     root: Path | None = None
 
     @classmethod
@@ -103,6 +107,7 @@ class ModuleIndex:
                     d.replace("-", "_") for v in info.get("depends", []) for d in v.split(",") if d
                 ]
                 self.softdeps[name] = parse_softdep_pre(info.get("softdep", []))
+                self.aliases[name] = info.get("alias", [])
         return self.depends[name], self.softdeps.get(name, [])
 
     def resolve(self, wanted: Iterable[str], aliases: Mapping[str, str] | None = None) -> list[str]:
@@ -155,6 +160,15 @@ class ModuleIndex:
             self._closure(name, full)
             deps = [self.paths[d] for d in full if d != name]
             lines.append(f"{path}: {' '.join(deps)}".rstrip())
+        return "\n".join(lines) + "\n"
+
+    def modules_alias(self, selected: Iterable[str]) -> str:
+        """A ``modules.alias`` for the selected module paths (``alias <pattern> <module>``)."""
+        lines = []
+        for path in selected:
+            name = module_name(path)
+            self._info(name)
+            lines += [f"alias {alias} {name}" for alias in self.aliases.get(name, [])]
         return "\n".join(lines) + "\n"
 
     def _closure(self, name: str, out: list[str]) -> None:

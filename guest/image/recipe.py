@@ -41,7 +41,9 @@ PACKAGES: tuple[str, ...] = (
     "libgcc-s1",
 )
 
-# Modules the guest loads at boot, in this order (each after its dependencies).
+# Modules the guest's /init loads at boot, in this order (each after its dependencies):
+# the drivers of the devices a sandbox VM has at boot or gets hot-plugged (nothing
+# loads a driver for a hot-plugged device later: the guest runs no udev).
 KERNEL_MODULES: tuple[str, ...] = (
     "virtio_pci",
     "virtio_console",  # virtio-serial: the agent channel on hosts without vsock
@@ -49,11 +51,19 @@ KERNEL_MODULES: tuple[str, ...] = (
     "virtio_net",
     "virtio_rng",
     "virtio_mem",  # memory hot-plug: the sandbox grows (and shrinks) with its containers
+    "virtio_balloon",  # free page reporting: pages the guest frees go back to the host
     # fw_cfg in sysfs: the agent reads the sandbox's channel secret from QEMU's
     # opt/io.husk/agent-secret (found through ACPI's QEMU0002 device on q35)
     "qemu_fw_cfg",
     "vsock",
     "vmw_vsock_virtio_transport",
+)
+# Modules in the initrd that nothing loads at boot: the guest kernel asks for each
+# the first time it is used (a mount of 9p, overlay or ext4 requests ``fs-<type>``,
+# 9p's transport ``9p-virtio``, ext4 its ``crypto-crc32c``) and busybox modprobe
+# finds it through modules.alias. Measured under TCG: ~0.5 s of the boot's 1.3 s of
+# module loading, paid only by the sandboxes that use them.
+ON_DEMAND_MODULES: tuple[str, ...] = (
     "9p",
     "9pnet_virtio",
     "fuse",

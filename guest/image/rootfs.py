@@ -234,16 +234,24 @@ def add_husk(tree: Tree, files: Iterable[tuple[Path, str]]) -> None:
 
 
 def add_modules(
-    tree: Tree, moddir: Path, kernel_version: str, selected: list[str], modules_dep: str
+    tree: Tree,
+    moddir: Path,
+    kernel_version: str,
+    selected: list[str],
+    boot: list[str],
+    index_files: dict[str, str],
 ) -> None:
+    """The ``selected`` modules, their index files (modules.dep, modules.alias) and
+    the list of the ``boot`` ones /init loads, in order."""
     base = f"lib/modules/{kernel_version}"
     for rel in selected:
         tree.add_host_path(moddir / rel, f"{base}/{rel}")
-    tree.add(Entry.file(f"{base}/modules.dep", modules_dep.encode()))
+    for name, text in index_files.items():
+        tree.add(Entry.file(f"{base}/{name}", text.encode()))
     for extra in ("modules.builtin", "modules.order"):
         if (moddir / extra).exists():
             tree.add_host_path(moddir / extra, f"{base}/{extra}")
-    tree.add(Entry.file(recipe.GUEST_MODULE_LIST, ("\n".join(selected) + "\n").encode()))
+    tree.add(Entry.file(recipe.GUEST_MODULE_LIST, ("\n".join(boot) + "\n").encode()))
 
 
 def _resolve_link(tree: Tree, path: str) -> str | None:

@@ -1,11 +1,13 @@
 #!/bin/sh
 # /init of the husk guest initrd (busybox sh). Mounts the API filesystems, loads
-# the kernel modules listed in /etc/husk/modules, names the virtio-serial ports
+# the kernel modules listed in /etc/husk/modules (device drivers; the kernel asks
+# /sbin/modprobe for a filesystem's module on its first mount), names the virtio-serial ports
 # like udev would (/dev/virtio-ports/<name>), then runs the husk guest agent.
 # When the agent exits (or is absent) the VM powers off; PID 1 never returns.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8
-export PYTHONPATH=/usr/lib/husk PYTHONDONTWRITEBYTECODE=1
+# dist-packages named here, so the agent runs with -S: no site module to import
+export PYTHONPATH=/usr/lib/husk:/usr/lib/python3/dist-packages PYTHONDONTWRITEBYTECODE=1
 
 log() { read -r up _ < /proc/uptime; echo "husk-init: [$up] $*"; }
 
@@ -58,8 +60,10 @@ done
 log "virtio-ports: $(ls /dev/virtio-ports | tr '\n' ' ')"
 
 if [ -f /usr/lib/husk/guest/agent/__main__.py ]; then
+    # husk.importtime on the kernel command line: python -X importtime on the console
+    case " $(cat /proc/cmdline) " in *" husk.importtime "*) export PYTHONPROFILEIMPORTTIME=1 ;; esac
     log "agent started"
-    python3 -m guest.agent
+    python3 -S -m guest.agent
     log "agent exited with status $?"
 else
     log "agent missing: /usr/lib/husk/guest/agent/__main__.py is not in this image"

@@ -79,6 +79,12 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             "husk_vmm_resident_memory_bytes", "Resident memory of the VMM process.", vmm.rss_bytes
         )
+        yield GaugeMetricFamily(
+            "husk_vmm_returned_memory_bytes",
+            "Memory the VMM process held at its peak and has given back to the host "
+            "(pages the guest reported free through virtio-balloon).",
+            vmm.returned_bytes,
+        )
 
     def _guest(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}

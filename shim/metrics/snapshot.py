@@ -61,6 +61,15 @@ class VmmFigures:
     user_seconds: float
     system_seconds: float
     rss_bytes: int
+    #: the most it was ever resident (``VmHWM``); 0 where the kernel does not say
+    peak_rss_bytes: int = 0
+
+    @property
+    def returned_bytes(self) -> int:
+        """Memory the VMM held at its peak and has given back to the host since: the
+        pages its guest reported free (virtio-balloon free page reporting), which
+        QEMU discards."""
+        return max(0, self.peak_rss_bytes - self.rss_bytes)
 
 
 @dataclass(frozen=True)
@@ -100,17 +109,24 @@ class Snapshot:
 
 
 def vmm_figures(pid: int, proc: Path = Path("/proc")) -> VmmFigures | None:
-    """utime, stime (fields 14, 15 of ``stat``) and resident pages (``statm``) of ``pid``."""
+    """utime, stime (fields 14, 15 of ``stat``), resident pages (``statm``) and the
+    peak resident size (``VmHWM`` of ``status``) of ``pid``."""
     try:
         stat = (proc / str(pid) / "stat").read_text()
         statm = (proc / str(pid) / "statm").read_text()
+        status = (proc / str(pid) / "status").read_text()
     except OSError:
         return None
     fields = stat.rpartition(")")[2].split()
+    peak = 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) * 1024
     return VmmFigures(
         user_seconds=int(fields[11]) / _TICKS,
         system_seconds=int(fields[12]) / _TICKS,
         rss_bytes=int(statm.split()[1]) * _PAGE,
+        peak_rss_bytes=peak,
     )
 
 

@@ -142,3 +142,20 @@ def test_scan_without_modules_dep_uses_modinfo(tmp_path: Path) -> None:
     assert order[-1] == "ext4"
     assert set(order) == {"ext4", "jbd2", "crc16", "crc32c_generic"}
     assert order.index("crc32c_generic") < order.index("ext4")
+
+
+def test_modules_alias_lets_modprobe_find_a_filesystem_the_kernel_asks_for(tmp_path: Path) -> None:
+    moddir = tmp_path / "6.1.0-test-amd64"
+    files = {
+        "kernel/fs/overlayfs/overlay.ko": {"alias": "fs-overlay"},
+        "kernel/net/9p/9pnet_virtio.ko": {"alias": "9p-virtio"},
+    }
+    for rel, fields in files.items():
+        (moddir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (moddir / rel).write_bytes(make_ko(fields))
+    index = ModuleIndex.scan(moddir)
+    selected = index.resolve(["overlay", "9pnet_virtio"])
+    assert index.modules_alias(selected).splitlines() == [
+        "alias fs-overlay overlay",
+        "alias 9p-virtio 9pnet_virtio",
+    ]

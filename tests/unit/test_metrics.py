@@ -17,6 +17,7 @@ from shim.metrics.snapshot import (
     GUEST_FAMILIES,
     ContainerFigures,
     Snapshot,
+    VmmFigures,
     guest_samples,
     vmm_figures,
 )
@@ -115,7 +116,15 @@ def test_vmm_figures_read_proc() -> None:
     figures = vmm_figures(os.getpid())
     assert figures is not None and figures.rss_bytes > 1024 * 1024
     assert figures.user_seconds + figures.system_seconds > 0
+    assert figures.peak_rss_bytes >= figures.rss_bytes
     assert vmm_figures(2**22 + 1) is None
+
+
+def test_returned_memory_is_what_the_vmm_gave_back_since_its_peak() -> None:
+    snapshot = Snapshot(sandbox_id="sb", vmm=VmmFigures(1.0, 0.5, 100 << 20, 300 << 20))
+    found = samples(exposition.render(snapshot))
+    assert found[("husk_vmm_returned_memory_bytes", ())] == 200 << 20
+    assert found[("husk_vmm_resident_memory_bytes", ())] == 100 << 20
 
 
 def test_exposition_of_a_snapshot_parses_with_every_part() -> None:

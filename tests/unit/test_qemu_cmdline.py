@@ -9,6 +9,7 @@ import pytest
 
 from plugins.qemu.cmdline import (
     BASE_KERNEL_PARAMS,
+    TCG_KERNEL_PARAMS,
     Placed,
     QemuSettings,
     VmPaths,
@@ -61,7 +62,7 @@ def test_q35_tcg_virtio_serial_argv() -> None:
         "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "256M",
         "-pidfile", f"{D}/qemu.pid",
         "-kernel", "/img/vmlinuz", "-initrd", "/img/initrd.img",
-        "-append", BASE_KERNEL_PARAMS + " debug",
+        "-append", f"{BASE_KERNEL_PARAMS} {TCG_KERNEL_PARAMS} debug",
         "-fw_cfg", f"name=opt/io.husk/agent-secret,file={D}/agent.secret",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-chardev", f"socket,id=console,path={D}/console.sock,server=on,wait=off",
@@ -71,6 +72,7 @@ def test_q35_tcg_virtio_serial_argv() -> None:
         "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=2",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
+        "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
         "-device", "virtio-serial-pci,id=serial0",
         "-chardev", f"socket,id=agent,path={D}/agent.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=agent,id=agent0,name=agent.channel.0",
@@ -128,9 +130,14 @@ def test_commas_in_paths_are_doubled() -> None:
 
 
 def test_kernel_params_not_repeated() -> None:
-    settings = QemuSettings(kernel_params="foo=1")
+    settings = QemuSettings(accel="kvm", kernel_params="foo=1")
     assert kernel_append(spec(kernel_params="foo=1"), settings) == BASE_KERNEL_PARAMS + " foo=1"
     assert kernel_append(spec(kernel_params="x"), settings) == BASE_KERNEL_PARAMS + " x foo=1"
+
+
+def test_speculation_mitigations_are_off_only_on_an_emulated_cpu() -> None:
+    assert "mitigations=off" in kernel_append(spec(), QemuSettings(accel="tcg")).split()
+    assert "mitigations=off" not in kernel_append(spec(), QemuSettings(accel="kvm")).split()
 
 
 def test_cold_plugged_disk_and_nic_use_the_qmp_dicts(tmp_path: Path) -> None:
