@@ -71,6 +71,10 @@ ON_DEMAND_MODULES: tuple[str, ...] = (
     "overlay",
     "crc32c_generic",  # soft pre-dependency of ext4/jbd2 (alias crypto-crc32c)
     "ext4",
+    # a privileged container's `brctl addbr` / `ip link add type bridge`: the
+    # kernel asks for "bridge" (and modprobe brings stp and llc); critest's
+    # Privileged and capability specs make one
+    "bridge",
 )
 
 # softdep targets named by alias rather than module name.

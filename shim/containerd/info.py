@@ -32,6 +32,17 @@ FEATURES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/features/
 #: that runtime supports; 1.3.0 is what containerd 2.4 writes
 OCI_VERSION_MIN = "1.0.0"
 OCI_VERSION_MAX = "1.3.0"
+#: the mount options husk takes in a spec (runtime-spec's list, as runc's
+#: features give it). "rro": the host makes a volume's whole tree read-only
+#: before sharing it (shim/sandbox/rootfs.py); containerd's CRI offers
+#: recursive read-only mounts only to a runtime that lists it
+MOUNT_OPTIONS = (
+    "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "iversion",
+    "lazytime", "loud", "mand", "noatime", "nodev", "nodiratime", "noexec", "noiversion",
+    "nolazytime", "nomand", "norelatime", "nostrictatime", "nosuid", "private", "rbind",
+    "relatime", "remount", "ro", "rprivate", "rro", "rshared", "rslave", "runbindable",
+    "rw", "shared", "silent", "slave", "strictatime", "suid", "sync", "unbindable",
+)  # fmt: skip
 
 
 def features() -> dict[str, object]:
@@ -39,6 +50,7 @@ def features() -> dict[str, object]:
     return {
         "ociVersionMin": OCI_VERSION_MIN,
         "ociVersionMax": OCI_VERSION_MAX,
+        "mountOptions": list(MOUNT_OPTIONS),
         "linux": {"mountExtensions": {"idmap": {"enabled": False}}},
     }
 

@@ -10,9 +10,11 @@ which the agent fills from the cgroup's files): CPU times back to the
 microseconds of ``cpu.stat``, memory from ``memory.current``/``memory.max``
 and every ``memory.stat`` key by its own name. A memory, swap or pids limit
 the agent reports as 0 is ``max`` (the agent reads "max" as 0), which cgroups
-v2 metrics give as 2^64 - 1. The agent sends no I/O, RDMA, hugetlb or memory.events figures for
-cgroup2, so those stay unset. ``pids``, ``cpu`` and ``memory`` are always
-present: ctr 1.6 prints their fields without checking for nil.
+v2 metrics give as 2^64 - 1. ``memory.events`` (``low`` .. ``oom_kill``)
+become ``memory_events``, which the CRI reports as
+``container_oom_events_total``. The agent sends no I/O, RDMA or hugetlb
+figures for cgroup2, so those stay unset. ``pids``, ``cpu`` and ``memory``
+are always present: ctr 1.6 prints their fields without checking for nil.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def from_agent(response: agent_pb2.StatsContainerResponse) -> cgroups_v2_pb2.Met
     figures.swap_limit = memory.swap_usage.limit or UNLIMITED
     for part in (metrics.pids, metrics.cpu, metrics.memory):
         part.SetInParent()
+    if memory.events:
+        # the CRI's container_oom_events_total is memory_events.oom_kill
+        for field in cgroups_v2_pb2.MemoryEvents.DESCRIPTOR.fields:
+            setattr(metrics.memory_events, field.name, memory.events.get(field.name, 0))
     return metrics
 
 

@@ -140,6 +140,7 @@ def share_bind_mounts(
     container_id: str, spec: oci_pb2.Spec, shared: SharedRootfs, state: SandboxState
 ) -> None:
     """Share host bind-mount sources into the guest and point the spec at them."""
+    writable_below: dict[int, list[oci_pb2.Mount]] = {}
     for i, m in enumerate(spec.Mounts):
         if m.type != "bind" and "bind" not in m.options and "rbind" not in m.options:
             continue
@@ -147,9 +148,51 @@ def share_bind_mounts(
             continue
         name = f"{i}-{os.path.basename(m.source.rstrip('/')) or 'root'}"
         host = f"{container_id}/mounts/{name}"
-        options = ["rbind"] + (["ro"] if "ro" in m.options else [])
-        _mount(shared, state, host, m.source, "bind", options)
+        recursive = "rro" in m.options
+        options = ["rbind"] + (["ro"] if "ro" in m.options or recursive else [])
+        _mount(shared, state, host, m.source, "bind", options, recursive_read_only=recursive)
         m.source = f"{GUEST_SHARED}/{container_id}/mounts/{name}"
+        if recursive:
+            # the host made every mount below the share read-only; in the guest
+            # the share is one 9p mount with nothing mounted under it, so a
+            # plain "ro" there is recursive (and needs no rro from its runtime)
+            kept = ["ro" if o == "rro" else o for o in m.options]
+            del m.options[:]
+            m.options.extend(kept)
+        elif "ro" in m.options:
+            # runc's "ro" is the top mount's alone: a host mount below it stays
+            # writable. The guest sees one 9p mount, so the spec gets a rw bind
+            # of each such place over the read-only volume (the host keeps the
+            # top read-only and the mounts below writable, as runc would)
+            below = writable_submounts(state.mounts_dir / host)
+            if below:
+                writable_below[i] = [_writable_bind(m, rel) for rel in below]
+    if writable_below:
+        ordered: list[oci_pb2.Mount] = []
+        for i, m in enumerate(spec.Mounts):
+            ordered.append(oci_pb2.Mount())
+            ordered[-1].CopyFrom(m)
+            ordered += writable_below.get(i, [])
+        del spec.Mounts[:]
+        spec.Mounts.extend(ordered)
+
+
+def writable_submounts(top: Path) -> list[str]:
+    """The mount points right below the mount at ``top`` (not below one another),
+    relative to it."""
+    points = [p for p in mounts.mounts_under(top) if p != str(top)]
+    outermost = [p for p in points if not any(p.startswith(q + "/") for q in points)]
+    return sorted(os.path.relpath(p, top) for p in outermost)
+
+
+def _writable_bind(volume: oci_pb2.Mount, rel: str) -> oci_pb2.Mount:
+    options = [o for o in volume.options if o not in ("ro", "rw", "bind", "rbind")]
+    return oci_pb2.Mount(
+        destination=f"{volume.destination.rstrip('/')}/{rel}",
+        source=f"{volume.source}/{rel}",
+        type="bind",
+        options=["rbind", *options, "rw"],
+    )
 
 
 def _mount(
@@ -159,8 +202,10 @@ def _mount(
     source: str,
     fstype: str,
     options: list[str],
+    recursive_read_only: bool = False,
 ) -> None:
-    """Mount ``source`` at ``<mounts>/<rel>``, ``nosuid,nodev``, never through a symlink."""
+    """Mount ``source`` at ``<mounts>/<rel>``, ``nosuid,nodev``, never through a symlink
+    (``recursive_read_only``: every mount of a bind's tree read-only, not only its top)."""
     root = state.mounts_dir
     parent = rel.rpartition("/")[0]
     safepath.make_dirs(root, parent)
@@ -182,6 +227,9 @@ def _mount(
     # (the fd above names the directory under it)
     with safepath.mount_target(root, rel) as target:
         mounts.remount_bind(target, options)
+    if recursive_read_only:
+        with safepath.mount_target(root, rel) as target:
+            mounts.make_read_only_recursively(target)
 
 
 async def detach(

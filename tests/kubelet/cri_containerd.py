@@ -15,9 +15,10 @@ bridge of its own (unique name and /24); the
 and imports the pause image and the busybox image into the ``k8s.io``
 namespace. ``mirrors`` (upstream registry -> mirror URL) become its registry
 host configuration (``config_path``, ``<upstream>/hosts.toml``), the way an
-air-gapped cluster pulls through a local registry. ``stop()`` removes the pods left, stops containerd and its shims,
-unmounts, deletes the bridge and what CNI wrote outside ``base``, and restores
-``net.ipv4.ip_forward`` (the bridge plugin turns it on for a gateway).
+air-gapped cluster pulls through a local registry. ``stop()`` removes the
+pods left, stops containerd and its shims, unmounts, deletes the bridge and
+what CNI wrote outside ``base``, and restores ``net.ipv4.ip_forward`` (the
+bridge plugin turns it on for a gateway).
 """
 
 from __future__ import annotations

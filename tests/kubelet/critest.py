@@ -5,7 +5,9 @@
 ``--test-images-file`` and a ginkgo JSON report; ``read_report`` turns
 that report into one ``SpecResult`` per spec (its full name: the describe
 texts and the ``It`` text joined by spaces, as ``critest -ginkgo.v`` prints it).
-``Differences`` reads ``tests/conformance/critest-differences.txt``.
+``Differences`` reads ``tests/conformance/critest-differences.txt`` (what a VM
+must do differently, argued) and ``critest-known-bugs.txt`` (what husk still
+lacks; the same format).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tests.kubelet.critest_tools import CriTools
 
 PASSED = "passed"
 DIFFERENCES = Path(__file__).parents[1] / "conformance" / "critest-differences.txt"
+#: specs husk fails for lack of a feature: bugs to fix, tolerated while listed
+KNOWN_BUGS = Path(__file__).parents[1] / "conformance" / "critest-known-bugs.txt"
 #: at most this many specs may pass on runc and not on husk (issue 26)
 MAX_DIFFERENCES = 8
 
@@ -55,7 +59,9 @@ class Run:
 
     @property
     def ran(self) -> set[str]:
-        return {name for name, spec in self.specs.items() if spec.state not in ("skipped", "pending")}
+        return {
+            name for name, spec in self.specs.items() if spec.state not in ("skipped", "pending")
+        }
 
     def summary(self) -> str:
         return f"{self.handler}: {len(self.passed)}/{len(self.ran)} passed in {self.seconds:.0f} s"
@@ -117,7 +123,7 @@ class Differences:
 
     @classmethod
     def read(cls, path: Path = DIFFERENCES) -> Differences:
-        """``# reason`` lines, then the spec they argue for (one spec a line)."""
+        """``# reason`` lines, then the specs they argue for (one spec a line)."""
         reasons: dict[str, str] = {}
         pending: list[str] = []
         for raw in path.read_text().splitlines():
@@ -126,7 +132,6 @@ class Differences:
                 pending.append(line.lstrip("#").strip())
             elif line:
                 reasons[line] = " ".join(pending).strip()
-                pending = []
             else:
                 pending = []
         return cls(reasons)

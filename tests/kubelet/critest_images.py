@@ -70,7 +70,7 @@ class Layer:
 
     def __init__(self) -> None:
         self._raw = io.BytesIO()
-        self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed by data()
         self._dirs: set[str] = set()
 
     def directory(self, path: str, mode: int = 0o755) -> None:
@@ -176,7 +176,9 @@ class TestImage:
         config = {"Env": PATH_ENV, "WorkingDir": "/", **self.config}
         if self.labels:
             config["Labels"] = dict(self.labels)
-        return local_images.compose(config, f"critest image {self.repository}", [*base, *self.layers])
+        return local_images.compose(
+            config, f"critest image {self.repository}", [*base, *self.layers]
+        )
 
 
 def images(tools: CriTools) -> Iterator[TestImage]:
@@ -206,13 +208,18 @@ def images(tools: CriTools) -> Iterator[TestImage]:
         yield TestImage(f"{CRI_TOOLS}/test-image-{n}", ("latest",), shell,
                         labels={"io.husk.critest.image": str(n)})  # fmt: skip
     yield TestImage(f"{CRI_TOOLS}/test-image-tags", ("1", "2", "3"), shell)
-    for suffix, user in (("uid", "1002"), ("username", "www-data"),
-                         ("uid-group", "1003:users"), ("username-group", "www-data:users")):
+    for suffix, user in (
+        ("uid", "1002"),
+        ("username", "www-data"),
+        ("uid-group", "1003:users"),
+        ("username-group", "www-data:users"),
+    ):
         yield TestImage(f"{CRI_TOOLS}/test-image-user-{suffix}", ("latest",),
                         {**shell, "User": user})  # fmt: skip
     predefined = _users(
         PASSWD + "user-defined-in-image:x:1000:1000::/home/user:/bin/sh\n",
-        GROUP + "user-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n",
+        GROUP
+        + "user-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n",
     )
     yield TestImage(f"{CRI_TOOLS}/test-image-predefined-group", ("latest",), shell, (predefined,))
     yield TestImage("pause", ("3.9",), local_images.PAUSE_CONFIG)

@@ -111,7 +111,8 @@ def _binaries(cache: Path) -> Path:
              timeout=BUILD_TIMEOUT)  # fmt: skip
         _run([*build, "build", "-mod=mod", "-trimpath", "-o", f"{made}/",
               f"{CRI_TOOLS_MODULE}/cmd/crictl", *(f"./{p.stem}" for p in probes)],
-             f"go build of crictl ({what})", cwd=module, env=env, timeout=BUILD_TIMEOUT)  # fmt: skip
+             f"go build of crictl ({what})", cwd=module, env=env,
+             timeout=BUILD_TIMEOUT)  # fmt: skip
         _run([*build, "test", "-mod=mod", "-trimpath", "-c", "-o", str(made / "critest"),
               f"{CRI_TOOLS_MODULE}/cmd/critest"],
              f"go test -c of critest ({what})", cwd=module, env=env,
@@ -153,8 +154,14 @@ def provide(cache: Path | None = None) -> CriTools:
     cache = cache or cache_root()
     with _locked(cache):
         tools = CriTools(_binaries(cache), _packages(cache))
-    for path in (tools.crictl, tools.critest, tools.nonewprivs, tools.registry, tools.nginx,
-                 tools.busybox):
+    for path in (
+        tools.crictl,
+        tools.critest,
+        tools.nonewprivs,
+        tools.registry,
+        tools.nginx,
+        tools.busybox,
+    ):
         if not path.is_file():
             raise ProvisionError(f"cri-tools cache: {path} is missing")
     return tools

@@ -1,4 +1,4 @@
-"""A real container registry on loopback (Debian's ``docker-registry``) and a client that pushes to it.
+"""A real registry on loopback (Debian's ``docker-registry``) and a client that pushes to it.
 
 ``LoopbackRegistry(binary, base)`` runs ``docker-registry serve`` with its
 storage, config and log under ``base``, on ``127.0.0.1`` and a free port, plain
@@ -52,7 +52,7 @@ class LoopbackRegistry:
                         "delete": {"enabled": True}},
             "http": {"addr": self.host},
         }))  # fmt: skip
-        self._log = open(base / "registry.log", "wb")
+        self._log = open(base / "registry.log", "wb")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
             [str(binary), "serve", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,

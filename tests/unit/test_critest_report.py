@@ -22,14 +22,18 @@ def _spec(leaf: str, state: str, kind: str = "It") -> dict[str, object]:
 
 
 def test_a_spec_is_named_by_its_describe_texts_and_its_it_text(tmp_path: Path) -> None:
-    specs = read_report(_report(tmp_path / "r.json", _spec("runtime should support attach", "passed")))
+    specs = read_report(
+        _report(tmp_path / "r.json", _spec("runtime should support attach", "passed"))
+    )
     name = "[k8s.io] Streaming runtime should support streaming runtime should support attach"
     assert list(specs) == [name]
     assert specs[name].passed and specs[name].seconds == 2.5
 
 
 def test_suite_setup_nodes_are_not_specs(tmp_path: Path) -> None:
-    specs = read_report(_report(tmp_path / "r.json", _spec("", "passed", "SynchronizedBeforeSuite")))
+    specs = read_report(
+        _report(tmp_path / "r.json", _spec("", "passed", "SynchronizedBeforeSuite"))
+    )
     assert specs == {}
 
 

@@ -358,6 +358,17 @@ def test_metrics_always_carry_pids_cpu_and_memory() -> None:
     assert empty.HasField("pids") and empty.HasField("cpu") and empty.HasField("memory")
 
 
+def test_the_guests_memory_events_become_memory_events_and_the_cri_oom_counter() -> None:
+    reply = agent_pb2.StatsContainerResponse()
+    reply.cgroup_stats.memory_stats.events.update({"max": 7, "oom": 2, "oom_kill": 1})
+    got = metrics.from_agent(reply).memory_events
+    assert (got.low, got.max, got.oom, got.oom_kill) == (0, 7, 2, 1)
+
+
+def test_no_memory_events_from_the_guest_leave_memory_events_unset() -> None:
+    assert not metrics.from_agent(agent_pb2.StatsContainerResponse()).HasField("memory_events")
+
+
 async def test_a_dead_vm_ends_every_task_with_137(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         h = SizedHarness(tmp_path, nursery)

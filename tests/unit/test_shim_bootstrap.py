@@ -213,6 +213,13 @@ def test_info_names_husk_and_says_idmapped_mounts_are_unavailable() -> None:
     assert features["linux"]["mountExtensions"]["idmap"]["enabled"] is False
 
 
+def test_info_offers_recursive_read_only_mounts_so_the_cri_allows_them() -> None:
+    # containerd's CRI sets RecursiveReadOnlyMounts for a handler whose
+    # features list "rro" (and refuses such a volume otherwise)
+    features = json.loads(runtime_info(b"").features.value)
+    assert "rro" in features["mountOptions"] and "ro" in features["mountOptions"]
+
+
 def test_info_returns_the_options_it_was_given() -> None:
     info = runtime_info(STDIN_1_7)
     assert info.options.SerializeToString() == STDIN_1_7
