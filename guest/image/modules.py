@@ -152,13 +152,18 @@ class ModuleIndex:
         return [self.paths[n] for n in order]
 
     def modules_dep(self, selected: Iterable[str]) -> str:
-        """A ``modules.dep`` for the selected module paths (for busybox modprobe)."""
+        """A ``modules.dep`` for the selected module paths (for busybox modprobe).
+
+        Each line lists a module's transitive dependencies as kmod writes them:
+        every module before the ones it needs, since modprobe loads a line from
+        its last entry back.
+        """
         lines = []
         for path in selected:
             name = module_name(path)
-            full: list[str] = []
-            self._closure(name, full)
-            deps = [self.paths[d] for d in full if d != name]
+            loaded_first: list[str] = []
+            self._dependencies_first(name, loaded_first)
+            deps = [self.paths[d] for d in reversed(loaded_first) if d != name]
             lines.append(f"{path}: {' '.join(deps)}".rstrip())
         return "\n".join(lines) + "\n"
 
@@ -171,11 +176,11 @@ class ModuleIndex:
             lines += [f"alias {alias} {name}" for alias in self.aliases.get(name, [])]
         return "\n".join(lines) + "\n"
 
-    def _closure(self, name: str, out: list[str]) -> None:
+    def _dependencies_first(self, name: str, out: list[str]) -> None:
+        """Append ``name``'s hard dependencies, each after its own, then ``name``."""
         depends, _ = self._info(name)
         for dep in depends:
             if dep not in out and dep in self.paths:
-                out.append(dep)
-                self._closure(dep, out)
+                self._dependencies_first(dep, out)
         if name not in out:
-            out.insert(0, name)
+            out.append(name)

@@ -82,6 +82,25 @@ def test_written_modules_dep_lists_transitive_dependencies() -> None:
     }
 
 
+BRIDGE_DEP = """\
+kernel/net/llc/llc.ko:
+kernel/net/802/stp.ko: kernel/net/llc/llc.ko
+kernel/net/bridge/bridge.ko: kernel/net/llc/llc.ko kernel/net/802/stp.ko
+"""
+
+
+def test_written_modules_dep_lists_each_dependency_before_its_own_dependencies() -> None:
+    # modprobe (kmod's and busybox's) loads a line's dependencies from the last
+    # one back: bridge needs stp, which needs llc, so llc must come after stp or
+    # stp loads first and fails on llc's symbols ("Unknown symbol llc_sap_open")
+    index = ModuleIndex.from_modules_dep(BRIDGE_DEP)
+    written = parse_modules_dep(index.modules_dep(index.resolve(["bridge"])))
+    assert written["kernel/net/bridge/bridge.ko"] == [
+        "kernel/net/802/stp.ko",
+        "kernel/net/llc/llc.ko",
+    ]
+
+
 def test_softdep_pre_parsing() -> None:
     assert parse_softdep_pre(["pre: crc32c post: foo", "pre: a-b"]) == ["crc32c", "a_b"]
 
