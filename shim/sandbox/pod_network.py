@@ -4,6 +4,7 @@
     await net.prepare()                    # taps and redirects in the pod's netns
     ... boot the VM, CreateSandbox ...
     await net.attach(devices, agent)       # hot-add each NIC, configure the guest
+    nursery.start_soon(net.serve_port_forwards)   # containerd's port-forward, into the VM
     ...
     await net.teardown()                   # after the VM is destroyed
 
@@ -129,6 +130,29 @@ class SandboxNetwork:
                     f"configuring {ep.link.name} (MAC {ep.link.mac}) of netns "
                     f"{self.plan.netns} in the guest: {_reason(e)}"
                 ) from None
+
+    def pod_ip(self) -> str | None:
+        """The pod's first IPv4 address (what CNI gave its first interface)."""
+        for ep in self.plan.endpoints:
+            for address in ep.link.addresses:
+                if ":" not in address.address:
+                    return address.address
+        return None
+
+    async def serve_port_forwards(self) -> None:
+        """containerd's port-forward into the VM (:mod:`shim.network.portforward`),
+        until cancelled. Without it the pod still runs: a failure is logged."""
+        pod_ip = self.pod_ip()
+        if self.plan.netns is None or pod_ip is None:
+            return
+        from shim.network import portforward  # iptables and sockets: only with a netns
+
+        try:
+            listener = await trio.to_thread.run_sync(portforward.open_listener, self.plan.netns)
+        except NetworkError as e:
+            log.warning("sandbox %s: no port-forward: %s", self.state.id, e)
+            return
+        await portforward.serve(listener, pod_ip)
 
     async def teardown(self) -> None:
         """Remove the taps and redirects (after the VM is gone); the veth stays as it was.

@@ -241,6 +241,7 @@ class Sandbox:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_oom, agent)
+                nursery.start_soon(self.network.serve_port_forwards)
                 nursery.start_soon(liveness.watch_vm, self.hypervisor, self._lose)
                 nursery.start_soon(liveness.watch_agent, agent, self.liveness_interval, self._lose)
                 self.state.set_status(RUNNING)
