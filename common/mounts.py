@@ -93,34 +93,6 @@ def remount_bind(target: Path | str, options: Iterable[str]) -> None:
     _call("", target, "", MS_REMOUNT | MS_BIND | (flags & _BIND_REMOUNT), "")
 
 
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-_SYS_MOUNT_SETATTR = 442  # x86_64
-_AT_FDCWD = -100
-_AT_RECURSIVE = 0x8000
-_MOUNT_ATTR_RDONLY = 0x1
-
-
-def make_read_only_recursively(target: Path | str) -> None:
-    """Make the mount at ``target`` and every mount below it read-only
-    (``mount_setattr(2)`` with ``AT_RECURSIVE``: what runtime-spec calls ``rro``)."""
-    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
-    rc = _libc.syscall(
-        ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), str(target).encode(),
-        ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
-    )  # fmt: skip
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise MountError(f"cannot make {target} read-only recursively: {os.strerror(err)}")
-
-
 def propagate(target: Path | str, option: str) -> None:
     """Change the propagation of the mount at ``target`` (``private``, ``rshared``, ...)."""
     flags = _FLAGS[option]

@@ -139,9 +139,20 @@ async def attach(
 def share_bind_mounts(
     container_id: str, spec: oci_pb2.Spec, shared: SharedRootfs, state: SandboxState
 ) -> None:
-    """Share host bind-mount sources into the guest and point the spec at them."""
-    writable_below: dict[int, list[oci_pb2.Mount]] = {}
+    """Share host bind-mount sources into the guest and point the spec at them.
+
+    A volume is bound without the mounts below it, and each host mount below it
+    gets a share entry of its own and a spec mount over its place in the
+    volume, right after the volume's. So the share never holds a copy of a
+    host mount at the host's own path: its owner can detach the mount and
+    remove the tree while the container runs (EBUSY otherwise, since the copy
+    would sit on that directory in the host's mount namespace). It also gives
+    each runtime-spec flavour of read-only as runc does: "ro" is the volume's
+    top alone (the mounts below keep their own flags), "rro" every entry.
+    """
+    expanded: list[oci_pb2.Mount] = []
     for i, m in enumerate(spec.Mounts):
+        expanded.append(m)
         if m.type != "bind" and "bind" not in m.options and "rbind" not in m.options:
             continue
         if not os.path.exists(m.source):
@@ -149,49 +160,46 @@ def share_bind_mounts(
         name = f"{i}-{os.path.basename(m.source.rstrip('/')) or 'root'}"
         host = f"{container_id}/mounts/{name}"
         recursive = "rro" in m.options
-        options = ["rbind"] + (["ro"] if "ro" in m.options or recursive else [])
-        _mount(shared, state, host, m.source, "bind", options, recursive_read_only=recursive)
-        m.source = f"{GUEST_SHARED}/{container_id}/mounts/{name}"
+        read_only = "ro" in m.options or recursive
+        below = submounts(m.source) if "rbind" in m.options or recursive else []
+        _mount(shared, state, host, m.source, "bind", ["ro"] if read_only else [])
+        guest = f"{GUEST_SHARED}/{container_id}/mounts/{name}"
+        for j, rel in enumerate(below):
+            sub_host = f"{container_id}/mounts/{name}.{j}"
+            _mount(shared, state, sub_host, os.path.join(m.source, rel), "bind",
+                   ["ro"] if recursive else [])  # fmt: skip
+            expanded.append(_submount_bind(m, rel, f"{GUEST_SHARED}/{sub_host}", recursive))
+        m.source = guest
         if recursive:
-            # the host made every mount below the share read-only; in the guest
-            # the share is one 9p mount with nothing mounted under it, so a
-            # plain "ro" there is recursive (and needs no rro from its runtime)
+            # every entry is read-only on the host and the guest sees each as a
+            # 9p directory with nothing mounted below it: a plain "ro" there is
+            # recursive (and needs no rro from the guest's runtime)
             kept = ["ro" if o == "rro" else o for o in m.options]
             del m.options[:]
             m.options.extend(kept)
-        elif "ro" in m.options:
-            # runc's "ro" is the top mount's alone: a host mount below it stays
-            # writable. The guest sees one 9p mount, so the spec gets a rw bind
-            # of each such place over the read-only volume (the host keeps the
-            # top read-only and the mounts below writable, as runc would)
-            below = writable_submounts(state.mounts_dir / host)
-            if below:
-                writable_below[i] = [_writable_bind(m, rel) for rel in below]
-    if writable_below:
-        ordered: list[oci_pb2.Mount] = []
-        for i, m in enumerate(spec.Mounts):
-            ordered.append(oci_pb2.Mount())
-            ordered[-1].CopyFrom(m)
-            ordered += writable_below.get(i, [])
+    if len(expanded) != len(spec.Mounts):
+        ordered = [oci_pb2.Mount() for _ in expanded]
+        for copy, m in zip(ordered, expanded, strict=True):
+            copy.CopyFrom(m)
         del spec.Mounts[:]
         spec.Mounts.extend(ordered)
 
 
-def writable_submounts(top: Path) -> list[str]:
-    """The mount points right below the mount at ``top`` (not below one another),
-    relative to it."""
-    points = [p for p in mounts.mounts_under(top) if p != str(top)]
-    outermost = [p for p in points if not any(p.startswith(q + "/") for q in points)]
-    return sorted(os.path.relpath(p, top) for p in outermost)
+def submounts(top: str) -> list[str]:
+    """The host mount points below ``top`` (not ``top`` itself), relative to it,
+    each after the one it is below."""
+    real = os.path.realpath(top)
+    points = [p for p in mounts.mounts_under(real) if p != real]
+    return sorted((os.path.relpath(p, real) for p in points), key=lambda r: (r.count("/"), r))
 
 
-def _writable_bind(volume: oci_pb2.Mount, rel: str) -> oci_pb2.Mount:
-    options = [o for o in volume.options if o not in ("ro", "rw", "bind", "rbind")]
+def _submount_bind(volume: oci_pb2.Mount, rel: str, source: str, read_only: bool) -> oci_pb2.Mount:
+    options = [o for o in volume.options if o not in ("ro", "rro", "rw", "bind", "rbind")]
     return oci_pb2.Mount(
         destination=f"{volume.destination.rstrip('/')}/{rel}",
-        source=f"{volume.source}/{rel}",
+        source=source,
         type="bind",
-        options=["rbind", *options, "rw"],
+        options=["rbind", *options, "ro" if read_only else "rw"],
     )
 
 
@@ -202,10 +210,9 @@ def _mount(
     source: str,
     fstype: str,
     options: list[str],
-    recursive_read_only: bool = False,
 ) -> None:
     """Mount ``source`` at ``<mounts>/<rel>``, ``nosuid,nodev``, never through a symlink
-    (``recursive_read_only``: every mount of a bind's tree read-only, not only its top)."""
+    (a bind takes the mounts below ``source`` only when ``options`` say ``rbind``)."""
     root = state.mounts_dir
     parent = rel.rpartition("/")[0]
     safepath.make_dirs(root, parent)
@@ -215,6 +222,7 @@ def _mount(
         safepath.make_file(root, rel)
     resource = state.record(Resource(kind=MOUNT, path=str(root / rel)))
     shared.mounts.append(resource)
+    bind = "rbind" if fstype == "rbind" or "rbind" in options else "bind"
     options = [o for o in options if o not in ("suid", "dev", "bind", "rbind")]
     options += ["nosuid", "nodev"]
     if fstype not in ("bind", "rbind"):
@@ -222,14 +230,11 @@ def _mount(
             mounts.mount(fstype, target, fstype, options)
         return
     with safepath.mount_target(root, rel) as target:
-        mounts.mount(source, target, "", ["rbind"])
+        mounts.mount(source, target, "", [bind])
     # a bind takes its flags in a remount, on the new mount: open the path anew
     # (the fd above names the directory under it)
     with safepath.mount_target(root, rel) as target:
         mounts.remount_bind(target, options)
-    if recursive_read_only:
-        with safepath.mount_target(root, rel) as target:
-            mounts.make_read_only_recursively(target)
 
 
 async def detach(
