@@ -66,6 +66,7 @@ def probe(config: Config, host: HostFacts, run: Runner = run_version) -> list[Fi
     findings.append(_virtiofsd_finding(config))
     findings.append(_vmm_finding("cloud-hypervisor", config, host, run))
     findings.append(_containerd_finding(run))
+    findings.append(_iptables_finding())
     findings.append(_image_finding(config))
     findings.append(_sandbox_finding(config, host))
     return findings
@@ -148,6 +149,15 @@ def _containerd_finding(run: Runner) -> Finding:
     parts = out.split()
     version = parts[2] if len(parts) > 2 else _first_version(out)
     return Finding("containerd", True, f"version {version.lstrip('v')}")
+
+
+def _iptables_finding() -> Finding:
+    """Port-forward into a pod's VM needs a NAT rule in the pod's netns
+    (:mod:`shim.network.portforward`); without iptables a pod runs, unforwarded."""
+    found = shutil.which("iptables")
+    if found:
+        return Finding("iptables", True, f"{found}: port-forward into pods")
+    return Finding("iptables", False, "not found: port-forward into pods is unavailable")
 
 
 def _image_finding(config: Config) -> Finding:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 from shim import config
 from shim.cli import check
@@ -161,3 +164,17 @@ def test_how_clones_hold_the_template_ram_is_reported(tmp_path: Path, tcg_host: 
         finding = by_name["template-ram"]
         assert finding.ok and not finding.blocking
         assert words in finding.detail and "write-sealed memfd" in finding.detail
+
+
+def test_a_host_without_iptables_is_told_that_port_forward_is_unavailable(
+    tmp_path: Path, tcg_host: HostFacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = image_config(tmp_path, tcg_host, with_image=True)
+    real_which = shutil.which
+    monkeypatch.setattr(
+        shutil, "which", lambda name: None if name == "iptables" else real_which(name)
+    )
+    findings = check.probe(cfg, tcg_host, fake_runner(QEMU_OK))
+    iptables = next(f for f in findings if f.name == "iptables")
+    assert not iptables.ok and "port-forward into pods is unavailable" in iptables.detail
+    assert check.can_start(findings)  # a pod still runs, unforwarded
