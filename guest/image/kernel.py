@@ -15,6 +15,7 @@ import struct
 from guest.image.elf import ElfFile, NotElfError
 
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
+_PT_LOAD = 1
 
 
 class KernelFormatError(ValueError):
@@ -60,10 +61,35 @@ def has_pvh_entry(elf: bytes) -> bool:
     return False
 
 
+def trim_zero_tails(elf: bytes) -> bytes:
+    """``elf`` with each loadable segment's file size cut before its trailing zeros.
+
+    x86's vmlinux carries ``.bss``, ``.brk`` and ``.init.scratch`` (~21 MiB of
+    zeros) as file data of its last segment. QEMU maps the whole file and keeps
+    the pages it copied into the guest resident for as long as the VM runs (its
+    ROM blob for a reset); a segment whose memory size exceeds its file size is
+    zero-filled by every ELF loader instead, and those pages are never touched.
+    """
+    out = bytearray(elf)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    view = memoryview(elf)
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        (p_type,) = struct.unpack_from("<I", elf, at)
+        p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<QQQQ", elf, at + 8)
+        if p_type != _PT_LOAD or not p_filesz:
+            continue
+        kept = len(bytes(view[p_offset : p_offset + p_filesz]).rstrip(b"\0"))
+        struct.pack_into("<Q", out, at + 0x20, kept)
+    return bytes(out)
+
+
 def extract_vmlinux(bzimage: bytes) -> bytes | None:
-    """The PVH-bootable ELF kernel inside ``bzimage``, or None if it has none."""
+    """The PVH-bootable ELF kernel inside ``bzimage`` (zero tails trimmed, see
+    :func:`trim_zero_tails`), or None if it has none."""
     try:
         elf = decompress(bzimage_payload(bzimage))
     except (KernelFormatError, lzma.LZMAError, OSError, EOFError):
         return None
-    return elf if has_pvh_entry(elf) else None
+    return trim_zero_tails(elf) if has_pvh_entry(elf) else None
