@@ -74,6 +74,8 @@ class QemuSettings:
     machine_type: str = "q35"
     accel: str = "tcg"
     cpu_model: str = "max"
+    #: ``-accel tcg,tb-size=``: MiB of translated code kept under TCG (0: QEMU's 1 GiB)
+    tcg_tb_size: int = 0
     pcie_root_ports: int = 4
     kernel_params: str = ""
     boot_timeout: float = 30.0
@@ -93,6 +95,7 @@ class QemuSettings:
             machine_type=str(section.get("machine_type", cls.machine_type)),
             accel=str(section.get("accel", cls.accel)),
             cpu_model=str(section.get("cpu_model", cls.cpu_model)),
+            tcg_tb_size=int(section.get("tcg_tb_size", cls.tcg_tb_size)),
             pcie_root_ports=int(section.get("pcie_root_ports", cls.pcie_root_ports)),
             kernel_params=str(section.get("kernel_params", "")),
             boot_timeout=float(section.get("boot_timeout", cls.boot_timeout)),
@@ -221,7 +224,7 @@ def build_argv(
         "-display", "none",
         "-no-reboot",
         "-machine", _machine(settings) + _memory_backend_option(spec),
-        "-accel", settings.accel,
+        "-accel", accel_option(settings),
         "-cpu", settings.cpu_model,
         "-smp", smp_option(spec, settings),
         "-m", memory_option(spec, settings),
@@ -271,6 +274,18 @@ def build_argv(
     if incoming is not None:
         argv += ["-incoming", incoming]
     return argv
+
+
+def accel_option(settings: QemuSettings) -> str:
+    """``-accel``: under TCG, with a bound on the translated code QEMU keeps.
+
+    QEMU keeps up to 1 GiB of translated guest code per VM by default, and a
+    busy VM's QEMU grows towards it; a bound trades that memory for
+    translating again what was flushed.
+    """
+    if settings.accel == "tcg" and settings.tcg_tb_size:
+        return f"tcg,tb-size={settings.tcg_tb_size}"
+    return settings.accel
 
 
 def balloon_option(settings: QemuSettings) -> str:

@@ -25,6 +25,14 @@ KEYS: tuple[Key, ...] = (
     Key("pcie_root_ports", int, 4, "root ports reserved for hot-plug (q35)", minimum=0, maximum=32),
     Key("cpu_model", str, "auto", "-cpu model; auto: host under KVM, max under TCG"),
     Key(
+        "tcg_tb_size",
+        int,
+        0,
+        "MiB of translated code QEMU keeps under TCG; 0: QEMU's default (1 GiB)",
+        minimum=0,
+        maximum=4096,
+    ),
+    Key(
         "seccompsandbox",
         str,
         SECCOMP_SANDBOX,

@@ -13,6 +13,7 @@ from plugins.qemu.cmdline import (
     Placed,
     QemuSettings,
     VmPaths,
+    accel_option,
     build_argv,
     device_args,
     kernel_append,
@@ -304,3 +305,15 @@ def test_memory_backend_file_properties_come_from_qemus_help() -> None:
     qemu_8_2 = qemu_7_2 + "  rom=<OnOffAuto>       - Whether to create Read Only Memory (ROM)\n"
     assert parse_properties(qemu_7_2) == {"align", "readonly", "share"}
     assert "rom" in parse_properties(qemu_8_2)
+
+
+def test_a_tcg_translation_cache_bound_reaches_qemu() -> None:
+    assert accel_option(QemuSettings(accel="tcg", tcg_tb_size=128)) == "tcg,tb-size=128"
+
+
+def test_the_translation_cache_bound_means_nothing_under_kvm() -> None:
+    assert accel_option(QemuSettings(accel="kvm", tcg_tb_size=128)) == "kvm"
+
+
+def test_without_a_bound_qemu_keeps_its_own_default() -> None:
+    assert accel_option(QemuSettings(accel="tcg")) == "tcg"
