@@ -327,3 +327,22 @@ async def test_qemu_can_run_as_an_unprivileged_user_with_its_disks_passed_as_fds
             with trio.CancelScope(shield=True):
                 await hv.destroy()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_vm_with_a_bounded_translation_cache_boots_and_answers(
+    workdir: Path, image: tuple[Path, Path]
+) -> None:
+    hv = driver(tcg_tb_size=32)
+    await hv.prepare(spec_for(workdir, image))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tap_console, hv)
+        try:
+            await hv.start(30)
+            assert hv.pid is not None
+            argv = Path(f"/proc/{hv.pid}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"-accel") + 1] == b"tcg,tb-size=32"
+            assert await agent_answers(hv, 60)
+        finally:
+            with trio.CancelScope(shield=True):
+                await hv.destroy()
+            nursery.cancel_scope.cancel()
