@@ -20,7 +20,8 @@ reseeds its RNG and sets its clock first (see ``Sandbox``), and nothing in
 the template reads ``boot_id`` (the kernel makes it on first read).
 
 A template is valid while its digest matches: the kernel, initrd and VMM
-binary (size, mtime, inode) and the VM's shape in the config, and while its
+binary (size, mtime, inode), the hypervisor plugin's code and the VM's shape
+in the config, and while its
 RAM's holder runs and holds a sealed memfd of the RAM's size. A stale or
 damaged template is made again on the next start; one that cannot be made or
 cloned makes that sandbox boot cold, with one line in the log.
@@ -36,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from typing import Any
 import trio
 
 from common import mounts
+from shim import registry
 from shim.agent.client import wait_ready
 from shim.config import Config
 from shim.errors import FailedPreconditionError, HuskError
@@ -60,7 +63,7 @@ RAM, STATE, VM_DIR = "ram.json", "state", "vm"
 #: the tmpfs holds the state file and the manifest (the RAM is a memfd)
 TMPFS_MIB = 16
 #: keys of a hypervisor section that do not change the VM's shape
-_NOT_SHAPE = {"boot_timeout", "stop_timeout", "enable_debug"}
+_NOT_SHAPE = {"boot_timeout", "stop_timeout", "enable_debug", "tcg_tb_size"}
 _LOCK_POLL = 0.1
 
 MakeHypervisor = Callable[[], Hypervisor]
@@ -90,11 +93,29 @@ def _stat_of(path: str) -> list[Any]:
     return [path, st.st_size, st.st_mtime_ns, st.st_ino]
 
 
+def plugin_code_digest(name: str) -> str:
+    """The digest of the hypervisor plugin's source files (its package).
+
+    A husk upgrade that changes what the VMM is started with (a device more, an
+    option) cannot restore a template the old code saved: without this the
+    template would stay "valid" and every clone of it fail.
+    """
+    module = sys.modules[type(registry.lookup(name)).__module__]
+    package = Path(module.__file__ or "").parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(str(source.relative_to(package)).encode() + b"\0")
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def shape_digest(config: Config, spec: VmSpec) -> str:
-    """What the template was made from: its files, and the VM's shape in the config."""
+    """What the template was made from: its files, the plugin's code, and the VM's
+    shape in the config."""
     section = {k: v for k, v in config.hypervisor.items() if k not in _NOT_SHAPE}
     shape = {
         "hypervisor": config.runtime.hypervisor,
+        "plugin_code": plugin_code_digest(config.runtime.hypervisor),
         "section": section,
         "files": [_stat_of(str(p)) for p in (spec.kernel, spec.initrd) if p is not None]
         + [_stat_of(str(section.get("path", "")))],

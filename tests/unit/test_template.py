@@ -17,6 +17,7 @@ from shim import config
 from shim.host import HostFacts
 from shim.hypervisor import TEMPLATE, Hypervisor
 from shim.sandbox import factory, ram_holder
+from shim.sandbox import template as template_module
 from shim.sandbox.boot_slots import BootSlots
 from shim.sandbox.template import VmTemplate
 
@@ -96,6 +97,33 @@ def test_timeouts_do_not_change_the_vm_shape(cfg: config.Config, tmp_path: Path)
     )
     host = HostFacts(kvm_device=False, kvm_hardware=False, vhost_vsock=False)
     assert template(config.load(tmp_path / "husk.toml", host=host)).problem() is None
+
+
+def test_a_translation_cache_bound_does_not_change_the_vm_shape(
+    cfg: config.Config, tmp_path: Path
+) -> None:
+    t = template(cfg)
+    made(t)
+    (tmp_path / "husk.toml").write_text((tmp_path / "husk.toml").read_text() + "tcg_tb_size = 64\n")
+    host = HostFacts(kvm_device=False, kvm_hardware=False, vhost_vsock=False)
+    assert template(config.load(tmp_path / "husk.toml", host=host)).problem() is None
+
+
+def test_a_changed_hypervisor_plugin_makes_the_template_stale(
+    cfg: config.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an upgrade that starts QEMU with another device set cannot restore the old
+    # template's state: it must be made again, not cloned (and fail) forever
+    t = template(cfg)
+    made(t)
+    monkeypatch.setattr(template_module, "plugin_code_digest", lambda name: "another build")
+    assert "stale" in (t.problem() or "")
+
+
+def test_the_plugins_code_digest_is_its_package_source() -> None:
+    first = template_module.plugin_code_digest("qemu")
+    assert first == template_module.plugin_code_digest("qemu")
+    assert first != template_module.plugin_code_digest("cloud-hypervisor")
 
 
 def test_a_missing_state_file_is_damage(cfg: config.Config) -> None:
