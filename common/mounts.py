@@ -135,18 +135,27 @@ def unmount(target: Path | str) -> None:
             raise MountError(f"cannot unmount {target}: {os.strerror(err)}")
 
 
-def mounts_under(directory: Path | str) -> list[str]:
-    """Mount points at or below ``directory``, deepest first."""
+def mounts_under(directory: Path | str, *, bindable: bool = False) -> list[str]:
+    """Mount points at or below ``directory``, deepest first (``bindable``: what a
+    recursive bind takes, leaving out mounts marked unbindable and all below them)."""
     prefix = str(directory).rstrip("/")
-    found = []
+    found = set()
+    unbindable = set()
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 4:
                     point = fields[4].replace("\\040", " ")
-                    if point == prefix or point.startswith(prefix + "/"):
-                        found.append(point)
+                    if point != prefix and not point.startswith(prefix + "/"):
+                        continue
+                    found.add(point)
+                    # optional fields run from the 7th to the "-" separator
+                    optional = fields[6 : fields.index("-")] if "-" in fields else []
+                    if "unbindable" in optional:
+                        unbindable.add(point)
     except OSError:
         return []
-    return sorted(set(found), key=lambda p: p.count("/"), reverse=True)
+    if bindable:
+        found = {p for p in found if not any(p == u or p.startswith(u + "/") for u in unbindable)}
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)

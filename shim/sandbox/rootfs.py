@@ -186,10 +186,11 @@ def share_bind_mounts(
 
 
 def submounts(top: str) -> list[str]:
-    """The host mount points below ``top`` (not ``top`` itself), relative to it,
-    each after the one it is below."""
+    """The host mount points below ``top`` (not ``top`` itself) that a recursive bind
+    would take (not the unbindable ones), relative to it, each after the one it is
+    below."""
     real = os.path.realpath(top)
-    points = [p for p in mounts.mounts_under(real) if p != real]
+    points = [p for p in mounts.mounts_under(real, bindable=True) if p != real]
     return sorted((os.path.relpath(p, real) for p in points), key=lambda r: (r.count("/"), r))
 
 

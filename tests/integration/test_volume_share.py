@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +105,13 @@ def test_a_recursively_read_only_volume_is_read_only_below_too(
     assert _write_errno(_host_path(state, top.source) / "new") == errno.EROFS
     assert _write_errno(_host_path(state, below.source) / "file") == errno.EROFS
     assert _write_errno(volume / "tmpfs" / "file") == 0  # the host's own stays writable
+
+
+def test_an_unbindable_mount_below_a_volume_is_left_out_as_a_recursive_bind_would(
+    state: SandboxState, volume: Path
+) -> None:
+    (volume / "tmpfs" / "inner").mkdir()
+    mounts.mount("none", volume / "tmpfs" / "inner", "tmpfs", ["size=1m"])
+    subprocess.run(["mount", "--make-unbindable", str(volume / "tmpfs")], check=True)
+    spec = _share(state, volume, [])
+    assert [m.destination for m in spec.Mounts] == ["/mnt"]

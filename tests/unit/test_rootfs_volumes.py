@@ -13,7 +13,7 @@ def test_each_mount_below_a_volume_comes_after_the_one_it_is_below(
 ) -> None:
     top = "/srv/vol"
     points = [f"{top}/a/deep", f"{top}/b", f"{top}/a", top]
-    monkeypatch.setattr(rootfs.mounts, "mounts_under", lambda _: points)
+    monkeypatch.setattr(rootfs.mounts, "mounts_under", lambda _, bindable: points)
     monkeypatch.setattr(rootfs.os.path, "realpath", lambda p: p)
     assert rootfs.submounts(top) == ["a", "b", "a/deep"]
 
