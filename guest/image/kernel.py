@@ -64,7 +64,7 @@ def has_pvh_entry(elf: bytes) -> bool:
 def trim_zero_tails(elf: bytes) -> bytes:
     """``elf`` with each loadable segment's file size cut before its trailing zeros.
 
-    x86's vmlinux carries ``.bss``, ``.brk`` and ``.init.scratch`` (~21 MiB of
+    x86's vmlinux carries ``.bss``, ``.brk`` and ``.init.scratch`` (~24 MiB of
     zeros) as file data of its last segment. QEMU maps the whole file and keeps
     the pages it copied into the guest resident for as long as the VM runs (its
     ROM blob for a reset); a segment whose memory size exceeds its file size is

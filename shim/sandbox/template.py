@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -93,12 +94,14 @@ def _stat_of(path: str) -> list[Any]:
     return [path, st.st_size, st.st_mtime_ns, st.st_ino]
 
 
+@functools.cache
 def plugin_code_digest(name: str) -> str:
     """The digest of the hypervisor plugin's source files (its package).
 
     A husk upgrade that changes what the VMM is started with (a device more, an
     option) cannot restore a template the old code saved: without this the
-    template would stay "valid" and every clone of it fail.
+    template would stay "valid" and every clone of it fail. Read once per
+    process: its code does not change under it.
     """
     module = sys.modules[type(registry.lookup(name)).__module__]
     package = Path(module.__file__ or "").parent

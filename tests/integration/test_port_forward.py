@@ -65,32 +65,29 @@ def _dial_in_netns(netns: str, port: int, payload: bytes) -> bytes:
     return run_in_netns(netns, inside)
 
 
+def _through_the_forwarder(netns: str, port: int, payload: bytes) -> bytes:
+    """What a client dialling ``127.0.0.1:<port>`` in the netns gets back while the
+    shim forwards the netns's connections to the "pod" (the host's loopback)."""
+    listener = portforward.open_listener(netns)
+
+    async def main() -> bytes:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(portforward.serve, listener, "127.0.0.1")
+            got = await trio.to_thread.run_sync(_dial_in_netns, netns, port, payload)
+            nursery.cancel_scope.cancel()
+        return got
+
+    return trio.run(main)
+
+
 def test_a_connection_to_localhost_in_the_netns_reaches_the_pod(
     netns: str, pod_server: int
 ) -> None:
-    listener = portforward.open_listener(netns)
-
-    async def main() -> bytes:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(portforward.serve, listener, "127.0.0.1")
-            got = await trio.to_thread.run_sync(_dial_in_netns, netns, pod_server, b"hello\n")
-            nursery.cancel_scope.cancel()
-        return got
-
-    assert trio.run(main) == b"HELLO\n"
+    assert _through_the_forwarder(netns, pod_server, b"hello\n") == b"HELLO\n"
 
 
 def test_a_port_nothing_listens_on_closes_the_connection(netns: str) -> None:
-    listener = portforward.open_listener(netns)
     free = socket.create_server(("127.0.0.1", 0))
     port = free.getsockname()[1]
     free.close()
-
-    async def main() -> bytes:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(portforward.serve, listener, "127.0.0.1")
-            got = await trio.to_thread.run_sync(_dial_in_netns, netns, port, b"")
-            nursery.cancel_scope.cancel()
-        return got
-
-    assert trio.run(main) == b""
+    assert _through_the_forwarder(netns, port, b"") == b""

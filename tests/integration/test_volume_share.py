@@ -1,4 +1,5 @@
-"""Host volumes shared into a sandbox, on the host kernel (root, no VM).
+"""Host volumes shared into a sandbox, and common.mounts under them, on the host
+kernel (root, no VM).
 
 What the host owner of a volume may do while a container uses it — detach a
 mount below it and remove the tree, as kubelet and critest do — must not fail
@@ -115,3 +116,23 @@ def test_an_unbindable_mount_below_a_volume_is_left_out_as_a_recursive_bind_woul
     subprocess.run(["mount", "--make-unbindable", str(volume / "tmpfs")], check=True)
     spec = _share(state, volume, [])
     assert [m.destination for m in spec.Mounts] == ["/mnt"]
+
+
+@pytest.fixture
+def elsewhere() -> Iterator[Path]:
+    """An empty directory to bind onto; everything below it unmounted after."""
+    path = Path(tempfile.mkdtemp(prefix="dst-", dir="/tmp"))
+    yield path
+    for point in mounts.mounts_under(path):
+        mounts.unmount(point)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_read_only_bind_remount_leaves_the_mounts_below_it_writable(
+    volume: Path, elsewhere: Path
+) -> None:
+    # runc's "ro" on an rbind: the top only (non-recursive read-only)
+    mounts.mount(str(volume), elsewhere, "", ["rbind"])
+    mounts.remount_bind(elsewhere, ["ro"])
+    assert _write_errno(elsewhere / "top") == errno.EROFS
+    assert _write_errno(elsewhere / "tmpfs" / "file") == 0
