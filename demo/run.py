@@ -2,7 +2,8 @@
 
     sudo python3 demo/run.py
 
-Installs what is missing (apt: containerd, runc, QEMU, busybox-static; a
+Installs what is missing (apt: containerd, runc, QEMU, busybox-static,
+erofs-utils; a
 project venv with husk), links ``containerd-shim-husk-v2`` into /usr/local/bin
 so containerd finds it, builds the guest image, starts containerd if none is
 running, imports a busybox image made locally from busybox-static, and runs::
@@ -24,7 +25,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv"
-APT_PACKAGES = ("containerd", "runc", "qemu-system-x86", "busybox-static", "python3-venv")
+APT_PACKAGES = (
+    "containerd",
+    "runc",
+    "qemu-system-x86",
+    "busybox-static",
+    "python3-venv",
+    "erofs-utils",  # husk image build: the shared root image
+)
 CONTAINERD_SOCK = "/run/containerd/containerd.sock"
 CONTAINERD_LOG = Path("/var/log/husk-demo-containerd.log")
 LINKS = ("containerd-shim-husk-v2", "husk")

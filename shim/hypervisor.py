@@ -207,6 +207,11 @@ def record_nothing(resource: Resource) -> None:
     """A recorder for VMs that no sandbox owns (tests, benchmarks)."""
 
 
+#: the section keys that name the guest's boot files (a plugin has those it uses):
+#: the kernel, the initrd and a root filesystem image
+GUEST_FILE_KEYS = ("kernel", "initrd", "image")
+
+
 @dataclass(frozen=True)
 class VmSpec:
     """What a sandbox asks of its VM; the plugin's config fills in the rest."""
@@ -376,13 +381,13 @@ class HypervisorPlugin(abc.ABC):
         Unlike ``validate`` this is not a config error (the default config has a
         section for every built-in plugin, used or not); ``husk check`` reports it
         and a sandbox start refuses on it. The default checks the files the
-        section names: the VMM binary (if the plugin has one), kernel and initrd.
+        section names: the VMM binary (if the plugin has one), kernel, initrd and image.
         """
         problems = []
         binary = values.get("path")
         if binary is not None and not _is_executable(Path(binary)):
             problems.append(f"{self.name} binary {binary} not found or not executable (key 'path')")
-        for key in ("kernel", "initrd"):
+        for key in GUEST_FILE_KEYS:
             value = values.get(key)
             if value and not Path(value).is_file():
                 problems.append(

@@ -1,4 +1,6 @@
-"""``husk image build``: Debian packages -> ``vmlinuz`` + ``initrd.img`` + ``manifest.json``.
+"""``husk image build``: Debian packages -> kernel, ``root.img`` + ``root-initrd.img``
+(the shared root image and its loader), ``initrd.img`` (the same guest as an
+initramfs) and ``manifest.json``.
 
 The build works in a temporary directory inside the output directory and moves the
 finished artefacts into place at the end (manifest last), so a reader never sees a
@@ -17,13 +19,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from guest.image import initrd, kernel, packages, recipe, rootfs
+from guest.image import initrd, kernel, packages, recipe, rootfs, rootimage
 from guest.image.cpio import Entry
 from guest.image.errors import DiskSpaceError, ImageBuildError, RecipeError, ToolMissingError
 from guest.image.manifest import (
     INITRD_NAME,
     KERNEL_NAME,
+    LOADER_NAME,
     MANIFEST_NAME,
+    ROOT_IMAGE_NAME,
     VMLINUX_NAME,
     Artefact,
     ImageManifest,
@@ -36,7 +40,8 @@ from guest.image.packages import Runner
 DEFAULT_IMAGE_DIR = Path("/var/lib/husk/images")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INIT_SCRIPT = REPO_ROOT / "guest" / "init" / "init.sh"
-STEPS = 9
+LOADER_SCRIPT = REPO_ROOT / "guest" / "init" / "loader.sh"
+STEPS = 10
 MiB = 1024 * 1024
 
 
@@ -66,8 +71,8 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def _preflight(output_dir: Path, min_free_bytes: int) -> None:
-    for tool in ("apt-get", "apt-cache", "dpkg-deb"):
-        if shutil.which(tool) is None:
+    for tool in ("apt-get", "apt-cache", "dpkg-deb", "mkfs.erofs"):
+        if packages.tool_path(tool) is None:
             raise ToolMissingError(tool, packages.TOOL_PACKAGES[tool])
     where = _existing_ancestor(output_dir)
     free = shutil.disk_usage(where).free
@@ -159,7 +164,7 @@ def build_image(
         choices = ", ".join(initrd.COMPRESSIONS)
         raise ImageBuildError(f"unknown initrd compression '{compression}': use one of {choices}")
     _preflight(output_dir, min_free_bytes)
-    steps.done("check host", f"apt-get, dpkg-deb present, {output_dir}")
+    steps.done("check host", f"apt-get, dpkg-deb, mkfs.erofs present, {output_dir}")
 
     created = not output_dir.exists()
     tmp: Path | None = None
@@ -259,9 +264,20 @@ def _build(
     size = (out / INITRD_NAME).stat().st_size
     steps.done("write initrd", f"{compression}, {_mib(raw_size)} -> {_mib(size)}")
 
+    image_size = rootimage.write_root_image(run, tree, out / ROOT_IMAGE_NAME)
+    loader_modules = index.resolve(recipe.ROOT_MODULES, recipe.MODULE_ALIASES)
+    loader = rootimage.loader_tree(
+        staging, moddir, kernel_version, loader_modules, LOADER_SCRIPT.read_bytes()
+    )
+    loader_size = initrd.write_initrd(run, loader, out / LOADER_NAME, "none")
+    steps.done(
+        "write root image",
+        f"erofs {_mib(image_size)}; loader {_mib(loader_size)}, {len(loader_modules)} modules",
+    )
+
     bzimage = vmlinuz.read_bytes()
     (out / KERNEL_NAME).write_bytes(bzimage)
-    names = [KERNEL_NAME, INITRD_NAME]
+    names = [KERNEL_NAME, INITRD_NAME, ROOT_IMAGE_NAME, LOADER_NAME]
     elf = kernel.extract_vmlinux(bzimage)
     if elf is not None:
         (out / VMLINUX_NAME).write_bytes(elf)

@@ -11,7 +11,9 @@ from typing import Any
 
 KERNEL_NAME = "vmlinuz"  # bzImage, as Debian ships it; boots everywhere
 VMLINUX_NAME = "vmlinux"  # uncompressed ELF with a PVH entry; boots ~2.5 s faster under TCG
-INITRD_NAME = "initrd.img"
+INITRD_NAME = "initrd.img"  # the whole guest as an initramfs
+ROOT_IMAGE_NAME = "root.img"  # the whole guest as a read-only ext4, mapped by virtio-pmem
+LOADER_NAME = "root-initrd.img"  # the initramfs that mounts root.img
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,16 @@ TOOL_PACKAGES: Mapping[str, str] = {
     "apt-cache": "apt",
     "dpkg-deb": "dpkg",
     "zstd": "zstd",
+    "mkfs.erofs": "erofs-utils",
 }
+#: where a root-only tool lives when PATH (a user's) leaves out the sbin directories
+_SBIN = ("/usr/sbin", "/sbin")
+
+
+def tool_path(tool: str) -> str | None:
+    """``tool`` on PATH or in the sbin directories, or None."""
+    return shutil.which(tool) or shutil.which(tool, path=os.pathsep.join(_SBIN))
+
 
 Runner = Callable[[Sequence[str], Path], str]
 """Run argv in a directory and return its stdout; raise ``ImageBuildError`` on failure."""
@@ -51,7 +61,8 @@ def subprocess_runner(env: Mapping[str, str] | None = None) -> Runner:
                 check=False,
             )
         except FileNotFoundError:
-            raise ToolMissingError(tool, TOOL_PACKAGES.get(tool, tool)) from None
+            name = Path(tool).name
+            raise ToolMissingError(name, TOOL_PACKAGES.get(name, name)) from None
         if proc.returncode != 0:
             detail = _last_error_line(proc.stderr.decode(errors="replace"))
             words = [a for a in argv[1:] if not a.startswith("-") and "::" not in a][:1]

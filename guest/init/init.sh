@@ -1,5 +1,6 @@
 #!/bin/sh
-# /init of the husk guest initrd (busybox sh). Mounts the API filesystems, loads
+# /init of the husk guest (busybox sh): of initrd.img, or of root.img after
+# root-initrd.img's loader mounted it. Mounts the API filesystems, loads
 # the kernel modules listed in /etc/husk/modules (device drivers; the kernel asks
 # /sbin/modprobe for a filesystem's module on its first mount), names the virtio-serial ports
 # like udev would (/dev/virtio-ports/<name>), then runs the husk guest agent.
@@ -11,8 +12,10 @@ export PYTHONPATH=/usr/lib/husk:/usr/lib/python3/dist-packages PYTHONDONTWRITEBY
 
 log() { read -r up _ < /proc/uptime; echo "husk-init: [$up] $*"; }
 
-mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev 2>/dev/null
 mount -t proc -o nosuid,nodev,noexec proc /proc
+# booted from the root image, the loader has mounted /dev already
+grep -q "^devtmpfs /dev " /proc/mounts ||
+    mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev 2>/dev/null
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 mkdir -p /dev/pts /dev/shm /dev/mqueue /dev/virtio-ports
 mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /dev/pts
@@ -33,6 +36,10 @@ loaded=0
 failed=""
 while read -r mod; do
     [ -n "$mod" ] || continue
+    name=${mod##*/}
+    name=${name%.ko}
+    # loaded by the root image's loader (virtio_pci and what it needs)
+    [ -d "/sys/module/${name//-/_}" ] && continue
     if insmod "/lib/modules/$kver/$mod" 2>/dev/null; then
         loaded=$((loaded + 1))
     else

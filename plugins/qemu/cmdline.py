@@ -62,6 +62,12 @@ UNIX_PATH_MAX = 107
 #: the virtio-mem device that carries every hot-plugged MiB, and its memory backend
 VIRTIO_MEM_ID = "vmem0"
 VIRTIO_MEM_BACKEND = "vmem0-ram"
+#: the virtio-pmem device that maps the shared root image, and its memory backend
+ROOT_IMAGE_ID = "rootimg"
+ROOT_IMAGE_BACKEND = "rootimg-mem"
+MiB = 1024 * 1024
+#: the image's size is a whole number of these (the guest maps a pmem region in 2 MiB steps)
+ROOT_IMAGE_ALIGN = 2 * 1024 * 1024
 #: virtio-mem's unit of plugging (the guest's subblock); sizes are multiples of it
 VIRTIO_MEM_BLOCK_MIB = 2
 
@@ -86,6 +92,8 @@ class QemuSettings:
     seccomp_sandbox: str = SECCOMP_SANDBOX
     #: ``-runas``: the user QEMU drops to once its devices are open; "" stays root
     run_as: str = ""
+    #: the shared read-only root image mapped through virtio-pmem; "" boots the initrd alone
+    image: str = ""
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], agent_transport: str) -> QemuSettings:
@@ -104,6 +112,7 @@ class QemuSettings:
             agent_transport=agent_transport,
             seccomp_sandbox=str(section.get("seccompsandbox", SECCOMP_SANDBOX)),
             run_as=str(section.get("run_as", "")),
+            image=str(section.get("image", "")),
         )
 
     @property
@@ -260,6 +269,7 @@ def build_argv(
     argv += ["-device", f"{_virtio('virtio-rng', settings)},rng=rng0"]
     argv += ["-device", balloon_option(settings)]
     argv += memory_hotplug_args(spec, settings)
+    argv += root_image_args(settings)
     argv += _agent_channel(spec, settings, paths, guest_cid)
     if spec.debug_console and settings.agent_transport == "virtio-serial":
         # its own port on the agent's virtio-serial device; under vsock it is a vsock port
@@ -331,11 +341,38 @@ def smp_option(spec: VmSpec, settings: QemuSettings) -> str:
 
 
 def memory_option(spec: VmSpec, settings: QemuSettings) -> str:
-    """``-m``: the boot memory, and ``maxmem`` when a virtio-mem device gets room."""
-    room = hotplug_memory_mib(spec, settings)
+    """``-m``: the boot memory, and ``maxmem`` when memory devices need room: the
+    virtio-mem device's and the root image's (both live in q35's device memory)."""
+    room = hotplug_memory_mib(spec, settings) + root_image_mib(settings)
     if room:
         return f"{spec.memory_mib}M,maxmem={spec.memory_mib + room}M"
     return f"{spec.memory_mib}M"
+
+
+def root_image_mib(settings: QemuSettings) -> int:
+    """The MiB of device memory the root image takes (0: none)."""
+    if not settings.image:
+        return 0
+    return -(-Path(settings.image).stat().st_size // ROOT_IMAGE_ALIGN) * ROOT_IMAGE_ALIGN // MiB
+
+
+def root_image_args(settings: QemuSettings) -> list[str]:
+    """The shared root image as a virtio-pmem device the guest mounts with DAX.
+
+    The backend maps the file shared and read-only (QEMU opens it ``O_RDONLY``):
+    the guest reads the host's page cache of it, one copy for every VM on the
+    host, and nothing a guest does reaches the file. ``share=on`` also keeps it
+    out of a template's saved state (``x-ignore-shared``): a clone maps the same
+    file.
+    """
+    if not settings.image:
+        return []
+    return [
+        "-object",
+        f"memory-backend-file,id={ROOT_IMAGE_BACKEND},mem-path={_opt(Path(settings.image))},"
+        f"size={root_image_mib(settings)}M,share=on,readonly=on",
+        "-device", f"virtio-pmem-pci,id={ROOT_IMAGE_ID},memdev={ROOT_IMAGE_BACKEND}",
+    ]  # fmt: skip
 
 
 def memory_hotplug_args(spec: VmSpec, settings: QemuSettings) -> list[str]:

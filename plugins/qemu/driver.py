@@ -210,7 +210,8 @@ class QemuHypervisor(Hypervisor):
         binary = Path(self.settings.binary)
         if not binary.is_file():
             raise HostError(f"qemu binary {binary} not found (key 'path' of [hypervisor.qemu])")
-        for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+        image = Path(self.settings.image) if self.settings.image else None
+        for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd), ("image", image)):
             if path is not None and not path.is_file():
                 raise HostError(f"guest {what} {path} not found (run `husk image build`)")
         if spec.shared_fs is not None and spec.shared_fs.kind != "9p":

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import pwd
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from plugins.qemu.cmdline import SECCOMP_SANDBOX
-from shim.config.hypervisor_keys import common_keys
+from plugins.qemu.cmdline import ROOT_IMAGE_ALIGN, SECCOMP_SANDBOX
+from shim.config.hypervisor_keys import DEFAULT_IMAGE_DIR, common_keys
 from shim.config.schema import Key
 from shim.host import HostFacts
 from shim.hypervisor import Hypervisor, HypervisorPlugin
 
+#: the initramfs ``husk image build`` writes to mount ``root.img`` (and nothing else)
+LOADER_INITRD = "root-initrd.img"
+
 KEYS: tuple[Key, ...] = (
-    *common_keys("/usr/bin/qemu-system-x86_64"),
+    *common_keys("/usr/bin/qemu-system-x86_64", initrd=f"{DEFAULT_IMAGE_DIR}/{LOADER_INITRD}"),
+    Key(
+        "image",
+        str,
+        f"{DEFAULT_IMAGE_DIR}/root.img",
+        "guest root filesystem mapped read-only and shared by every VM (virtio-pmem, DAX); "
+        "'' boots the initrd alone",
+    ),
     Key("machine_type", str, "q35", "QEMU machine", choices=("q35", "microvm")),
     Key(
         "accel",
@@ -40,6 +51,48 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("run_as", str, "", "user QEMU drops to once its files are open; '' stays root"),
 )
+
+
+def _image_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The root image and the initrd have to match: the loader needs the image."""
+    image, initrd = values["image"], values["initrd"]
+    if not image:
+        if Path(initrd).name == LOADER_INITRD:
+            whole = f"{DEFAULT_IMAGE_DIR}/initrd.img"
+            return [
+                ("initrd", f"{initrd} only mounts a root image: set image, or initrd = {whole}")
+            ]
+        return []
+    problems = []
+    if values["machine_type"] == "microvm":
+        problems.append(
+            (
+                "image",
+                'microvm has no PCI for its virtio-pmem device; set image = "" '
+                f'and initrd = "{DEFAULT_IMAGE_DIR}/initrd.img", or use q35',
+            )
+        )
+    if not initrd:
+        problems.append(
+            (
+                "initrd",
+                f"the root image {image} needs the initramfs that mounts it "
+                f"({DEFAULT_IMAGE_DIR}/{LOADER_INITRD})",
+            )
+        )
+    try:
+        size = Path(image).stat().st_size
+    except OSError:
+        return problems  # a missing file is a host requirement (husk check), not a config error
+    if size == 0 or size % ROOT_IMAGE_ALIGN:
+        problems.append(
+            (
+                "image",
+                f"{image} is {size} bytes: a root image is a non-empty "
+                "multiple of 2 MiB (husk image build pads it)",
+            )
+        )
+    return problems
 
 
 class QemuPlugin(HypervisorPlugin):
@@ -79,6 +132,7 @@ class QemuPlugin(HypervisorPlugin):
             problems.append(
                 ("shared_fs", 'the qemu plugin does not start virtiofsd yet; use "9p" or "none"')
             )
+        problems += _image_problems(values)
         if values["machine_type"] == "microvm" and values["pcie_root_ports"]:
             problems.append(
                 ("pcie_root_ports", "microvm has no PCIe root ports; set it to 0 or use q35")

@@ -18,6 +18,7 @@ from shim import registry
 from shim.config import Config
 from shim.errors import NotSupportedError
 from shim.host import HostFacts
+from shim.hypervisor import GUEST_FILE_KEYS
 
 Runner = Callable[[Sequence[str]], str | None]
 
@@ -92,6 +93,18 @@ def _qemu_findings(config: Config, run: Runner) -> list[Finding]:
             "QEMU has vhost-user-fs-pci" if has_fs else "QEMU lacks vhost-user-fs-pci",
         )
     )
+    if section and section.get("image"):
+        has_pmem = "virtio-pmem-pci" in devices
+        found.append(
+            Finding(
+                "virtio-pmem",
+                has_pmem,
+                "QEMU has virtio-pmem-pci: every VM maps the one root image"
+                if has_pmem
+                else "QEMU lacks virtio-pmem-pci, which [hypervisor.qemu] image needs: "
+                'set image = "" and initrd to the image dir\'s initrd.img',
+            )
+        )
     found.append(_template_ram_finding(binary, run))
     return found
 
@@ -163,8 +176,8 @@ def _iptables_finding() -> Finding:
 def _image_finding(config: Config) -> Finding:
     from guest.image import find_image  # the recipe's own reading of its manifest
 
-    kernel, initrd = config.hypervisor.get("kernel", ""), config.hypervisor.get("initrd", "")
-    missing = [p for p in (kernel, initrd) if p and not Path(p).is_file()]
+    files = {k: str(config.hypervisor[k]) for k in GUEST_FILE_KEYS if config.hypervisor.get(k)}
+    missing = [p for p in files.values() if not Path(p).is_file()]
     if missing:
         return Finding(
             "guest image", False, f"missing {', '.join(missing)}: run `husk image build`"
@@ -175,7 +188,8 @@ def _image_finding(config: Config) -> Finding:
         if manifest
         else f", no valid manifest in {config.runtime.image_dir}"
     )
-    return Finding("guest image", True, f"kernel {kernel}, initrd {initrd}{built}")
+    named = ", ".join(f"{k} {p}" for k, p in files.items())
+    return Finding("guest image", True, f"{named}{built}")
 
 
 def _sandbox_finding(config: Config, host: HostFacts) -> Finding:

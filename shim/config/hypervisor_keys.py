@@ -23,8 +23,10 @@ DEFAULT_IMAGE_DIR = "/var/lib/husk/images"
 ANNOTATABLE = ("default_vcpus", "default_memory")
 
 
-def common_keys(binary: str, shared_fs: str = "9p") -> tuple[Key, ...]:
-    """The shared keys; ``path`` and ``shared_fs`` default to the plugin's own."""
+def common_keys(
+    binary: str, shared_fs: str = "9p", initrd: str = f"{DEFAULT_IMAGE_DIR}/initrd.img"
+) -> tuple[Key, ...]:
+    """The shared keys; ``path``, ``shared_fs`` and ``initrd`` default to the plugin's own."""
     return (
         Key("path", str, binary, "the VMM binary"),
         Key(
@@ -33,7 +35,7 @@ def common_keys(binary: str, shared_fs: str = "9p") -> tuple[Key, ...]:
             f"{DEFAULT_IMAGE_DIR}/vmlinux",
             "guest kernel (uncompressed: QEMU boots it directly)",
         ),
-        Key("initrd", str, f"{DEFAULT_IMAGE_DIR}/initrd.img", "guest initrd ('' for none)"),
+        Key("initrd", str, initrd, "guest initrd ('' for none)"),
         Key("kernel_params", str, "", "extra guest kernel command line"),
         Key("default_vcpus", int, 1, "vCPUs of a sandbox", minimum=1, maximum=255),
         Key("default_memory", int, 512, "MiB of memory of a sandbox", minimum=64),

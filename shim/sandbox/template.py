@@ -52,7 +52,7 @@ from shim import registry
 from shim.agent.client import wait_ready
 from shim.config import Config
 from shim.errors import FailedPreconditionError, HuskError
-from shim.hypervisor import CLONE, TEMPLATE, Hypervisor, TemplateFiles, VmSpec
+from shim.hypervisor import CLONE, GUEST_FILE_KEYS, TEMPLATE, Hypervisor, TemplateFiles, VmSpec
 from shim.sandbox import cleanup, ram_holder
 from shim.sandbox.boot_slots import BootSlots
 from shim.sandbox.state import SandboxState, make_private_dir
@@ -120,8 +120,7 @@ def shape_digest(config: Config, spec: VmSpec) -> str:
         "hypervisor": config.runtime.hypervisor,
         "plugin_code": plugin_code_digest(config.runtime.hypervisor),
         "section": section,
-        "files": [_stat_of(str(p)) for p in (spec.kernel, spec.initrd) if p is not None]
-        + [_stat_of(str(section.get("path", "")))],
+        "files": [_stat_of(str(section[k])) for k in (*GUEST_FILE_KEYS, "path") if section.get(k)],
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "kernel_params": spec.kernel_params,

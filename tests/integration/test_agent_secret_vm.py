@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 import re
 import stat
 import subprocess
@@ -26,11 +25,9 @@ import trio
 from common.channel_auth import SMBIOS_OEM_PREFIX
 from guest.agent.auth import FW_CFG_SECRET
 from plugins.qemu.driver import QemuHypervisor
-from shim.agent.transport import connect
-from shim.cli.debug_console import Attachment
-from shim.errors import DeadlineExceededError
 from shim.hypervisor import CLONE, TEMPLATE, TemplateFiles
 from shim.sandbox.factory import DEBUG_CONSOLE_PARAM
+from tests.integration.guest_shell import guest_shell
 from tests.integration.test_qemu_vm import (
     AGENT_MARKER,
     QEMU,
@@ -69,43 +66,10 @@ os.execv("{QEMU}", ["{QEMU}", *argv, "-smbios", "type=11,value={SMBIOS_OEM_PREFI
 """
 
 
-async def guest_secret(hv: QemuHypervisor, attempts: int = 3, line: str = "") -> str:
-    """The secret the guest's fw_cfg holds, in hex, read by a shell on the debug console.
-
-    virtio-serial drops what the host sends while the guest has its port closed
-    (it reopens it after each host hang-up): an OPEN lost that way is sent again.
-    """
-    for _ in range(attempts - 1):
-        try:
-            return await _guest_secret(hv, line)
-        except DeadlineExceededError:
-            continue
-    return await _guest_secret(hv, line)
-
-
-async def _guest_secret(hv: QemuHypervisor, line: str) -> str:
-    endpoint = hv.debug_console_endpoint()
-    assert endpoint is not None
-    keyboard_r, keyboard_w = os.pipe()
-    screen_r, screen_w = os.pipe()
+async def guest_secret(hv: QemuHypervisor, line: str = "") -> str:
+    """The secret the guest's fw_cfg holds, in hex, read by a shell on the debug console."""
     line = line or f"echo SECRET=$(od -An -tx1 -v {FW_CFG_SECRET} | tr -d ' \\n')\n"
-    os.write(keyboard_w, line.encode())
-    os.write(keyboard_w, b"exit 0\n")
-    try:
-        stream = await connect(endpoint, 30)
-        async with stream:
-            attachment = Attachment(stream, stdin=keyboard_r, stdout=screen_w)
-            with trio.fail_after(60):
-                outcome = await attachment.run(await attachment.open("dumb"))
-        assert outcome.status == 0
-        os.close(screen_w)
-        screen_w = -1
-        with os.fdopen(screen_r, "rb", closefd=False) as screen:
-            text = screen.read().decode(errors="replace")
-    finally:
-        for fd in (keyboard_r, keyboard_w, screen_r, screen_w):
-            if fd >= 0:
-                os.close(fd)
+    text = await guest_shell(hv, line)
     found = re.search(r"SECRET=([0-9a-f]*)\r?\n", text)
     assert found is not None, text
     return found.group(1)

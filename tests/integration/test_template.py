@@ -1,7 +1,7 @@
 """Sandboxes started as clones of a VM template, end to end (containerd + QEMU).
 
 One containerd serves the module with ``[factory] enable_template``; its
-kernel and initrd are copies, so a test can make the template stale without
+kernel, initrd and root image are copies, so a test can make the template stale without
 touching the image other tests boot. Whether a sandbox was cloned or booted
 cold is read from the shim's own log line ("cloned from the VM template").
 """
@@ -54,7 +54,7 @@ def husk_toml(base: Path) -> Path:
     section = config.load(Path(__file__).parents[2] / "configuration.toml").hypervisor
     images = base / "images"
     images.mkdir()
-    for key in ("kernel", "initrd"):
+    for key in ("kernel", "initrd", "image"):
         shutil.copy2(section[key], images / Path(section[key]).name)
     path = base / "husk.toml"
     path.write_text(
@@ -62,6 +62,7 @@ def husk_toml(base: Path) -> Path:
         f'[factory]\nenable_template = true\ntemplate_path = "{base}/template"\n'
         f'[hypervisor.qemu]\nkernel = "{images / Path(section["kernel"]).name}"\n'
         f'initrd = "{images / Path(section["initrd"]).name}"\n'
+        f'image = "{images / Path(section["image"]).name}"\n'
     )
     return path
 

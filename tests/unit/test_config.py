@@ -243,3 +243,40 @@ def test_host_facts_read_cpus_and_memory(tmp_path: Path) -> None:
     meminfo.write_text("MemTotal:       24684032 kB\nMemFree:        1 kB\n")
     facts = HostFacts.probe(cpuinfo=tmp_path / "absent", meminfo=meminfo)
     assert facts.memory_mib == 24105 and facts.cpus >= 1
+
+
+def test_the_default_qemu_section_boots_the_shared_root_image(tcg_host: HostFacts) -> None:
+    section = config.load(config.packaged_default(), host=tcg_host).hypervisor
+    assert section["image"] == "/var/lib/husk/images/root.img"
+    assert section["initrd"] == "/var/lib/husk/images/root-initrd.img"
+
+
+def test_the_root_image_loader_without_an_image_is_an_error(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    path = write(tmp_path, '[hypervisor.qemu]\nimage = ""\n')
+    with pytest.raises(ConfigError, match=r"initrd.*only mounts a root image.*initrd\.img"):
+        config.load(path, host=tcg_host)
+
+
+def test_an_initramfs_only_guest_needs_no_image(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(
+        tmp_path, '[hypervisor.qemu]\nimage = ""\ninitrd = "/var/lib/husk/images/initrd.img"\n'
+    )
+    assert config.load(path, host=tcg_host).hypervisor["image"] == ""
+
+
+def test_a_root_image_on_microvm_is_an_error(tmp_path: Path, tcg_host: HostFacts) -> None:
+    path = write(tmp_path, '[hypervisor.qemu]\nmachine_type = "microvm"\npcie_root_ports = 0\n')
+    with pytest.raises(ConfigError, match=r"image.*microvm has no PCI for its virtio-pmem"):
+        config.load(path, host=tcg_host)
+
+
+def test_a_root_image_that_is_not_whole_2_mib_steps_is_an_error(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    image = tmp_path / "odd.img"
+    image.write_bytes(b"\0" * 4097)
+    path = write(tmp_path, f'[hypervisor.qemu]\nimage = "{image}"\n')
+    with pytest.raises(ConfigError, match=r"image.*4097 bytes.*multiple of 2 MiB"):
+        config.load(path, host=tcg_host)

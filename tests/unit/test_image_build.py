@@ -132,10 +132,10 @@ def test_apt_download_failure_is_one_line_and_cleans_up(fake_apt: Path, tmp_path
     assert "apt-get download" in msg and "404" in msg
     assert _leftovers(out) == ["unrelated"]  # no .build-* temp dir, no half image
     assert "linux-image-6.1.0-99-amd64=1.0-1" in fake_apt.read_text()
-    assert lines[0].startswith("[1/9] check host")
+    assert lines[0].startswith("[1/10] check host")
     packages = len(recipe.PACKAGES) + 1  # and the kernel the meta package resolves to
     assert lines[1].startswith(
-        f"[2/9] resolve packages: {packages} packages, kernel linux-image-6.1.0-99"
+        f"[2/10] resolve packages: {packages} packages, kernel linux-image-6.1.0-99"
     )
 
 

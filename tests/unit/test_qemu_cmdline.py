@@ -317,3 +317,31 @@ def test_the_translation_cache_bound_means_nothing_under_kvm() -> None:
 
 def test_without_a_bound_qemu_keeps_its_own_default() -> None:
     assert accel_option(QemuSettings(accel="tcg")) == "tcg"
+
+
+def test_the_root_image_is_a_read_only_shared_pmem_device_with_room_in_maxmem(
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "root.img"
+    image.write_bytes(b"\0" * (52 * 1024 * 1024))
+    argv = build_argv(
+        spec(max_vcpus=2, max_memory_mib=256), QemuSettings(image=str(image)), VmPaths(STATE)
+    )
+    assert argv[argv.index("-m") + 1] == "256M,maxmem=308M"
+    backend = f"memory-backend-file,id=rootimg-mem,mem-path={image},size=52M,share=on,readonly=on"
+    assert backend in argv
+    assert "virtio-pmem-pci,id=rootimg,memdev=rootimg-mem" in argv
+
+
+def test_the_root_image_shares_device_memory_with_the_virtio_mem_room(tmp_path: Path) -> None:
+    image = tmp_path / "root.img"
+    image.write_bytes(b"\0" * (4 * 1024 * 1024))
+    argv = build_argv(
+        spec(max_memory_mib=1280), QemuSettings(image=str(image)), VmPaths(STATE / "qemu")
+    )
+    assert argv[argv.index("-m") + 1] == "256M,maxmem=1284M"
+
+
+def test_no_image_no_pmem_device() -> None:
+    argv = build_argv(spec(), QemuSettings(), VmPaths(STATE / "qemu"))
+    assert not any("pmem" in a or "rootimg" in a for a in argv)
