@@ -19,7 +19,7 @@ being a copy before anything reads the guest's randomness: the sandbox
 reseeds its RNG and sets its clock first (see ``Sandbox``), and nothing in
 the template reads ``boot_id`` (the kernel makes it on first read).
 
-A template is valid while its digest matches: the kernel, initrd and VMM
+A template is valid while its digest matches: the kernel, initrd, root image and VMM
 binary (size, mtime, inode), the hypervisor plugin's code and the VM's shape
 in the config, and while its
 RAM's holder runs and holds a sealed memfd of the RAM's size. A stale or
@@ -180,7 +180,9 @@ class VmTemplate:
         if manifest is None:
             return f"no template in {self.path}"
         if manifest.get("digest") != self.digest():
-            return "the template is stale (kernel, initrd, VMM or the VM's shape changed)"
+            return (
+                "the template is stale (kernel, initrd, root image, VMM or the VM's shape changed)"
+            )
         return self._damage(manifest)
 
     def _damage(self, manifest: dict[str, Any]) -> str | None:

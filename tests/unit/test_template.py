@@ -24,13 +24,15 @@ from shim.sandbox.template import VmTemplate
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> config.Config:
-    for name in ("vmlinux", "initrd.img"):
+    for name in ("vmlinux", "root-initrd.img"):
         (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "root.img").write_bytes(bytes(2 << 20))
     path = tmp_path / "husk.toml"
     path.write_text(
         f'[runtime]\nstate_dir = "{tmp_path}/state"\n'
         f'[factory]\nenable_template = true\ntemplate_path = "{tmp_path}/tpl"\n'
-        f'[hypervisor.qemu]\nkernel = "{tmp_path}/vmlinux"\ninitrd = "{tmp_path}/initrd.img"\n'
+        f'[hypervisor.qemu]\nkernel = "{tmp_path}/vmlinux"\n'
+        f'initrd = "{tmp_path}/root-initrd.img"\nimage = "{tmp_path}/root.img"\n'
     )
     host = HostFacts(kvm_device=False, kvm_hardware=False, vhost_vsock=False)
     return config.load(path, host=host)
@@ -75,6 +77,13 @@ def test_a_rebuilt_kernel_makes_the_template_stale(cfg: config.Config, tmp_path:
     t = template(cfg)
     made(t)
     (tmp_path / "vmlinux").write_bytes(b"a new kernel")
+    assert "stale" in (t.problem() or "")
+
+
+def test_a_rebuilt_root_image_makes_the_template_stale(cfg: config.Config, tmp_path: Path) -> None:
+    t = template(cfg)
+    made(t)
+    (tmp_path / "root.img").write_bytes(bytes(4 << 20))
     assert "stale" in (t.problem() or "")
 
 
