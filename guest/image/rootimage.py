@@ -3,13 +3,15 @@
 Every sandbox VM maps ``root.img`` through a virtio-pmem device backed by the
 file; the guest mounts it (erofs: read-only by design) with DAX, so a page of
 it the guest reads is the host's page cache of the file, once for every VM,
-never copied into guest memory. ``root-initrd.img`` is the small initramfs that gets there: busybox
-(static), the modules the pmem device and erofs need, and ``guest/init/loader.sh``.
+never copied into guest memory. ``root-initrd.img`` is the small initramfs
+that gets there: busybox (static), the modules the pmem device and erofs
+need, and ``guest/init/loader.sh``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -69,24 +71,11 @@ def write_root_image(run: packages.Runner, tree: Tree, dest: Path) -> int:
             dest.parent,
         )  # fmt: skip
     finally:
-        _remove_tree(staging)
+        shutil.rmtree(staging)
     size = -(-dest.stat().st_size // ALIGN) * ALIGN
     with dest.open("r+b") as f:
         f.truncate(size)
     return size
-
-
-def _remove_tree(root: Path) -> None:
-    if not root.exists():
-        return
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        base = Path(dirpath)
-        for name in filenames:
-            (base / name).unlink()
-        for name in dirnames:
-            p = base / name
-            p.unlink() if p.is_symlink() else p.rmdir()
-    root.rmdir()
 
 
 def loader_tree(
