@@ -67,7 +67,7 @@ ROOT_IMAGE_ID = "rootimg"
 ROOT_IMAGE_BACKEND = "rootimg-mem"
 MiB = 1024 * 1024
 #: the image's size is a whole number of these (the guest maps a pmem region in 2 MiB steps)
-ROOT_IMAGE_ALIGN = 2 * 1024 * 1024
+ROOT_IMAGE_ALIGN = 2 * MiB
 #: virtio-mem's unit of plugging (the guest's subblock); sizes are multiples of it
 VIRTIO_MEM_BLOCK_MIB = 2
 
@@ -350,10 +350,11 @@ def memory_option(spec: VmSpec, settings: QemuSettings) -> str:
 
 
 def root_image_mib(settings: QemuSettings) -> int:
-    """The MiB of device memory the root image takes (0: none)."""
+    """The MiB of device memory the root image takes (0: none): its file's size, a
+    whole number of ``ROOT_IMAGE_ALIGN`` (the plugin's config check refuses others)."""
     if not settings.image:
         return 0
-    return -(-Path(settings.image).stat().st_size // ROOT_IMAGE_ALIGN) * ROOT_IMAGE_ALIGN // MiB
+    return Path(settings.image).stat().st_size // MiB
 
 
 def root_image_args(settings: QemuSettings) -> list[str]:

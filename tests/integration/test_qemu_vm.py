@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -149,22 +150,29 @@ def qemu_pids(directory: Path) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-@pytest.fixture
-async def booted(workdir: Path, image: tuple[Path, Path]) -> AsyncIterator[QemuHypervisor]:
-    hv = driver()
-    await hv.prepare(spec_for(workdir, image))
+@asynccontextmanager
+async def running(hv: QemuHypervisor, spec: VmSpec, workdir: Path) -> AsyncIterator[QemuHypervisor]:
+    """``hv`` prepared with ``spec`` and started, its console tapped; destroyed on
+    the way out, and no QEMU of ``workdir`` left."""
+    await hv.prepare(spec)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(tap_console, hv)
-        started = time.monotonic()
-        await hv.start(30)
-        print(f"boot to QMP: {time.monotonic() - started:.2f} s")
         try:
+            started = time.monotonic()
+            await hv.start(30)
+            print(f"boot to QMP: {time.monotonic() - started:.2f} s")
             yield hv
         finally:
             with trio.CancelScope(shield=True):
                 await hv.destroy()
             nursery.cancel_scope.cancel()
-        assert not qemu_pids(workdir)
+    assert not qemu_pids(workdir)
+
+
+@pytest.fixture
+async def booted(workdir: Path, image: tuple[Path, Path]) -> AsyncIterator[QemuHypervisor]:
+    async with running(driver(), spec_for(workdir, image), workdir) as hv:
+        yield hv
 
 
 async def test_boot_agent_stop_destroy(booted: QemuHypervisor, workdir: Path) -> None:

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from guest.image.manifest import LOADER_NAME, ROOT_IMAGE_NAME, VMLINUX_NAME
 from plugins.qemu.driver import QemuHypervisor
@@ -28,9 +27,8 @@ from tests.integration.test_qemu_vm import (
     console_log,
     driver,
     image,
-    qemu_pids,
+    running,
     spec_for,
-    tap_console,
     workdir,
 )
 
@@ -50,18 +48,10 @@ async def booted(workdir: Path, image: tuple[Path, Path]) -> AsyncIterator[QemuH
     shutil.copyfile(IMAGE_DIR / ROOT_IMAGE_NAME, root)
     hv = driver(image=str(root))
     boot = (IMAGE_DIR / VMLINUX_NAME, IMAGE_DIR / LOADER_NAME)
-    await hv.prepare(spec_for(workdir, boot, debug_console=True, kernel_params=DEBUG_CONSOLE_PARAM))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(tap_console, hv)
-        try:
-            await hv.start(30)
-            assert await agent_answers(hv, 90)
-            yield hv
-        finally:
-            with trio.CancelScope(shield=True):
-                await hv.destroy()
-            nursery.cancel_scope.cancel()
-    assert not qemu_pids(workdir)
+    spec = spec_for(workdir, boot, debug_console=True, kernel_params=DEBUG_CONSOLE_PARAM)
+    async with running(hv, spec, workdir):
+        assert await agent_answers(hv, 90)
+        yield hv
 
 
 def _kib(text: str, field: str) -> int:
