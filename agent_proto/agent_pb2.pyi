@@ -376,6 +376,10 @@ class DestroySandboxRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ResetSandboxRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class RemoveStaleVirtiofsShareMountsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

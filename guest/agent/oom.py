@@ -92,6 +92,21 @@ class OomWatcher:
         self._update(watched)
         self._close(watched)
 
+    def clear(self) -> None:
+        """Stop watching every container and drop the events nobody has read.
+
+        For a sandbox's reset: the watcher itself stays (its ``run`` belongs to
+        the server's nursery), but the next sandbox hears nothing of the last one.
+        """
+        for container_id in list(self._by_id):
+            self.unwatch(container_id)
+        while True:
+            try:
+                dropped = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                return
+            log.info("OOM event of %s dropped: its sandbox was reset", dropped)
+
     async def run(self) -> None:
         """Wait for kernfs notifications and turn rising counters into events."""
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 
 import trio
@@ -12,6 +13,7 @@ from agent_proto import agent_pb2, oci_pb2
 from common.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
+    HuskError,
     InvalidArgumentError,
     NotFoundError,
 )
@@ -150,18 +152,61 @@ class Sandbox:
         )
         return response
 
+    async def reset(self) -> None:
+        """Undo :meth:`create`: no container, storage, cgroup or runtime state is left.
+
+        The agent keeps serving and :meth:`create` may be called again (a pool
+        VM that ran a throw-away container is handed to its real sandbox).
+        What the sandbox set on the machine itself stays until the next sandbox
+        sets it: the hostname, ``resolv.conf`` and the pod network's sysctl values.
+        """
+        async with self._lock:
+            for cid in list(self.containers):
+                try:
+                    await self.remove_container(cid)
+                except Exception:
+                    log.exception("removing container %s during the sandbox's reset failed", cid)
+                    self.containers.pop(cid, None)
+            await self._remove_runtime_leftovers()
+            for failure in storage.unmount_all(self.storages):
+                log.warning("%s", failure)
+            self.storages = []
+            cgroups.remove_empty(self.config.cgroup_root, self.config.cgroup_parent)
+            self.oom.clear()
+            self.network_sysctls = PodNetworkSysctls(
+                self.config.proc_sys, host_mode=self.config.host_mode
+            )
+            self.id = ""
+            self.hostname = ""
+            self.created = False
+
+    async def _remove_runtime_leftovers(self) -> None:
+        """Runtime state and bundles no container owns any more.
+
+        A container whose removal failed leaves them, and :meth:`Container.destroy`
+        deletes runc's state only (``state.json``): crun's, the guest's runtime,
+        stays. Each is deleted with ``--force`` (which also kills what is left in
+        it) before its directory goes.
+        """
+        for root in (self.config.runc_root, self.config.state_dir / "bundles"):
+            try:
+                entries = sorted(root.iterdir())
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if root == self.config.runc_root and entry.is_dir():
+                    try:
+                        await self.rt.runc.delete(entry.name, force=True)
+                    except (HuskError, OSError) as exc:
+                        log.warning("leftover runtime state of %s: %s", entry.name, exc)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
     async def destroy(self) -> None:
         """Remove every container, unmount the sandbox's storages, flush disks."""
-        for cid in list(self.containers):
-            try:
-                await self.remove_container(cid)
-            except Exception:
-                log.exception("removing container %s during DestroySandbox failed", cid)
-                self.containers.pop(cid, None)
-        for failure in storage.unmount_all(self.storages):
-            log.warning("%s", failure)
-        self.storages = []
-        cgroups.remove_empty(self.config.cgroup_root, self.config.cgroup_parent)
+        sandbox_id = self.id
+        await self.reset()
         os.sync()
-        self.created = False
-        log.info("sandbox %s destroyed", self.id or "(no id)")
+        log.info("sandbox %s destroyed", sandbox_id or "(no id)")

@@ -74,6 +74,13 @@ class AgentService:
         self.destroyed.set()
         return Empty()
 
+    async def ResetSandbox(self, request: agent_pb2.ResetSandboxRequest, ctx: object) -> Empty:
+        """husk's own: undo CreateSandbox but keep serving (a pool VM becomes blank again)."""
+        sandbox_id = self.sandbox.id
+        await self.sandbox.reset()
+        log.info("sandbox %s reset: ready for CreateSandbox", sandbox_id or "(no id)")
+        return Empty()
+
     # --- containers ------------------------------------------------------------
 
     async def CreateContainer(

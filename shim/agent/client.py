@@ -207,6 +207,10 @@ class AgentClient:
         """``DestroySandbox``: the agent stops every container and unmounts."""
         await self._agent("DestroySandbox", agent_pb2.DestroySandboxRequest(), empty_pb2.Empty)
 
+    async def reset_sandbox(self) -> None:
+        """``ResetSandbox`` (husk's own): the agent undoes CreateSandbox and keeps serving."""
+        await self._agent("ResetSandbox", agent_pb2.ResetSandboxRequest(), empty_pb2.Empty)
+
     async def get_oom_event(self) -> str:
         """``GetOOMEvent``: block until a container is OOM-killed; its id."""
         event = await self._agent(

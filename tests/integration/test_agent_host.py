@@ -471,3 +471,30 @@ async def test_sigterm_removes_every_container_before_the_agent_exits() -> None:
         await a.create("c13", ["sleep", "1000"])
         await a.agent.StartContainer(agent_pb2.StartContainerRequest(container_id="c13"))
         await a.create("c14", ["sleep", "1000"])  # created, never started
+
+
+async def test_reset_sandbox_leaves_nothing_and_the_agent_serves_a_new_sandbox() -> None:
+    """ResetSandbox (a pool VM handed on): containers, runc state and bundles go; it serves on."""
+    async with running_agent() as a:
+        await create_sandbox(a)
+        await a.create("warm", ["sleep", "1000"])
+        await a.agent.StartContainer(agent_pb2.StartContainerRequest(container_id="warm"))
+        await a.create("idle", ["sleep", "1000"])  # created, never started
+        await a.agent.ResetSandbox(agent_pb2.ResetSandboxRequest(), timeout=60)
+        assert a.process.poll() is None  # still serving
+        assert_nothing_left(a)
+        assert list((a.base / "state" / "bundles").iterdir()) == []
+        with pytest.raises(RpcError) as err:
+            await a.wait("warm")
+        assert err.value.code == Code.NOT_FOUND
+        await create_sandbox(a)
+        # the same id (and its rootfs, which is the host's): runc has nothing of the old one
+        await a.agent.CreateContainer(
+            agent_pb2.CreateContainerRequest(
+                container_id="warm", exec_id="warm", OCI=make_spec(["echo", "again"])
+            ),
+            timeout=30,
+        )
+        await a.agent.StartContainer(agent_pb2.StartContainerRequest(container_id="warm"))
+        assert await a.read_all("warm") == b"again\n"
+        assert await a.wait("warm") == 0

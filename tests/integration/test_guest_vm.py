@@ -6,8 +6,9 @@ husk's ttrpc client; the pod's first container, written as containerd 2 writes
 it (runtime-spec 1.2.1, pod sysctls), sets the pod network's sysctls on the VM
 and runs on crun; a container made from a busybox rootfs on the 9p share runs
 and returns its stdout and exit code; a second process is exec'd into a running
-container and signalled; the container is removed; DestroySandbox powers the
-guest off and QEMU exits by itself.
+container and signalled; the container is removed; ResetSandbox leaves the VM
+ready for a new sandbox, whose containers may reuse the last one's ids;
+DestroySandbox powers the guest off and QEMU exits by itself.
 """
 
 from __future__ import annotations
@@ -315,6 +316,23 @@ def test_removed_container_is_gone(guest: Guest) -> None:
     with pytest.raises(RpcError) as err:
         guest.run(guest.wait, "c2")
     assert err.value.code == Code.NOT_FOUND and "c2" in str(err.value)
+
+
+def test_reset_sandbox_lets_the_vm_take_a_new_sandbox(guest: Guest) -> None:
+    """ResetSandbox (a pool VM handed on): crun's state goes too, so an id can come again."""
+    guest.run(guest.create_and_start, "warm", ["sleep", "1000"])
+    guest.run(guest.agent.ResetSandbox, agent_pb2.ResetSandboxRequest())
+    with pytest.raises(RpcError) as err:
+        guest.run(guest.wait, "warm")
+    assert err.value.code == Code.NOT_FOUND
+    share = shared_storage(shared_fs_device("9p", guest.shared))
+    assert share is not None
+    request = agent_pb2.CreateSandboxRequest(hostname="pod", storages=[share], sandbox_id="pod")
+    guest.run(guest.agent.CreateSandbox, request)
+    for cid in ("warm", "c1"):  # ids the last sandbox had, its containers removed by crun
+        guest.run(guest.create_and_start, cid, ["echo", "again"])
+        assert guest.run(guest.read_all, cid) == b"again\n"
+        assert guest.run(guest.wait, cid) == 0
 
 
 def test_destroy_sandbox_powers_the_guest_off(guest: Guest) -> None:

@@ -81,6 +81,7 @@ AGENT_METHODS_REQUIRED = [
     "AddARPNeighbors",
     "CreateSandbox",
     "DestroySandbox",
+    "ResetSandbox",
     "OnlineCPUMem",
     "GetGuestDetails",
     "CopyFile",

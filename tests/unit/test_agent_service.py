@@ -228,3 +228,114 @@ async def test_get_oom_event_waits_for_a_kill_in_a_watched_container(tmp_path: P
             while not events:
                 await trio.sleep(0.01)
     assert [event.container_id for event in events] == ["c1"]
+
+
+# --- ResetSandbox (husk's own): a pool VM's sandbox undone, the agent still serving --------
+
+
+def reset_service(tmp_path: Path) -> AgentService:
+    """A guest-mode service on temporary paths whose runtime only logs its calls.
+
+    The cgroup hierarchy is a temporary v2 stand-in, so the reset's cgroup
+    cleanup never touches the host's.
+    """
+    runtime = tmp_path / "crun"
+    runtime.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit 0\n')
+    runtime.chmod(0o755)
+    cgroup_root = tmp_path / "cgroup"
+    (cgroup_root / "husk").mkdir(parents=True)  # as the runtime left it: empty
+    (cgroup_root / "cgroup.controllers").write_text("memory pids\n")
+    config = AgentConfig(
+        state_dir=tmp_path / "state",
+        shared_dir=tmp_path / "shared",
+        runc=str(runtime),
+        runc_root=tmp_path / "state" / "runc",
+        cgroup_root=cgroup_root,
+        copy_file_root=tmp_path / "run",
+        resolv_conf=tmp_path / "resolv.conf",
+        proc_sys=tmp_path / "proc-sys",
+        sysfs=SysfsLayout(sys=tmp_path / "sys", dev=tmp_path / "dev"),
+    )
+    return AgentService(Sandbox(config, Reaper()), Network())
+
+
+def exited_container(service: AgentService, cid: str) -> Container:
+    """A container whose init has exited, with a bundle and crun's state on disk."""
+    container = fake_container(service, cid)
+    container.init.watch.set(0)
+    container.bundle.mkdir(parents=True)
+    (container.bundle / "config.json").write_text("{}")
+    crun_state = service.sandbox.config.runc_root / cid
+    crun_state.mkdir(parents=True)
+    (crun_state / "status").write_text("{}")  # crun's; runc's would be state.json
+    return container
+
+
+async def test_reset_sandbox_lets_create_sandbox_run_again(tmp_path: Path) -> None:
+    service = reset_service(tmp_path)
+    sandbox = service.sandbox
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sandbox.rt.reaper.run)
+        await service.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="pool"), None)
+        sysctls = sandbox.network_sysctls
+        sysctls.applied = {}  # as after the throw-away container
+        await service.ResetSandbox(agent_pb2.ResetSandboxRequest(), None)
+        assert (sandbox.created, sandbox.id, sandbox.hostname) == (False, "", "")
+        assert sandbox.network_sysctls is not sysctls
+        assert sandbox.network_sysctls.applied is None
+        assert not service.destroyed.is_set()  # the server keeps serving
+        await service.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="pod"), None)
+        assert (sandbox.created, sandbox.id) == (True, "pod")
+        nursery.cancel_scope.cancel()
+
+
+async def test_reset_sandbox_removes_containers_and_their_runtime_state(tmp_path: Path) -> None:
+    service = reset_service(tmp_path)
+    sandbox = service.sandbox
+    config = sandbox.config
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sandbox.rt.reaper.run)
+        await service.CreateSandbox(agent_pb2.CreateSandboxRequest(sandbox_id="pool"), None)
+        exited_container(service, "c1")
+        group = tmp_path / "memory-of-c1"
+        group.mkdir()
+        (group / "memory.events").write_text("oom_kill 0\n")
+        sandbox.oom.watch("c1", group)
+        (group / "memory.events").write_text("oom_kill 1\n")
+        sandbox.oom.check("c1")  # an OOM event of the throw-away container, never read
+        (group / "memory.events").unlink()
+        stray = config.bundle_dir("failed")  # a bundle no container owns any more
+        stray.mkdir(parents=True)
+        await service.ResetSandbox(agent_pb2.ResetSandboxRequest(), None)
+        assert sandbox.containers == {}
+        assert list((config.state_dir / "bundles").iterdir()) == []
+        assert list(config.runc_root.iterdir()) == []
+        assert not (config.cgroup_root / "husk").exists()
+        runtime_calls = (tmp_path / "calls").read_text()
+        assert runtime_calls == f"--root {config.runc_root} delete --force c1\n"
+        with trio.move_on_after(0.05) as nothing:
+            await sandbox.oom.next_event()
+        assert nothing.cancelled_caught  # the next sandbox hears nothing of this one
+        with pytest.raises(NotFoundError, match="container 'c1' not found"):
+            await service.StartContainer(agent_pb2.StartContainerRequest(container_id="c1"), None)
+        nursery.cancel_scope.cancel()
+    assert not service.destroyed.is_set()
+
+
+async def test_reset_sandbox_over_ttrpc_keeps_the_server_serving(tmp_path: Path) -> None:
+    from shim.agent.client import AgentClient
+
+    service = reset_service(tmp_path)
+    server = build_server(service)
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.sandbox.rt.reaper.run)
+        nursery.start_soon(server.serve_stream, server_side)
+        async with AgentClient.open(client_side, request_timeout=10) as agent:
+            await agent.create_sandbox(agent_pb2.CreateSandboxRequest(sandbox_id="pool"))
+            await agent.reset_sandbox()
+            await agent.create_sandbox(agent_pb2.CreateSandboxRequest(sandbox_id="pod"))
+            await agent.check()
+        nursery.cancel_scope.cancel()
+    assert service.sandbox.id == "pod"
+    assert not service.destroyed.is_set()
