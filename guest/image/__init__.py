@@ -19,6 +19,7 @@ from guest.image.errors import (
     ToolMissingError,
 )
 from guest.image.manifest import (
+    BUSYBOX_NAME,
     INITRD_NAME,
     KERNEL_NAME,
     MANIFEST_NAME,
@@ -28,6 +29,7 @@ from guest.image.manifest import (
 )
 
 __all__ = [
+    "BUSYBOX_NAME",
     "DEFAULT_IMAGE_DIR",
     "INITRD_NAME",
     "KERNEL_NAME",

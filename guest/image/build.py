@@ -1,6 +1,7 @@
 """``husk image build``: Debian packages -> kernel, ``root.img`` + ``root-initrd.img``
 (the shared root image and its loader), ``initrd.img`` (the same guest as an
-initramfs) and ``manifest.json``.
+initramfs), ``busybox`` (the guest's static busybox, for a rootfs the host makes)
+and ``manifest.json``.
 
 The build works in a temporary directory inside the output directory and moves the
 finished artefacts into place at the end (manifest last), so a reader never sees a
@@ -21,8 +22,10 @@ from pathlib import Path
 
 from guest.image import initrd, kernel, packages, recipe, rootfs, rootimage
 from guest.image.cpio import Entry
+from guest.image.elf import ElfFile, NotElfError
 from guest.image.errors import DiskSpaceError, ImageBuildError, RecipeError, ToolMissingError
 from guest.image.manifest import (
+    BUSYBOX_NAME,
     INITRD_NAME,
     KERNEL_NAME,
     LOADER_NAME,
@@ -105,6 +108,34 @@ def _dist_versions() -> dict[str, str]:
                 f"Python package '{name}' is not installed on this host: pip install {name}"
             ) from None
     return out
+
+
+def write_busybox(staging: Path, dest: Path) -> None:
+    """Copy the staged static busybox to ``dest``, executable (mode 0755).
+
+    The VM pool copies it into a rootfs of its own, which holds no libraries:
+    a busybox that needs any is refused.
+    """
+    source = staging / "bin" / "busybox"
+    try:
+        needed = ElfFile.read(source).needed()
+    except NotElfError as e:
+        raise RecipeError(f"the staged busybox is not a binary this build can read: {e}") from e
+    if needed:
+        raise RecipeError(
+            f"the staged busybox is not static (it needs {', '.join(needed)}): "
+            "the recipe must install busybox-static"
+        )
+    shutil.copyfile(source, dest)
+    dest.chmod(0o755)
+
+
+def artefact_records(out: Path, names: list[str]) -> dict[str, Artefact]:
+    """The manifest's record (sha256 and size) of each named file in ``out``."""
+    return {
+        name: Artefact(packages.sha256_file(out / name), (out / name).stat().st_size)
+        for name in names
+    }
 
 
 @dataclass(frozen=True)
@@ -275,19 +306,17 @@ def _build(
         f"erofs {_mib(image_size)}; loader {_mib(loader_size)}, {len(loader_modules)} modules",
     )
 
+    write_busybox(staging, out / BUSYBOX_NAME)
     bzimage = vmlinuz.read_bytes()
     (out / KERNEL_NAME).write_bytes(bzimage)
-    names = [KERNEL_NAME, INITRD_NAME, ROOT_IMAGE_NAME, LOADER_NAME]
+    names = [KERNEL_NAME, INITRD_NAME, ROOT_IMAGE_NAME, LOADER_NAME, BUSYBOX_NAME]
     elf = kernel.extract_vmlinux(bzimage)
     if elf is not None:
         (out / VMLINUX_NAME).write_bytes(elf)
         names.append(VMLINUX_NAME)
     pvh = "vmlinux (PVH ELF) extracted" if elf is not None else "no PVH entry: vmlinuz only"
     steps.done("kernel", f"{pvh}, {_mib(len(elf or bzimage))}")
-    artefacts = {
-        name: Artefact(packages.sha256_file(out / name), (out / name).stat().st_size)
-        for name in names
-    }
+    artefacts = artefact_records(out, names)
     manifest = ImageManifest(
         kernel_version=kernel_version,
         compression=compression,

@@ -14,6 +14,7 @@ VMLINUX_NAME = "vmlinux"  # uncompressed ELF with a PVH entry; boots ~2.5 s fast
 INITRD_NAME = "initrd.img"  # the whole guest as an initramfs
 ROOT_IMAGE_NAME = "root.img"  # the whole guest as a read-only ext4, mapped by virtio-pmem
 LOADER_NAME = "root-initrd.img"  # the initramfs that mounts root.img
+BUSYBOX_NAME = "busybox"  # static busybox from the guest, for a host-side throw-away rootfs
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
 

@@ -6,8 +6,11 @@ scripts (no network, no root, fast).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,13 +24,16 @@ from guest.image import (
     build_image,
     recipe,
 )
-from guest.image.build import make_plan
+from guest.image.build import artefact_records, make_plan, write_busybox
+from guest.image.errors import RecipeError
 from guest.image.manifest import (
+    BUSYBOX_NAME,
     INITRD_NAME,
     KERNEL_NAME,
     MANIFEST_NAME,
     Artefact,
     ImageManifest,
+    find_image,
 )
 from guest.image.packages import parse_print_uris, subprocess_runner
 
@@ -216,3 +222,49 @@ def test_parse_print_uris() -> None:
         "busybox-static", "1:1.35.0-4+b1", 928188, "abc",
     )  # fmt: skip
     assert deb.filename == "busybox-static_1:1.35.0-4+b1_amd64.deb"
+
+
+#: an ELF64 header without sections: no DT_NEEDED, so static to the build's reader
+STATIC_ELF = (
+    b"\x7fELF\x02\x01\x01" + bytes(9)
+    + struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, 0, 0, 0, 0, 64, 0, 0, 64, 0, 0)
+)  # fmt: skip
+
+
+def test_the_static_busybox_is_written_executable_and_listed(tmp_path: Path) -> None:
+    staging = tmp_path / "root"
+    (staging / "bin").mkdir(parents=True)
+    (staging / "bin" / "busybox").write_bytes(STATIC_ELF)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (KERNEL_NAME, INITRD_NAME):
+        (out / name).write_bytes(name.encode())
+    write_busybox(staging, out / BUSYBOX_NAME)
+    busybox = out / BUSYBOX_NAME
+    assert busybox.read_bytes() == STATIC_ELF
+    assert stat.S_IMODE(busybox.stat().st_mode) == 0o755
+    manifest = ImageManifest(
+        kernel_version="6.1.0-99-amd64",
+        compression="none",
+        inputs_digest="d",
+        built_at="2025-01-01T00:00:00+00:00",
+        build_seconds=1.0,
+        artefacts=artefact_records(out, [KERNEL_NAME, INITRD_NAME, BUSYBOX_NAME]),
+    )
+    (out / MANIFEST_NAME).write_text(manifest.to_json())
+    found = find_image(out)
+    assert found is not None
+    assert found.artefacts[BUSYBOX_NAME] == Artefact(
+        hashlib.sha256(STATIC_ELF).hexdigest(), len(STATIC_ELF)
+    )
+    busybox.write_bytes(STATIC_ELF + b"x")  # a listed artefact that changed: no image
+    assert find_image(out) is None
+
+
+def test_a_busybox_that_needs_libraries_is_refused(tmp_path: Path) -> None:
+    staging = tmp_path / "root"
+    (staging / "bin").mkdir(parents=True)
+    (staging / "bin" / "busybox").write_bytes(Path(sys.executable).resolve().read_bytes())
+    with pytest.raises(RecipeError, match=r"busybox is not static \(it needs .*libc"):
+        write_busybox(staging, tmp_path / BUSYBOX_NAME)
+    assert not (tmp_path / BUSYBOX_NAME).exists()
