@@ -64,6 +64,9 @@ class Capabilities:
     #: VM templates: boot with the guest's RAM in a file, save the device state
     #: alone, start clones that map the RAM copy-on-write (see ``TemplateFiles``)
     templates: bool = False
+    #: a running VM's state dir can be renamed under it (``relocate``): the VM pool
+    #: hands a booted VM over to its sandbox that way
+    relocate: bool = False
 
 
 # --- devices -------------------------------------------------------------------
@@ -340,6 +343,16 @@ class Hypervisor(abc.ABC):
     async def save_template(self) -> None:
         """Pause a VM booted as a template, write its device state, and stop it."""
         raise NotSupportedError(self.name, "saving a VM template")
+
+    def relocate(self, spec: VmSpec) -> None:
+        """The running VM's state dir was renamed: use ``spec``'s paths from now on.
+
+        ``spec`` is the spec the VM was started with, its ``state_dir`` (and the
+        paths under it, such as ``shared_fs``) at the new place. The VMM keeps
+        its open sockets and files; only what the plugin opens by path changes.
+        Needs ``Capabilities.relocate``.
+        """
+        raise NotSupportedError(self.name, "handing a running VM over (relocate)")
 
 
 def _is_executable(path: Path) -> bool:

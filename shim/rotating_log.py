@@ -34,6 +34,9 @@ class RotatingLog:
         self.cap = cap
         self.rotated = path.with_name(path.name + ".1")
         self._fd = -1
+        #: the log's directory, held open: writes and rotations follow it if it is
+        #: renamed (a pool VM's state dir becomes its sandbox's while QEMU logs)
+        self._dir_fd = -1
         self._written = 0
 
     def write(self, data: bytes | bytearray) -> None:
@@ -46,7 +49,12 @@ class RotatingLog:
             room = self.cap - self._written
             if room <= 0:
                 os.close(self._fd)
-                os.replace(self.path, self.rotated)
+                os.replace(
+                    self.path.name,
+                    self.rotated.name,
+                    src_dir_fd=self._dir_fd,
+                    dst_dir_fd=self._dir_fd,
+                )
                 self._fd, self._written = self._open(), 0
                 continue
             done = os.write(self._fd, view[:room])
@@ -58,10 +66,18 @@ class RotatingLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     def _open(self) -> int:
+        if self._dir_fd < 0:
+            self._dir_fd = os.open(self.path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         return os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+            self.path.name,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+            dir_fd=self._dir_fd,
         )
 
     def tail(self, size: int = 4096) -> bytes:

@@ -136,6 +136,7 @@ class QemuHypervisor(Hypervisor):
             memory_hotplug=q35,
             memory_unplug=q35,
             templates=True,
+            relocate=True,
         )
 
     def console_socket(self) -> Path | None:
@@ -265,6 +266,19 @@ class QemuHypervisor(Hypervisor):
                 await self.stop()
             raise
 
+    def relocate(self, spec: VmSpec) -> None:
+        """The VM's state dir was renamed: QMP and the channels are reached at the new paths.
+
+        QEMU keeps every socket it listens on and the 9p export it holds open
+        (its ``local`` backend works relative to the export's directory, opened
+        once), and its log copier writes through its directory's fd: none of
+        them notices the rename.
+        """
+        paths = VmPaths.for_spec(spec)
+        self._spec, self._paths = spec, paths
+        if self._process is not None:
+            self._process.log = paths.log
+
     async def save_template(self) -> None:
         """Pause the template VM, write its device state (not its RAM: the file is
         the RAM), and quit QEMU; the template's files are immutable from now on."""
@@ -374,6 +388,9 @@ class QemuHypervisor(Hypervisor):
         if process is None or not process.alive:
             if process is not None:
                 process.signal_group(signal.SIGKILL)  # helpers, if any outlived QEMU
+                # reaped now: a QEMU the guest powered off is not left a zombie until
+                # this process exits
+                await process.wait_for(self.settings.stop_timeout)
             return
         step = self.settings.stop_timeout
         try:

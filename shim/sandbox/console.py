@@ -72,6 +72,11 @@ class ConsoleLog:
         finally:
             log.close()
 
+    def relocate(self, path: Path) -> None:
+        """The log's directory was renamed (the copy itself follows it: see ``RotatingLog``)."""
+        self.path = path
+        self.rotated = path.with_name(path.name + ".1")
+
     def tail(self, size: int = 4096) -> str:
         """The last ``size`` bytes of the console, for error messages."""
         return RotatingLog(self.path, self.cap).tail(size).decode(errors="replace")

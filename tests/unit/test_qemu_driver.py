@@ -3,6 +3,7 @@ state, pause/resume and the stop escalation, without a real VM."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -336,3 +337,20 @@ async def test_resize_unplugs_hot_added_vcpus_under_kvm(fake_qemu: Path, workdir
     # below the boot size means "as small as possible": the boot vCPU stays
     assert await hv.resize(0, 0) == VmSize(1, 128)
     await hv.destroy()
+
+
+async def test_a_vm_whose_state_dir_was_renamed_is_reached_at_the_new_paths(
+    fake_qemu: Path, workdir: Path
+) -> None:
+    hv, spec = make(fake_qemu, workdir)
+    await hv.prepare(spec)
+    await hv.start(5)
+    moved = spec.state_dir.with_name(spec.state_dir.name + "-moved")
+    spec.state_dir.rename(moved)
+    hv.relocate(dataclasses.replace(spec, state_dir=moved))
+    assert hv.paths.qmp == moved / "qemu" / "qmp.sock"
+    assert hv.agent_endpoint() == SerialEndpoint(moved / "qemu" / "agent.sock")
+    assert await hv.state() == VmState.RUNNING  # QMP answers at the new path
+    await hv.stop()
+    await hv.destroy()
+    assert not (moved / "qemu").exists()
