@@ -89,12 +89,19 @@ def _parser() -> argparse.ArgumentParser:
     p_metrics = sub.add_parser("metrics", help="Prometheus metrics of one sandbox, or of all")
     p_metrics.add_argument("sandbox", nargs="?", help="a sandbox id (default: every sandbox)")
 
-    p_factory = sub.add_parser("factory", help="the VM template sandboxes are cloned from")
+    p_factory = sub.add_parser(
+        "factory", help="the VM template sandboxes are cloned from, and the VM pool"
+    )
     factory_sub = p_factory.add_subparsers(dest="factory_command", required=True)
-    factory_sub.add_parser("init", help="make the template now (again if stale)")
+    p_finit = factory_sub.add_parser(
+        "init", help="make the template now (again if stale); start the VM pool daemon"
+    )
+    p_finit.add_argument(
+        "--foreground", action="store_true", help="run the pool daemon here (for systemd)"
+    )
     p_fstatus = factory_sub.add_parser("status", help="whether the template is ready")
     p_fstatus.add_argument("--json", action="store_true", help="machine-readable output")
-    factory_sub.add_parser("destroy", help="stop and remove the template")
+    factory_sub.add_parser("destroy", help="stop the VM pool; stop and remove the template")
 
     p_cleanup = sub.add_parser("cleanup", help="list and reclaim sandboxes of dead shims")
     p_cleanup.add_argument("--dry-run", action="store_true", help="only list the orphans")
@@ -200,7 +207,7 @@ def _cmd_factory(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     if args.factory_command == "init":
-        return factory.init(cfg)
+        return factory.init(cfg, foreground=args.foreground)
     if args.factory_command == "status":
         return factory.status(cfg, args.json)
     return factory.destroy(cfg)

@@ -63,6 +63,20 @@ RUNTIME_KEYS: tuple[Key, ...] = (
 FACTORY_KEYS: tuple[Key, ...] = (
     Key("enable_template", bool, False, "start sandboxes as clones of a booted VM template"),
     Key("template_path", str, "/run/husk-template", "where the template's files live (a tmpfs)"),
+    Key(
+        "vm_cache_number",
+        int,
+        0,
+        "booted, exercised VMs `husk factory init` keeps ready (0: no pool)",
+        minimum=0,
+        maximum=64,
+    ),
+    Key(
+        "vm_cache_endpoint",
+        str,
+        "/run/husk-vm-cache.sock",
+        "the pool daemon's socket, where shims claim its VMs",
+    ),
 )
 
 AGENT_KEYS: tuple[Key, ...] = (
@@ -89,10 +103,13 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class FactoryConfig:
-    """The ``[factory]`` section (Kata's name): VM templates."""
+    """The ``[factory]`` section (Kata's name): VM templates and the VM pool."""
 
     enable_template: bool
     template_path: Path
+    #: VMs the pool daemon keeps ready (0: no pool)
+    vm_cache_number: int
+    vm_cache_endpoint: Path
 
 
 @dataclass(frozen=True)
@@ -114,7 +131,9 @@ class Config:
     runtime: RuntimeConfig
     agent: AgentConfig
     hypervisors: Mapping[str, Mapping[str, Any]]
-    factory: FactoryConfig = FactoryConfig(False, Path("/run/husk-template"))
+    factory: FactoryConfig = FactoryConfig(
+        False, Path("/run/husk-template"), 0, Path("/run/husk-vm-cache.sock")
+    )
 
     @property
     def hypervisor(self) -> Mapping[str, Any]:
@@ -205,6 +224,8 @@ def parse(raw: Mapping[str, Any], *, source: Path, host: HostFacts) -> Config:
     factory = FactoryConfig(
         enable_template=factory_values["enable_template"],
         template_path=Path(factory_values["template_path"]),
+        vm_cache_number=factory_values["vm_cache_number"],
+        vm_cache_endpoint=Path(factory_values["vm_cache_endpoint"]),
     )
     return Config(source, runtime, AgentConfig(**agent_values), hypervisors, factory)
 

@@ -69,10 +69,18 @@ def _read_annotations_spec(bundle: str) -> dict[str, object]:
     return spec if isinstance(spec, dict) else {}
 
 
-def start(args: ShimArgs, state_root: Path, sandbox_model: str, serve: Callable[[], int]) -> str:
+def start(
+    args: ShimArgs,
+    state_root: Path,
+    sandbox_model: str,
+    serve: Callable[[], int],
+    claim: Callable[[], Path | None] | None = None,
+) -> str:
     """Launch (or find) the shim serving this container; return its address.
 
     ``serve`` runs in the forked serving shim and returns its exit status.
+    ``claim`` asks the VM pool for a VM whose process then serves the sandbox,
+    returning that shim's socket (None: no VM; a shim is forked as without a pool).
     """
     spec = _read_annotations_spec(args.bundle)
     place = placement(args.id, spec, sandbox_model)
@@ -80,6 +88,11 @@ def start(args: ShimArgs, state_root: Path, sandbox_model: str, serve: Callable[
         path = socket_path(state_root, place.sandbox_id)
         if can_connect(path):
             return _publish_address(args.bundle, path)
+    elif claim is not None and not (state_root / args.id).exists():
+        claimed = claim()
+        if claimed is not None:
+            return _publish_address(args.bundle, claimed)
+        _reclaim_failed_handover(state_root / args.id)
     state = SandboxState.create(state_root, args.id, args.namespace)
     path = state.socket
     if can_connect(path):
@@ -95,6 +108,16 @@ def start(args: ShimArgs, state_root: Path, sandbox_model: str, serve: Callable[
     finally:
         listener.close()
     return _publish_address(args.bundle, path)
+
+
+def _reclaim_failed_handover(directory: Path) -> None:
+    """A pool VM whose process died while it took this sandbox over left its dir here."""
+    if (directory / "sandbox.json").exists():
+        from shim.sandbox import cleanup
+
+        state = SandboxState.load(directory)
+        if not state.shim_alive():
+            cleanup.reclaim(state)
 
 
 def _spawn_server(listener: socket.socket, bundle: str, serve: Callable[[], int]) -> None:

@@ -124,14 +124,20 @@ def _start(args: ShimArgs, cfg: object, start_input: StartInput) -> int:
         print("husk: start needs -id", file=sys.stderr)
         return 2
 
+    claim = None
+    if cfg.factory.vm_cache_number > 0:
+        from shim.pool.claim import PoolClaim
+
+        claim = PoolClaim(cfg, args)
+
     def serve_forever() -> int:
         from shim.containerd import serve
 
-        return serve.main(args, cfg)
+        return serve.main(args, cfg, pool_miss=claim.miss if claim is not None else "")
 
     try:
         address = launch.start(
-            args, cfg.runtime.state_dir, cfg.runtime.sandbox_model, serve_forever
+            args, cfg.runtime.state_dir, cfg.runtime.sandbox_model, serve_forever, claim
         )
     except (HuskError, OSError) as e:
         print(f"husk: cannot start the shim for {args.id}: {e}", file=sys.stderr, end="")

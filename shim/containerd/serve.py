@@ -40,6 +40,7 @@ from shim.lograte import RateLimit
 from shim.resources import SOCKET_FILE, Resource
 from shim.sandbox import cleanup, factory, oci
 from shim.sandbox.annotations import placement
+from shim.sandbox.boot import BootedVm
 from shim.sandbox.sandbox import Sandbox
 from shim.sandbox.state import METRICS_SOCKET, SandboxState
 from ttrpc import Server
@@ -91,18 +92,31 @@ def setup_logging(bundle: str, level: int) -> None:
     root.setLevel(level)
 
 
-async def serve(args: ShimArgs, listener: socket.socket, config: Config | HuskError) -> None:
-    """Serve until Shutdown or SIGTERM, then tear everything down."""
+async def serve(
+    args: ShimArgs,
+    listener: socket.socket,
+    config: Config | HuskError,
+    *,
+    booted: BootedVm | None = None,
+) -> None:
+    """Serve until Shutdown or SIGTERM, then tear everything down.
+
+    ``booted``: the VM the sandbox takes over (a VM pool member serves this way).
+    """
     ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
     publisher: Publisher = (
         TtrpcPublisher(ttrpc_address, args.namespace) if ttrpc_address else RecordingPublisher()
     )
     state_root = config.runtime.state_dir if isinstance(config, Config) else None
 
-    def make(sandbox_id: str, netns: str | None, annotations: Mapping[str, Any]) -> Sandbox:
-        if isinstance(config, HuskError):
-            raise config
-        return factory.sandbox_factory(config, args.namespace)(sandbox_id, netns, annotations)
+    make: factory.SandboxFactory
+    if isinstance(config, Config):
+        make = factory.sandbox_factory(config, args.namespace, booted)
+    else:
+        error = config
+
+        def make(sandbox_id: str, netns: str | None, annotations: Mapping[str, Any]) -> Sandbox:
+            raise error
 
     model = config.runtime.sandbox_model if isinstance(config, Config) else "pod"
     async with trio.open_nursery() as nursery:
@@ -197,9 +211,14 @@ def _reclaim_leftovers(directory: Path) -> None:
             log.warning("%s", problem)
 
 
-def main(args: ShimArgs, config: Config | HuskError) -> int:
-    """Entry of the serving process (no action on the command line)."""
+def main(args: ShimArgs, config: Config | HuskError, pool_miss: str = "") -> int:
+    """Entry of the serving process (no action on the command line).
+
+    ``pool_miss``: why ``start`` got no VM from the VM pool (logged once).
+    """
     setup_logging(args.bundle, log_level(args, config))
+    if pool_miss:
+        log.info("%s: %s", args.id, pool_miss)
     try:
         listener = socket.socket(fileno=SERVE_FD)
     except OSError as e:

@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
-from shim.agent.client import wait_ready
+from shim.agent.client import AgentClient, wait_ready
 from shim.agent.transport import connect
 from shim.errors import HuskError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSpec
 from shim.sandbox.boot_slots import BootSlots, Slot
 from shim.sandbox.console import ConsoleLog
+from shim.sandbox.state import SandboxState
 from shim.sandbox.template import VmTemplate
 from ttrpc import TtrpcError
 
@@ -32,6 +34,33 @@ log = logging.getLogger("husk.sandbox.boot")
 CLONE_READY_TIMEOUT = 10.0
 
 Dial = Callable[[AgentEndpoint, float], Awaitable[trio.abc.Stream]]
+
+
+@dataclass
+class BootedVm:
+    """A VM that was booted, and its agent connected, before its sandbox existed.
+
+    The VM pool's (:mod:`shim.pool.member`): its state dir has become the
+    sandbox's, and the process that started its VMM serves the sandbox.
+    """
+
+    #: the pool member it was (its first state dir's name)
+    name: str
+    hypervisor: Hypervisor
+    #: the spec it was started with, its paths at the sandbox's state dir
+    spec: VmSpec
+    console: ConsoleLog
+    agent: AgentClient
+    #: the sandbox's state, which the VM's resources are recorded in
+    state: SandboxState
+    #: a clone of the VM template (else booted cold)
+    cloned: bool
+    #: ``trio.current_time()`` when its agent first answered
+    ready_at: float
+
+    def age(self) -> float:
+        """Seconds since it was ready."""
+        return trio.current_time() - self.ready_at
 
 
 class VmLauncher:

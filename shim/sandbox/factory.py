@@ -20,6 +20,7 @@ from shim.host import HostFacts
 from shim.hypervisor import VmSpec
 from shim.sandbox import rootfs
 from shim.sandbox.annotations import hypervisor_overrides
+from shim.sandbox.boot import BootedVm
 from shim.sandbox.boot_slots import BootSlots, slot_count
 from shim.sandbox.pod_network import SandboxNetwork
 from shim.sandbox.sandbox import Sandbox
@@ -67,8 +68,15 @@ def vm_spec(config: Config, state: SandboxState) -> VmSpec:
     )
 
 
-def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
-    """Return ``make(sandbox_id, netns) -> Sandbox`` for the configured hypervisor."""
+def sandbox_factory(
+    config: Config, namespace: str, booted: BootedVm | None = None
+) -> SandboxFactory:
+    """Return ``make(sandbox_id, netns) -> Sandbox`` for the configured hypervisor.
+
+    ``booted``: a VM the first sandbox made takes over instead of starting one
+    (the VM pool's, already in that sandbox's state dir).
+    """
+    unclaimed = [booted] if booted is not None else []
 
     def make(sandbox_id: str, netns: str | None, annotations: Mapping[str, Any]) -> Sandbox:
         plugin = registry.lookup(config.runtime.hypervisor)
@@ -82,8 +90,13 @@ def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
         problems = plugin.unmet_requirements(section, HostFacts.probe())
         if problems:
             raise HostError(f"cannot start sandbox {sandbox_id}: " + "; ".join(problems))
-        hypervisor = plugin.create(section)
-        state = SandboxState.create(config.runtime.state_dir, sandbox_id, namespace)
+        vm = unclaimed.pop() if unclaimed else None
+        if vm is not None and vm.state.id == sandbox_id:
+            hypervisor, state = vm.hypervisor, vm.state
+        else:
+            vm = None
+            hypervisor = plugin.create(section)
+            state = SandboxState.create(config.runtime.state_dir, sandbox_id, namespace)
         state.claim(os.getpid())
         spec = vm_spec(config, state)
         spec = dataclasses.replace(
@@ -104,6 +117,7 @@ def sandbox_factory(config: Config, namespace: str) -> SandboxFactory:
             network=SandboxNetwork(netns, state),
             slots=boot_slots(config),
             template=vm_template(config) if config.factory.enable_template else None,
+            booted=vm,
         )
 
     return make

@@ -36,7 +36,7 @@ from shim.containerd.stdio import StdioPaths, StdioPump
 from shim.errors import FailedPreconditionError, HuskError, NotFoundError
 from shim.hypervisor import AgentEndpoint, Hypervisor, VmSize, VmSpec
 from shim.sandbox import cleanup, liveness, oci, rootfs, share, sizing
-from shim.sandbox.boot import VmLauncher
+from shim.sandbox.boot import BootedVm, VmLauncher
 from shim.sandbox.boot_slots import BootSlots
 from shim.sandbox.console import ConsoleLog
 from shim.sandbox.container import KILLED_STATUS, Container, Process, Status, now
@@ -87,6 +87,7 @@ class Sandbox:
         liveness_interval: float = LIVENESS_INTERVAL,
         slots: BootSlots | None = None,
         template: VmTemplate | None = None,
+        booted: BootedVm | None = None,
     ) -> None:
         self.id = state.id
         self.state = state
@@ -94,7 +95,9 @@ class Sandbox:
         #: what is hot-added to the VM (disks, NICs), checked against its capabilities
         self.devices = DeviceManager(state.id, hypervisor)
         #: the guest console, bounded (the guest may write it without end)
-        self.console = ConsoleLog(state.dir / "console.log")
+        self.console = booted.console if booted else ConsoleLog(state.dir / "console.log")
+        #: a VM booted before the sandbox existed (the VM pool's), which it takes over
+        self.booted = booted
         self.vm_spec = vm_spec
         #: starts the VM: a clone of the template if there is one, within a boot slot
         self.launcher = VmLauncher(
@@ -187,14 +190,15 @@ class Sandbox:
             self.resizer.on_resized = self._note_size
             self._note_size(size)
             await self.network.prepare()
-            if self.vm_spec.shared_fs is not None:
+            if self.vm_spec.shared_fs is not None and self.booted is None:
                 await trio.to_thread.run_sync(share.prepare, self.state)
             # The body's error is carried out of the nursery as itself (not wrapped in
             # an ExceptionGroup), so a failed boot stays the one-line error it is.
             error: Exception | None = None
             async with trio.open_nursery() as vm_tasks:
                 try:
-                    await self.launcher.start(vm_tasks)
+                    if self.booted is None:
+                        await self.launcher.start(vm_tasks)
                     console_endpoint = self.hypervisor.debug_console_endpoint()
                     self.state.set_debug_console(endpoint_record(console_endpoint))
                     await self._serve(started)
@@ -210,7 +214,19 @@ class Sandbox:
         self.state.describe_vm(self.hypervisor.name, size.vcpus, size.memory_mib)
 
     async def _serve(self, started: float) -> None:
-        """Connect to the agent, set the sandbox up in the guest, serve until ``stop()``."""
+        """Connect to the agent (or take the booted VM's), set the sandbox up, serve."""
+        if self.booted is not None:
+            self.boot_seconds = trio.current_time() - started
+            log.info(
+                "sandbox %s: took VM %s from the VM pool (%s %.2f s before), ready after %.2f s",
+                self.id,
+                self.booted.name,
+                "cloned" if self.booted.cloned else "booted",
+                self.booted.age(),
+                self.boot_seconds,
+            )
+            await self._serve_agent(self.booted.agent, self.booted.spec)
+            return
         async with wait_ready(
             self.hypervisor.agent_endpoint(),
             self.dial_timeout,
@@ -221,34 +237,38 @@ class Sandbox:
             self.boot_seconds = trio.current_time() - started
             how = "cloned from the VM template" if self.launcher.cloned else "booted"
             log.info("sandbox %s: %s, agent ready after %.2f s", self.id, how, self.boot_seconds)
-            if self.launcher.cloned:
-                await _make_unique(agent)
-                # a clone has its template's size: grow it to what the sandbox wants
-                self.resizer.size = VmSize(
-                    self.launcher.spec_started.vcpus, self.launcher.spec_started.memory_mib
-                )
-                await self.resizer.grow(agent)
-            storage = rootfs.shared_storage(self.vm_spec.shared_fs)
-            await agent.create_sandbox(
-                agent_pb2.CreateSandboxRequest(
-                    hostname=self.hostname,
-                    storages=[storage] if storage is not None else [],
-                    sandbox_id=self.id,
-                )
+            await self._serve_agent(
+                agent, self.launcher.spec_started if self.launcher.cloned else None
             )
-            await self.network.attach(self.devices, agent)
-            self._agent = agent
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._watch_oom, agent)
-                nursery.start_soon(self.network.serve_port_forwards)
-                nursery.start_soon(liveness.watch_vm, self.hypervisor, self._lose)
-                nursery.start_soon(liveness.watch_agent, agent, self.liveness_interval, self._lose)
-                self.state.set_status(RUNNING)
-                self._ready.set()
-                await self._stop.wait()
-                nursery.cancel_scope.cancel()
-            await self._power_off_guest(agent)
+
+    async def _serve_agent(self, agent: AgentClient, started_as: VmSpec | None) -> None:
+        """``started_as``: the spec of a VM not booted for this sandbox (a clone, a pool VM)."""
+        if started_as is not None:
+            await make_unique(agent)
+            # it has the size it was started with: grow it to what the sandbox wants
+            self.resizer.size = VmSize(started_as.vcpus, started_as.memory_mib)
+            await self.resizer.grow(agent)
+        storage = rootfs.shared_storage(self.vm_spec.shared_fs)
+        await agent.create_sandbox(
+            agent_pb2.CreateSandboxRequest(
+                hostname=self.hostname,
+                storages=[storage] if storage is not None else [],
+                sandbox_id=self.id,
+            )
+        )
+        await self.network.attach(self.devices, agent)
+        self._agent = agent
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._watch_oom, agent)
+            nursery.start_soon(self.network.serve_port_forwards)
+            nursery.start_soon(liveness.watch_vm, self.hypervisor, self._lose)
+            nursery.start_soon(liveness.watch_agent, agent, self.liveness_interval, self._lose)
+            self.state.set_status(RUNNING)
+            self._ready.set()
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()
+        await self._power_off_guest(agent)
 
     async def _power_off_guest(self, agent: AgentClient) -> None:
         # The guest ignores ACPI powerdown; DestroySandbox makes it stop its
@@ -571,7 +591,7 @@ def _add_pod_sysctls(spec: oci_pb2.Spec, sysctls: dict[str, str]) -> None:
         spec.Linux.Sysctl.setdefault(key, value)
 
 
-async def _make_unique(agent: AgentClient) -> None:
+async def make_unique(agent: AgentClient) -> None:
     """A clone stops being a copy of its template before anything else runs in it.
 
     Its RNG restarts from the template's state and its clock from when the

@@ -63,6 +63,17 @@ def test_missing_sections_take_defaults(tmp_path: Path, tcg_host: HostFacts) -> 
     assert cfg.runtime.state_dir == Path("/run/husk")
 
 
+def test_the_vm_pool_is_off_by_default_and_its_size_is_bounded(
+    tmp_path: Path, tcg_host: HostFacts
+) -> None:
+    cfg = config.load(write(tmp_path, ""), host=tcg_host)
+    assert cfg.factory.vm_cache_number == 0
+    assert cfg.factory.vm_cache_endpoint == Path("/run/husk-vm-cache.sock")
+    path = write(tmp_path, "[factory]\nvm_cache_number = -1\n")
+    with pytest.raises(ConfigError, match=r"\[factory\] vm_cache_number = -1: expected an integer"):
+        config.load(path, host=tcg_host)
+
+
 def test_bad_value_names_file_key_value_and_what_is_allowed(
     tmp_path: Path, tcg_host: HostFacts
 ) -> None:
