@@ -8,7 +8,10 @@ options are the only way the shim can learn its configuration:
 - ``husk``: cold-booted sandboxes in ``state_root``;
 - ``husk-template``: sandboxes cloned from the session's VM template, in
   ``template_root`` (the pods of the lifecycle tests, which need no cold boot);
-- ``husk-broken``: a configuration with an unknown key.
+- ``husk-broken``: a configuration with an unknown key;
+- ``husk-pool``: sandboxes in VMs of a VM pool (``[factory] vm_cache_number``,
+  its members clones of the session's template), in ``pool_root``; its daemon
+  runs for the module's last tests.
 
 Driven over CRI v1 gRPC as the kubelet drives it (``tests.kubelet``), these
 are the scenarios of containerd's CRI integration suite that it runs against
@@ -24,11 +27,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +56,8 @@ from tests.kubelet.pods import (
 
 MiB = 1 << 20
 CLONED = "cloned from the VM template"
+FROM_POOL = "from the VM pool"
+HUSK = str(Path(sys.executable).parent / "husk")
 MEMORY_ANNOTATION = "io.husk.config.hypervisor.default_memory"
 #: the "web" pod's VM memory, set by its annotation (the configured default is 512)
 POD_MEMORY_MIB = 768
@@ -70,17 +77,18 @@ if _REASON:
 
 @dataclass(frozen=True)
 class Roots:
-    """The state dirs of the two working handlers."""
+    """The state dirs of the working handlers."""
 
     cold: Path
     template: Path
+    pool: Path
 
 
 @pytest.fixture(scope="module")
 def roots(shared_template: str) -> Iterator[Roots]:
     # short: CRI ids are 64 characters and a VM's sockets live under <root>/<id>/
     base = Path(tempfile.mkdtemp(prefix="h", dir="/tmp"))
-    yield Roots(base / "c", base / "t")
+    yield Roots(base / "c", base / "t", base / "p")
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -96,6 +104,11 @@ def cri_ctd(
     )
     clones = configs / "husk-template.toml"
     clones.write_text(f'[runtime]\nstate_dir = "{roots.template}"\n{shared_template}')
+    pooled = configs / "husk-pool.toml"
+    pooled.write_text(
+        f'[runtime]\nstate_dir = "{roots.pool}"\n{shared_template}'
+        f'vm_cache_number = 1\nvm_cache_endpoint = "{configs / "pool.sock"}"\n'
+    )
     broken = configs / "husk-broken.toml"
     broken.write_text("[runtime]\nno_such_key = 1\n")
     env = {"HUSK_CONFIG": ""}  # the handlers' ConfigPath is all the shims get
@@ -105,6 +118,7 @@ def cri_ctd(
             "husk": husk_handler(cold),
             "husk-template": husk_handler(clones),
             "husk-broken": husk_handler(broken),
+            "husk-pool": husk_handler(pooled),
         },
         env=env,
         binaries=containerd_binaries,
@@ -442,3 +456,94 @@ def test_a_killed_vmm_makes_the_pod_notready_its_containers_exited_and_removal_c
     remove_pod(client, pod)
     assert _wait_gone(roots.template, pod.id, netns) == []
     assert client.list_containers(container_id=container) == []
+
+
+# ---- pods on `husk-pool`: VMs booted and exercised before their pod came ----
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie that init has yet to reap does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def _pool_status(config: Path) -> dict[str, Any] | None:
+    found = subprocess.run(
+        [HUSK, "--config", str(config), "factory", "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    pool: dict[str, Any] | None = json.loads(found.stdout)["pool"]
+    return pool
+
+
+def _pool_full(config: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pool = _pool_status(config)
+        if pool is not None and pool["ready"] == pool["size"]:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the pool is not full after {timeout:g} s: {_pool_status(config)}")
+
+
+@pytest.fixture(scope="module")
+def pool_toml(cri_ctd: CriContainerd, roots: Roots) -> Iterator[Path]:
+    """The ``husk-pool`` handler's config, its daemon running (until the module ends)."""
+    config = roots.pool.parent / "husk-pool.toml"
+    husk = [HUSK, "--config", str(config), "factory"]
+    subprocess.run([*husk, "init"], check=True, capture_output=True, timeout=120)
+    yield config
+    subprocess.run([*husk, "destroy"], check=False, capture_output=True, timeout=120)
+
+
+def test_the_pool_handler_starts_its_pods_in_pool_vms_and_leaves_nothing(
+    cri_ctd: CriContainerd, client: CriClient, roots: Roots, pool_toml: Path
+) -> None:
+    _pool_full(pool_toml)
+    pod = _run_pod(cri_ctd, client, "pooled", "husk-pool")
+    netns = _netns(client, pod.id)
+    try:
+        container = start_container(client, pod, container_config("c", ["sleep", "3600"]))
+        assert client.exec_sync(container, ["true"], timeout=60).exit_code == 0
+        boots = [line for line in cri_ctd.log_text().splitlines() if f"sandbox {pod.id}: " in line]
+        assert any(FROM_POOL in line for line in boots), boots
+        record = json.loads((roots.pool / pod.id / "sandbox.json").read_text())
+        # its QEMU's command line names the pool VM's first state dir, not the pod's
+        (vmm,) = [r["pid"] for r in record["resources"] if r["kind"] == "process"]
+        assert os.path.exists(f"/proc/{vmm}")
+    finally:
+        remove_pod(client, pod)
+    assert _wait_gone(roots.pool, pod.id, netns) == []
+    assert not _running(vmm)
+    _pool_full(pool_toml)  # and the pool has booted the next
+
+
+def test_two_pool_pods_share_no_randomness_boot_id_hostname_or_mac(
+    cri_ctd: CriContainerd, client: CriClient, pool_toml: Path
+) -> None:
+    probe = (
+        "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 | "
+        "tr -d ' \\n'; echo; hostname; cat /sys/class/net/eth0/address"
+    )
+    pods: list[Pod] = []
+    try:
+        probes = []
+        for name in ("pool-a", "pool-b"):
+            _pool_full(pool_toml)
+            pod = _run_pod(cri_ctd, client, name, "husk-pool")
+            pods.append(pod)
+            container = start_container(client, pod, container_config("c", ["sleep", "3600"]))
+            probes.append(_out(client, container, probe).split())
+        boots = [line for line in cri_ctd.log_text().splitlines() if FROM_POOL in line]
+        assert all(any(f"sandbox {p.id}: " in line for line in boots) for p in pods)
+        (boot_a, rng_a, host_a, mac_a), (boot_b, rng_b, host_b, mac_b) = probes
+        assert boot_a != boot_b and rng_a != rng_b and mac_a != mac_b
+        assert (host_a, host_b) == ("pool-a", "pool-b")
+    finally:
+        for pod in pods:
+            remove_pod(client, pod)
