@@ -2,7 +2,8 @@
 
 The same records ``husk cleanup`` reads: a sandbox whose shim is gone shows as
 ``orphaned`` (``husk cleanup`` reclaims it); a live one shows the status its
-shim keeps (``booting``, ``running``, ``stopping``).
+shim keeps (``booting``, ``running``, ``stopping``; ``pooled`` for a VM of the
+VM pool that no sandbox has claimed yet).
 """
 
 from __future__ import annotations

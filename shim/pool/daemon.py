@@ -41,8 +41,9 @@ import trio
 import shim
 from shim.config import Config, load
 from shim.errors import HuskError
+from shim.pool.channel import Channel
 from shim.pool.member import PREFIX
-from shim.pool.protocol import Channel, PoolProtocolError
+from shim.pool.protocol import PoolProtocolError
 from shim.sandbox import cleanup
 from shim.sandbox.state import SandboxState, make_private_dir, sandboxes
 
@@ -230,11 +231,19 @@ class PoolDaemon:
     # -- members ----------------------------------------------------------------
 
     async def _fill(self, nursery: trio.Nursery) -> None:
-        """Keep ``size`` members alive; after failures, wait longer each time."""
+        """Keep ``size`` members, booting one at a time; after failures, wait longer each time.
+
+        One at a time keeps the refill in the background: the VMs just handed
+        over are starting their pods' containers on the same CPUs (members
+        also run niced until a claim, see :mod:`shim.pool.member`).
+        """
         while not self._stop.is_set():
-            while len(self.members) < self.size and not self._stop.is_set():
+            booting = any(m.ready_at is None for m in self.members.values())
+            if len(self.members) < self.size and not booting:
                 if self._backoff:
                     await trio.sleep(self._backoff)
+                    if self._stop.is_set():
+                        return
                 member_id = PREFIX + secrets.token_hex(6)
                 try:
                     process, channel = await self._spawn(self.config, member_id)
@@ -245,6 +254,7 @@ class PoolDaemon:
                 member = Member(member_id, process, channel, trio.current_time())
                 self.members[member_id] = member
                 nursery.start_soon(self._tend, member)
+                continue
             self._changed = trio.Event()
             await self._changed.wait()
 
@@ -272,6 +282,7 @@ class PoolDaemon:
                     member.vmm_pid = vmm if isinstance(vmm, int) else None
                     self.refills.append(member.ready_at - member.spawned)
                     self._backoff = 0.0
+                    self._changed.set()
                 elif event == "failed":
                     log.warning("pool VM %s failed: %s", member.id, message.get("reason"))
                 elif event in ("claimed", "refused") and member.busy:

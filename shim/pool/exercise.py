@@ -32,6 +32,9 @@ from shim.sandbox.state import SandboxState
 
 log = logging.getLogger("husk.pool.exercise")
 
+#: the static busybox ``husk image build`` writes beside the kernel (the image's
+#: ``BUSYBOX_NAME``; named here so a shim does not import the image builder)
+BUSYBOX_NAME = "busybox"
 #: the throw-away container's id
 CONTAINER_ID = "husk-pool-exercise"
 EXEC_ID = "exercise"

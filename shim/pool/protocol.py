@@ -15,7 +15,9 @@ passes a claim on as ``{"op": "claim", ...}``, and the member answers
 ``{"event": "claimed", "socket": ...}`` or ``{"event": "refused", "reason": ...}``.
 A member whose channel closes before a claim reaches it tears its VM down.
 
-Only root talks here: the endpoint is 0600 in a root-owned directory.
+Only root talks here: the endpoint is 0600 in a root-owned directory. This
+module imports no trio: ``start`` claims with :func:`request` and must start
+fast; the daemon's and members' side is :class:`shim.pool.channel.Channel`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import trio
 
 from shim.errors import HuskError
 
@@ -52,38 +52,6 @@ def decode(line: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PoolProtocolError("VM pool: a message that is not a JSON object")
     return value
-
-
-class Channel:
-    """Messages over a trio stream."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self._buffer = bytearray()
-
-    async def send(self, message: Mapping[str, Any]) -> None:
-        """Send one message."""
-        await self.stream.send_all(encode(message))
-
-    async def receive(self) -> dict[str, Any] | None:
-        """The next message; None once the peer has closed."""
-        while b"\n" not in self._buffer:
-            if len(self._buffer) > MAX_LINE:
-                raise PoolProtocolError(f"VM pool: a message longer than {MAX_LINE} bytes")
-            try:
-                data = await self.stream.receive_some(MAX_LINE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return None
-            if not data:
-                return None
-            self._buffer += data
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer = bytearray(rest)
-        return decode(line)
-
-    async def aclose(self) -> None:
-        """Close the stream."""
-        await self.stream.aclose()
 
 
 def request(endpoint: Path, message: Mapping[str, Any], timeout: float) -> dict[str, Any]:

@@ -38,7 +38,7 @@ log = logging.getLogger("husk.sandbox.network")
 
 #: how long a hot-added NIC may take to show up in the guest
 GUEST_NIC_TIMEOUT = 30.0
-GUEST_NIC_POLL = 0.2
+GUEST_NIC_POLL = 0.05
 
 Setup = Callable[[str | None, Recorder], NetworkPlan]
 OpenTapFds = Callable[[str, str, int], list[int]]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import logging
 import os
 import time
@@ -243,11 +244,13 @@ class Sandbox:
 
     async def _serve_agent(self, agent: AgentClient, started_as: VmSpec | None) -> None:
         """``started_as``: the spec of a VM not booted for this sandbox (a clone, a pool VM)."""
+        steps = [trio.current_time()]
         if started_as is not None:
             await make_unique(agent)
             # it has the size it was started with: grow it to what the sandbox wants
             self.resizer.size = VmSize(started_as.vcpus, started_as.memory_mib)
             await self.resizer.grow(agent)
+        steps.append(trio.current_time())
         storage = rootfs.shared_storage(self.vm_spec.shared_fs)
         await agent.create_sandbox(
             agent_pb2.CreateSandboxRequest(
@@ -256,7 +259,16 @@ class Sandbox:
                 sandbox_id=self.id,
             )
         )
+        steps.append(trio.current_time())
         await self.network.attach(self.devices, agent)
+        steps.append(trio.current_time())
+        log.debug(
+            "sandbox %s: in the guest in %.2f s (unique and sized %.2f, CreateSandbox %.2f, "
+            "NICs %.2f)",
+            self.id,
+            steps[-1] - steps[0],
+            *(b - a for a, b in itertools.pairwise(steps)),
+        )
         self._agent = agent
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

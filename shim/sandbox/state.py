@@ -66,6 +66,8 @@ METRICS_SOCKET = "metrics.sock"
 
 #: ``status`` of a sandbox while its shim lives
 BOOTING, RUNNING, STOPPING = "booting", "running", "stopping"
+#: ``status`` of a VM pool's VM, booted and waiting for a sandbox to claim it
+POOLED = "pooled"
 
 
 @dataclass

@@ -22,10 +22,11 @@ from shim.containerd.launch import ShimArgs
 from shim.errors import InvalidArgumentError
 from shim.hypervisor import SharedFsDevice, VmSpec
 from shim.pool import protocol
+from shim.pool.channel import Channel
 from shim.pool.claim import PoolClaim
 from shim.pool.daemon import PoolDaemon, pss_bytes
 from shim.pool.member import relocate_state, relocated_spec
-from shim.pool.protocol import Channel, PoolProtocolError
+from shim.pool.protocol import PoolProtocolError
 from shim.resources import DIR, PROCESS, SOCKET_FILE, Resource
 from shim.rotating_log import RotatingLog
 from shim.sandbox.state import SandboxState
@@ -75,6 +76,7 @@ def _pool_state(root: Path) -> SandboxState:
     state.record(Resource(PROCESS, pid=42, start=7, name="qemu"))
     state.record(Resource(SOCKET_FILE, path="/elsewhere/x.sock"))
     state.set_debug_console({"kind": "serial", "path": str(state.dir / "qemu" / "debug.sock")})
+    state.set_status("pooled")
     (state.dir / "qemu").mkdir()
     return state
 
@@ -85,7 +87,7 @@ def test_relocating_renames_the_dir_and_rewrites_every_path_in_the_record(tmp_pa
     assert old == tmp_path / "pool-0123" and not old.exists()
     assert state.dir == tmp_path / "sandbox-1" and (state.dir / "qemu").is_dir()
     reread = SandboxState.load(tmp_path / "sandbox-1")
-    assert (reread.id, reread.namespace) == ("sandbox-1", "k8s.io")
+    assert (reread.id, reread.namespace, reread.status) == ("sandbox-1", "k8s.io", "booting")
     paths = [r.path for r in reread.resources]
     assert paths == [
         str(state.dir / "qemu"),
@@ -210,14 +212,18 @@ async def _settle() -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
-async def test_the_daemon_starts_as_many_members_as_configured(tmp_path: Path) -> None:
+async def test_the_daemon_boots_its_vms_one_at_a_time_up_to_the_size(tmp_path: Path) -> None:
     fakes = FakeMembers()
     daemon = PoolDaemon(_config(tmp_path, size=3), spawn=fakes.spawn)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
-        await fakes.wait_for(3)
+        for count in (1, 2, 3):
+            await fakes.wait_for(count)
+            await _settle()
+            assert len(fakes.started) == count and daemon.status()["booting"] == 1
+            await _ready(fakes.started[-1])
         await _settle()
-        assert daemon.status()["booting"] == 3 and daemon.status()["ready"] == 0
+        assert len(fakes.started) == 3 and daemon.status()["ready"] == 3
         daemon.stop()
         for _, _, process in fakes.started:
             process.end()
@@ -230,9 +236,9 @@ async def test_a_claim_with_no_ready_vm_is_a_miss_that_says_why(tmp_path: Path) 
     daemon = PoolDaemon(config, spawn=fakes.spawn)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
-        await fakes.wait_for(2)
+        await fakes.wait_for(1)
         answer = await daemon.claim(_claim(config))
-        assert answer == {"ok": False, "reason": "none of its 2 VMs is ready (2 booting)"}
+        assert answer == {"ok": False, "reason": "none of its 2 VMs is ready (1 booting)"}
         assert daemon.misses == 1
         daemon.stop()
         for _, _, process in fakes.started:
@@ -247,25 +253,29 @@ async def test_a_claim_goes_to_the_longest_ready_vm_which_leaves_the_pool(
     daemon = PoolDaemon(config, spawn=fakes.spawn)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
+        await fakes.wait_for(1)
+        await _ready(fakes.started[0])
         await fakes.wait_for(2)
-        first, second = fakes.started
-        await _ready(second)
+        await _ready(fakes.started[1])
         await _settle()
-        await _ready(first)
-        await _settle()
+        first = fakes.started[0]  # ready longest
+
+        request_went_to = []
 
         async def member_answers() -> None:
-            request = await second[1].receive()
+            request = await first[1].receive()
             assert request is not None and request["id"] == "sb1"
-            await second[1].send({"event": "claimed", "socket": "/run/x/sb1/shim.sock"})
-            await second[1].aclose()
+            request_went_to.append(first[0])
+            await first[1].send({"event": "claimed", "socket": "/run/x/sb1/shim.sock"})
+            await first[1].aclose()
 
         nursery.start_soon(member_answers)
         answer = await daemon.claim(_claim(config))
         assert answer == {"ok": True, "socket": "/run/x/sb1/shim.sock"}
+        assert request_went_to == [first[0]]
         assert daemon.hits == 1
         await fakes.wait_for(3)  # the pool boots the next
-        assert second[0] not in daemon.members and len(daemon.members) == 2
+        assert first[0] not in daemon.members and len(daemon.members) == 2
         daemon.stop()
         for _, _, process in fakes.started:
             process.end()
@@ -277,9 +287,9 @@ async def test_a_claim_for_another_config_is_refused(tmp_path: Path) -> None:
     daemon = PoolDaemon(config, spawn=fakes.spawn)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
-        await fakes.wait_for(2)
-        for member in fakes.started:
-            await _ready(member)
+        for count in (1, 2):
+            await fakes.wait_for(count)
+            await _ready(fakes.started[-1])
         await _settle()
         answer = await daemon.claim({"op": "claim", "id": "x", "config": "/other.toml"})
         assert not answer["ok"] and "not /other.toml" in answer["reason"]
@@ -406,3 +416,19 @@ def test_a_pool_vm_that_died_taking_the_sandbox_over_is_reclaimed_before_start_g
     assert address == f"unix://{state_root / 'c1' / 'shim.sock'}"
     assert vmm.wait(timeout=10) != 0  # killed with the failed hand-over's dir
     assert Resource(PROCESS, pid=vmm.pid) not in SandboxState.load(state_root / "c1").resources
+
+
+def test_the_exercise_names_the_busybox_the_image_build_writes() -> None:
+    from guest.image.manifest import BUSYBOX_NAME as built
+    from shim.pool.exercise import BUSYBOX_NAME as used
+
+    assert used == built
+
+
+def test_a_start_that_claims_from_the_pool_loads_no_trio() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, shim.containerd.main, shim.pool.claim; print('trio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
