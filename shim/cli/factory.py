@@ -15,17 +15,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
 
-import shim
 from shim import rotating_log
 from shim.config import Config
 from shim.errors import HuskError
 from shim.pool import protocol
-from shim.pool.daemon import LOG_NAME
+from shim.pool.daemon import LOG_NAME, child_env
 from shim.sandbox.factory import vm_template
 from shim.sandbox.state import make_private_dir
 
@@ -67,9 +65,7 @@ def _start_daemon(config: Config) -> int:
     make_private_dir(config.runtime.state_dir)
     log_path = config.runtime.state_dir / LOG_NAME
     read_end, write_end = os.pipe()
-    env = dict(os.environ)
-    package_root = str(Path(shim.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env = child_env()
     try:
         subprocess.Popen(
             [sys.executable, "-I", "-S", rotating_log.__file__, str(log_path), str(1 << 22)],

@@ -90,12 +90,18 @@ class Member:
 Spawn = Callable[[Config, str], Awaitable[tuple[trio.Process, Channel]]]
 
 
-async def spawn_member(config: Config, member_id: str) -> tuple[trio.Process, Channel]:
-    """Start ``python -m shim.pool.member`` with one end of a socketpair."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+def child_env() -> dict[str, str]:
+    """This environment, with husk's packages importable by ``python -m`` wherever it runs."""
     env = dict(os.environ)
     package_root = str(Path(shim.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+async def spawn_member(config: Config, member_id: str) -> tuple[trio.Process, Channel]:
+    """Start ``python -m shim.pool.member`` with one end of a socketpair."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = child_env()
     try:
         process = await trio.lowlevel.open_process(
             [
@@ -424,12 +430,12 @@ def pss_bytes(pid: int, proc: Path = Path("/proc")) -> int:
     return 0
 
 
-def setup_logging() -> None:
+def setup_logging(program: str = "husk-pool") -> None:
     """Lines on stderr (the journal, or the log ``husk factory init`` keeps)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(
-            "%(asctime)s.%(msecs)03d husk-pool[%(process)d] %(levelname)s %(name)s: %(message)s",
+            f"%(asctime)s.%(msecs)03d {program}[%(process)d] %(levelname)s %(name)s: %(message)s",
             datefmt="%H:%M:%S",
         )
     )
@@ -444,6 +450,17 @@ def main(argv: list[str]) -> int:
     config = load(Path(argv[0]))
     if config.factory.vm_cache_number <= 0:
         log.error("%s: [factory] vm_cache_number is 0: no pool to keep", config.source)
+        return 1
+    from shim import registry
+
+    plugin = registry.lookup(config.runtime.hypervisor)
+    if not plugin.create(config.hypervisor).capabilities().relocate:
+        log.error(
+            "%s: [factory] vm_cache_number: the %s plugin cannot hand a running VM over "
+            "to a sandbox (no relocate)",
+            config.source,
+            plugin.name,
+        )
         return 1
     try:
         trio.run(PoolDaemon(config).run)

@@ -343,20 +343,6 @@ def _shim_args(claim: dict[str, Any]) -> ShimArgs:
     )
 
 
-def setup_logging() -> None:
-    """Until a claim: lines on stderr, which the daemon's log keeps."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            "%(asctime)s.%(msecs)03d husk-pool-vm[%(process)d] %(levelname)s %(name)s: %(message)s",
-            datefmt="%H:%M:%S",
-        )
-    )
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-
 async def _main(config: Config, member_id: str, fd: int) -> None:
     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
     channel = Channel(trio.SocketStream(sock))
@@ -380,8 +366,10 @@ async def _main(config: Config, member_id: str, fd: int) -> None:
 def main(argv: list[str]) -> int:
     """``<config path> <member id> <channel fd>``."""
     config_path, member_id, fd = argv
+    from shim.pool.daemon import setup_logging
+
     os.nice(NICE)  # before any thread or child: they inherit it
-    setup_logging()
+    setup_logging("husk-pool-vm")  # until a claim: the daemon's log keeps stderr
     trio.run(_main, load(Path(config_path)), member_id, int(fd))
     return 0
 

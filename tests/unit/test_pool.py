@@ -432,3 +432,19 @@ def test_a_start_that_claims_from_the_pool_loads_no_trio() -> None:
     code = "import sys, shim.containerd.main, shim.pool.claim; print('trio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_pool_of_a_plugin_that_cannot_hand_a_vm_over_is_refused_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from shim.pool import daemon
+
+    path = tmp_path / "husk.toml"
+    path.write_text(
+        '[runtime]\nhypervisor = "cloud-hypervisor"\n'
+        f'state_dir = "{tmp_path}/state"\n'
+        f'[factory]\nvm_cache_number = 1\nvm_cache_endpoint = "{tmp_path}/pool.sock"\n'
+    )
+    assert daemon.main([str(path)]) == 1
+    assert "the cloud-hypervisor plugin cannot hand a running VM over" in caplog.text
+    assert not (tmp_path / "pool.sock").exists()
