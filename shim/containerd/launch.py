@@ -29,6 +29,8 @@ from shim.sandbox.state import SandboxState
 
 ADDRESS_FILE = "address"
 SERVE_FD = 3
+#: how long ``start`` waits for a pool VM that got a claim but did not answer it
+HANDOVER_SETTLE = 15.0
 #: exit status containerd records for a task whose shim died (SIGKILL)
 DEAD_SHIM_STATUS = 128 + 9
 
@@ -90,9 +92,10 @@ def start(
             return _publish_address(args.bundle, path)
     elif claim is not None and not (state_root / args.id).exists():
         claimed = claim()
+        if claimed is None and _settle_failed_handover(state_root / args.id):
+            claimed = socket_path(state_root, args.id)  # it answered after all
         if claimed is not None:
             return _publish_address(args.bundle, claimed)
-        _reclaim_failed_handover(state_root / args.id)
     state = SandboxState.create(state_root, args.id, args.namespace)
     path = state.socket
     if can_connect(path):
@@ -110,14 +113,25 @@ def start(
     return _publish_address(args.bundle, path)
 
 
-def _reclaim_failed_handover(directory: Path) -> None:
-    """A pool VM whose process died while it took this sandbox over left its dir here."""
-    if (directory / "sandbox.json").exists():
-        from shim.sandbox import cleanup
+def _settle_failed_handover(directory: Path) -> bool:
+    """A claim that got no answer may have left a pool VM's dir in the sandbox's place.
 
+    Its process may still finish the hand-over (True: its socket answers), die
+    (its dir is reclaimed) or hang (killed after ``HANDOVER_SETTLE`` s, its dir reclaimed);
+    False once the place is free for a shim of this ``start``'s own.
+    """
+    from shim.sandbox import cleanup
+
+    deadline = time.monotonic() + HANDOVER_SETTLE
+    while (directory / "sandbox.json").exists():
         state = SandboxState.load(directory)
-        if not state.shim_alive():
-            cleanup.reclaim(state)
+        if can_connect(state.socket):
+            return True
+        if not state.shim_alive() or time.monotonic() > deadline:
+            cleanup.reclaim(state, kill_shim=True)
+            return False
+        time.sleep(0.1)
+    return False
 
 
 def _spawn_server(listener: socket.socket, bundle: str, serve: Callable[[], int]) -> None:

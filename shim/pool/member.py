@@ -53,7 +53,7 @@ from shim.sandbox.boot import BootedVm, VmLauncher
 from shim.sandbox.console import ConsoleLog
 from shim.sandbox.devices import DeviceManager
 from shim.sandbox.sandbox import AGENT_POWEROFF_TIMEOUT, make_unique
-from shim.sandbox.state import BOOTING, POOLED, SandboxState
+from shim.sandbox.state import BOOTING, POOLED, SHARED, SOCKET, SandboxState
 from ttrpc import RpcError
 
 log = logging.getLogger("husk.pool.member")
@@ -66,6 +66,8 @@ _PRELOAD = ("shim.network.lifecycle", "shim.network.tcfilter")
 #: to the sandboxes starting on them
 NICE = 10
 _RENAME_NOREPLACE = 1
+#: sun_path's size: a socket path must be shorter
+UNIX_PATH_MAX = 108
 _AT_FDCWD = -100
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -95,15 +97,14 @@ def relocate_state(state: SandboxState, sandbox_id: str, namespace: str) -> Path
     return old
 
 
-def relocated_spec(spec: VmSpec, state: SandboxState) -> VmSpec:
-    """``spec`` with the sandbox's id, state dir and share, recording into ``state``."""
+def relocated_spec(spec: VmSpec, sandbox_id: str, directory: Path) -> VmSpec:
+    """``spec`` with the sandbox's id, and its state dir and share under ``directory``."""
     shared = spec.shared_fs
     return dataclasses.replace(
         spec,
-        sandbox_id=state.id,
-        state_dir=state.dir,
-        shared_fs=dataclasses.replace(shared, path=state.shared_dir) if shared else None,
-        record=state.record,
+        sandbox_id=sandbox_id,
+        state_dir=directory,
+        shared_fs=dataclasses.replace(shared, path=directory / SHARED) if shared else None,
     )
 
 
@@ -290,10 +291,23 @@ class Member:
         await serve.serve(args, listener, self.config, booted=booted)
 
     def _hand_over(self, args: ShimArgs) -> socket.socket:
-        """Make the VM's state dir the sandbox's and bind its shim socket there."""
-        relocate_state(self.state, args.id, args.namespace)
-        self.spec = relocated_spec(self.spec, self.state)
-        self.hypervisor.relocate(self.spec)
+        """Make the VM's state dir the sandbox's and bind its shim socket there.
+
+        What can refuse the sandbox is checked before anything moves (the
+        plugin checks its paths at the new place, the socket path its length),
+        so a refused claim leaves the pool VM where it was, for its teardown.
+        """
+        directory = self.state.dir.parent / args.id
+        if len(os.fsencode(directory / SOCKET)) >= UNIX_PATH_MAX:
+            raise ValueError(f"the shim socket {directory / SOCKET} would be too long a path")
+        spec = relocated_spec(self.spec, args.id, directory)
+        self.hypervisor.relocate(spec)
+        try:
+            relocate_state(self.state, args.id, args.namespace)
+        except OSError:
+            self.hypervisor.relocate(self.spec)
+            raise
+        self.spec = spec
         self.console.relocate(self.state.dir / "console.log")
         self.state.set_debug_console(endpoint_record(self.hypervisor.debug_console_endpoint()))
         path = self.state.socket

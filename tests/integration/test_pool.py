@@ -252,21 +252,31 @@ def test_stopping_the_pool_leaves_claimed_sandboxes_and_takes_the_rest_down(
     assert name not in [d.name for d in sandbox_dirs(husk_toml.parent / "state")]
 
 
-def test_a_killed_daemons_unclaimed_vms_take_themselves_down(husk_toml: Path) -> None:
-    status = wait_ready(husk_toml)
-    member = status["members"][0]
-    daemon = [
-        p
-        for p in Path("/proc").iterdir()
-        if p.name.isdigit()
-        and _cmdline(p).startswith(f"{sys.executable} -m shim.pool.daemon")
-        and str(husk_toml) in _cmdline(p)
-    ]
-    assert len(daemon) == 1
-    os.kill(int(daemon[0].name), signal.SIGKILL)
-    wait_until(lambda: not Path(f"/proc/{member['vmm_pid']}").exists())
-    wait_until(lambda: pool_dirs(husk_toml) == [])
-    husk(husk_toml, "factory", "init")
+def test_a_killed_daemon_leaves_its_sandboxes_and_its_unclaimed_vms_take_themselves_down(
+    husk_toml: Path, ctd: Containerd
+) -> None:
+    wait_ready(husk_toml)
+    name = cid()
+    ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "600")
+    try:
+        assert FROM_POOL in boot_line(ctd, name)
+        member = wait_ready(husk_toml)["members"][0]
+        daemon = [
+            p
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and _cmdline(p).startswith(f"{sys.executable} -m shim.pool.daemon")
+            and str(husk_toml) in _cmdline(p)
+        ]
+        assert len(daemon) == 1
+        os.kill(int(daemon[0].name), signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{member['vmm_pid']}").exists())
+        wait_until(lambda: pool_dirs(husk_toml) == [])
+        out = ctd.ctr("task", "exec", "--exec-id", "e", name, "echo", "still-here")
+        assert out.stdout.decode() == "still-here\n"
+    finally:
+        remove(ctd, name)
+        husk(husk_toml, "factory", "init")
 
 
 def test_husk_cleanup_reclaims_a_pool_vm_whose_member_was_killed(husk_toml: Path) -> None:

@@ -114,7 +114,7 @@ def test_relocating_refuses_an_id_that_leads_elsewhere(tmp_path: Path) -> None:
     assert state.dir.exists()
 
 
-def test_the_relocated_spec_names_the_new_dir_and_share_and_records_into_the_state(
+def test_the_relocated_spec_names_the_new_dir_and_share(
     tmp_path: Path,
 ) -> None:
     state = _pool_state(tmp_path)
@@ -127,12 +127,9 @@ def test_the_relocated_spec_names_the_new_dir_and_share_and_records_into_the_sta
         initrd=None,
         shared_fs=SharedFsDevice("share", "kataShared", state.shared_dir),
     )
-    relocate_state(state, "s2", "default")
-    moved = relocated_spec(spec, state)
+    moved = relocated_spec(spec, "s2", tmp_path / "s2")
     assert (moved.sandbox_id, moved.state_dir) == ("s2", tmp_path / "s2")
     assert moved.shared_fs is not None and moved.shared_fs.path == tmp_path / "s2" / "shared"
-    moved.record(Resource(DIR, path="/x"))
-    assert Resource(DIR, path="/x") in SandboxState.load(tmp_path / "s2").resources
 
 
 def test_a_rotating_log_keeps_writing_and_rotating_after_its_dir_is_renamed(
@@ -448,3 +445,56 @@ def test_a_pool_of_a_plugin_that_cannot_hand_a_vm_over_is_refused_in_one_line(
     assert daemon.main([str(path)]) == 1
     assert "the cloud-hypervisor plugin cannot hand a running VM over" in caplog.text
     assert not (tmp_path / "pool.sock").exists()
+
+
+def test_a_pool_vm_that_answers_its_claim_late_is_still_the_sandboxs_shim(
+    tmp_path: Path,
+) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({}))
+    state_root = tmp_path / "state"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def claim_answered_too_late() -> Path | None:
+        late = SandboxState.create(state_root, "c1")
+        late.claim(os.getpid())  # the member: alive
+        listener.bind(str(late.socket))
+        listener.listen(1)
+        return None
+
+    def serve() -> int:
+        raise AssertionError("no second shim for a sandbox a pool VM serves")
+
+    args = ShimArgs("default", "", "", "c1", str(bundle), False)
+    try:
+        address = launch.start(args, state_root, "pod", serve, claim_answered_too_late)
+    finally:
+        listener.close()
+    assert address == f"unix://{state_root / 'c1' / 'shim.sock'}"
+
+
+def test_a_pool_vm_that_hangs_in_its_hand_over_is_killed_and_its_place_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from shim.resources import process_start_time
+
+    monkeypatch.setattr(launch, "HANDOVER_SETTLE", 0.5)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({}))
+    state_root = tmp_path / "state"
+    member = subprocess.Popen(["sleep", "600"])  # alive, never answers
+
+    def claim_that_hangs() -> Path | None:
+        hung = SandboxState.create(state_root, "c1")
+        hung.shim_pid, hung.shim_start = member.pid, process_start_time(member.pid)
+        hung.save()
+        return None
+
+    args = ShimArgs("default", "", "", "c1", str(bundle), False)
+    launch.start(args, state_root, "pod", lambda: 0, claim_that_hangs)
+    assert member.wait(timeout=10) != 0
+    assert SandboxState.load(state_root / "c1").shim_pid != member.pid
