@@ -10,10 +10,9 @@ VM template, made once before the rounds) and ``husk-pool`` (VMs of a VM
 pool, ``[factory] vm_cache_number``, whose daemon is started before the
 rounds; the pool is full again before each of its rounds, untimed: a
 pool's promise is a ready VM, and how fast it refills is printed apart);
-on containerd 2.x also
-``husk-vm`` and ``husk-template-vm``, the same with ``sandboxer = "shim"``
-(the shim starts the pod's VM through containerd's sandbox API, no pause
-container). ``--handlers`` picks which run (default: all the containerd has).
+on containerd 2.x also ``husk-vm``, ``husk-template-vm`` and ``husk-pool-vm``,
+the same with ``sandboxer = "shim"`` (the shim starts the pod's VM through
+containerd's sandbox API, no pause container). ``--handlers`` picks which run (default: all the containerd has).
 A round is what the kubelet does to start a one-container pod:
 ``RunPodSandbox`` + ``CreateContainer`` + ``StartContainer`` (timed), then stop
 and remove (not timed). Rounds alternate between handlers so a machine that
@@ -51,7 +50,11 @@ HUSK = str(Path(sys.executable).parent / "husk")
 #: how long a pool may take to be full again
 POOL_FILL_TIMEOUT = 600.0
 #: containerd 2.x only: the same configurations with the shim as the pod's sandboxer
-SHIM_SANDBOXER = {"husk-vm": "husk", "husk-template-vm": "husk-template"}
+SHIM_SANDBOXER = {
+    "husk-vm": "husk",
+    "husk-template-vm": "husk-template",
+    "husk-pool-vm": "husk-pool",
+}
 
 
 def start_pod(client: CriClient, handler: str, name: str) -> tuple[float, Pod]:
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         runtimes |= {
             "husk-vm": husk_handler(cold, "shim"),
             "husk-template-vm": husk_handler(template, "shim"),
+            "husk-pool-vm": husk_handler(pooled, "shim"),
         }
     daemon = CriContainerd(
         base / "ctd", runtimes=runtimes, env={"HUSK_CONFIG": ""}, binaries=binaries
@@ -116,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             seconds, pod = start_pod(client, templated[0], "warmup")
             remove_pod(client, pod)
             print(f"template made (first {templated[0]} pod): {seconds:.2f} s", flush=True)
-        if "husk-pool" in handlers or args.burst:
+        if any(h.startswith("husk-pool") for h in handlers) or args.burst:
             subprocess.run([HUSK, "--config", str(pooled), "factory", "init"], check=True)
             print(f"pool full: {pool_full(pooled):.2f} s", flush=True)
         times: dict[str, list[float]] = {h: [] for h in handlers}
         for round_ in range(args.rounds):
             for handler in handlers:
-                if handler == "husk-pool":
+                if handler.startswith("husk-pool"):
                     pool_full(pooled)
                 seconds, pod = start_pod(client, handler, f"{handler}-{round_}")
                 remove_pod(client, pod)

@@ -6,7 +6,9 @@ shim is the pod's sandboxer (containerd's Sandbox API: CreateSandbox,
 StartSandbox, ...), and the pod's containers run in its VM through the task
 API on the same shim. Its pods are clones of the session's VM template (the
 sandbox API changes what starts the VM, not how it boots). CNI runs on the
-host as for any pod; the VM carries the pod's network.
+host as for any pod; the VM carries the pod's network. A second handler,
+``husk-vm-pool``, is the same with a VM pool (``[factory] vm_cache_number``):
+its pod's VM is a pool VM that the shim took over before StartSandbox.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,6 +43,8 @@ from tests.kubelet.pods import (
 )
 
 HANDLER = "husk-vm"
+POOL_HANDLER = "husk-vm-pool"
+HUSK = str(Path(sys.executable).parent / "husk")
 
 
 def _skip_reason() -> str | None:
@@ -68,14 +74,26 @@ def cri_ctd(
 ) -> Iterator[CriContainerd]:
     config = root.parent / "husk-vm.toml"
     config.write_text(f'[runtime]\nstate_dir = "{root}"\n{shared_template}')
+    pooled = _pool_config(root)
+    pooled.write_text(
+        f'[runtime]\nstate_dir = "{root.parent / "p"}"\n{shared_template}'
+        f'vm_cache_number = 1\nvm_cache_endpoint = "{root.parent / "pool.sock"}"\n'
+    )
     daemon = CriContainerd(
         Path(tempfile.mkdtemp(prefix="cri-", dir="/tmp")),
-        runtimes={HANDLER: husk_handler(config, "shim")},
+        runtimes={
+            HANDLER: husk_handler(config, "shim"),
+            POOL_HANDLER: husk_handler(pooled, "shim"),
+        },
         env={"HUSK_CONFIG": ""},
         binaries=containerd_binaries,
     )
     yield daemon
     daemon.stop()
+
+
+def _pool_config(root: Path) -> Path:
+    return root.parent / "husk-vm-pool.toml"
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +321,57 @@ def test_a_killed_vmm_makes_the_pod_notready_and_its_containers_exit(
 
     remove_pod(client, pod)
     assert _wait_gone(root, pod.id, netns) == []
+
+
+# ---- husk-vm-pool: the pod's VM comes from the VM pool ----
+
+
+@pytest.fixture(scope="module")
+def pool(cri_ctd: CriContainerd, root: Path) -> Iterator[Path]:
+    config = _pool_config(root)
+    husk = [HUSK, "--config", str(config), "factory"]
+    subprocess.run([*husk, "init"], check=True, capture_output=True, timeout=120)
+    yield config
+    subprocess.run([*husk, "destroy"], check=False, capture_output=True, timeout=120)
+
+
+def _pool_full(config: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = subprocess.run(
+            [HUSK, "--config", str(config), "factory", "status", "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        status = json.loads(found.stdout)["pool"]
+        if status is not None and status["ready"] == status["size"]:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the pool is not full after {timeout:g} s")
+
+
+def test_a_pool_pods_vm_is_a_pool_vm_its_shim_took_over_with_no_pause_container(
+    cri_ctd: CriContainerd, client: CriClient, root: Path, pool: Path
+) -> None:
+    _pool_full(pool)
+    before = _netns_files(cri_ctd)
+    config = pod_config("pooled", log_directory=cri_ctd.base / "pods" / "pooled")
+    pod = Pod(client.run_pod_sandbox(config, POOL_HANDLER), config)
+    netns = _netns_files(cri_ctd) - before
+    pool_root = root.parent / "p"
+    try:
+        container = start_container(client, pod, container_config("c", ["sleep", "3600"]))
+        out = _out(client, container, "hostname; ip -4 -o addr show dev eth0")
+        pod_ip = client.pod_sandbox_status(pod.id).status.network.ip
+        assert out.startswith("pooled\n") and f"inet {pod_ip}/" in out
+        boots = [line for line in cri_ctd.log_text().splitlines() if f"sandbox {pod.id}: " in line]
+        assert any("from the VM pool" in line for line in boots), boots
+        state = json.loads((pool_root / pod.id / "sandbox.json").read_text())
+        assert state["containers"] == [container]  # and no pause container
+        (vmm,) = [r["pid"] for r in state["resources"] if r["kind"] == "process"]
+    finally:
+        remove_pod(client, pod)
+    assert _wait_gone(pool_root, pod.id, netns) == []
+    status = Path(f"/proc/{vmm}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()
