@@ -12,7 +12,8 @@ rounds; the pool is full again before each of its rounds, untimed: a
 pool's promise is a ready VM, and how fast it refills is printed apart);
 on containerd 2.x also ``husk-vm``, ``husk-template-vm`` and ``husk-pool-vm``,
 the same with ``sandboxer = "shim"`` (the shim starts the pod's VM through
-containerd's sandbox API, no pause container). ``--handlers`` picks which run (default: all the containerd has).
+containerd's sandbox API, no pause container). ``--handlers`` picks which run
+(default: all the containerd has).
 A round is what the kubelet does to start a one-container pod:
 ``RunPodSandbox`` + ``CreateContainer`` + ``StartContainer`` (timed), then stop
 and remove (not timed). Rounds alternate between handlers so a machine that
