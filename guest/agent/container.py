@@ -347,7 +347,11 @@ class Container:
                 with contextlib.suppress(RuncError):
                     await self.rt.runc.resume(self.id)
             if self.rt.runc.exists(self.id):
-                await self.rt.runc.delete(self.id, force=True)
+                try:
+                    await self.rt.runc.delete(self.id, force=True)
+                except RuncError as e:
+                    # its processes are killed below either way: the container still goes
+                    log.warning("container %s: %s", self.id, e)
             for process in [self.init, *self.execs.values()]:
                 process.signal(signal.SIGKILL)
             with trio.move_on_after(EXIT_TIMEOUT) as scope:

@@ -191,8 +191,13 @@ class Runc:
         return text
 
     def exists(self, cid: str) -> bool:
-        """Whether runc has state for ``cid`` under this root."""
-        return (self.root / cid / "state.json").exists()
+        """Whether the runtime has state for ``cid`` under this root.
+
+        runc keeps ``state.json``, crun (the guest's) ``status``: either means
+        ``delete`` has something to remove.
+        """
+        state = self.root / cid
+        return (state / "state.json").exists() or (state / "status").exists()
 
 
 def root_is_initramfs(mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:

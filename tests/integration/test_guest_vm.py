@@ -318,6 +318,14 @@ def test_removed_container_is_gone(guest: Guest) -> None:
     assert err.value.code == Code.NOT_FOUND and "c2" in str(err.value)
 
 
+def test_a_removed_containers_id_can_be_created_again(guest: Guest) -> None:
+    """RemoveContainer deletes crun's state (crun keeps ``status``, not runc's ``state.json``)."""
+    guest.run(guest.create_and_start, "c2", ["echo", "second life"])
+    assert guest.run(guest.read_all, "c2") == b"second life\n"
+    assert guest.run(guest.wait, "c2") == 0
+    guest.run(guest.agent.RemoveContainer, agent_pb2.RemoveContainerRequest(container_id="c2"))
+
+
 def test_reset_sandbox_lets_the_vm_take_a_new_sandbox(guest: Guest) -> None:
     """ResetSandbox (a pool VM handed on): crun's state goes too, so an id can come again."""
     guest.run(guest.create_and_start, "warm", ["sleep", "1000"])

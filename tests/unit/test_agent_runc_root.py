@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guest.agent.runc import root_is_initramfs
+from guest.agent.reaper import Reaper
+from guest.agent.runc import Runc, root_is_initramfs
 
 INITRAMFS = "1 1 0:2 / / rw - rootfs rootfs rw,size=245032k\n22 1 0:20 / /proc rw - proc proc rw\n"
 DISK = (
@@ -27,3 +28,13 @@ def test_disk_root_is_not_initramfs(tmp_path: Path) -> None:
 
 def test_unreadable_mountinfo_means_pivot_root_is_used(tmp_path: Path) -> None:
     assert not root_is_initramfs(tmp_path / "absent")
+
+
+def test_state_of_runc_or_crun_means_there_is_something_to_delete(tmp_path: Path) -> None:
+    runtime = Runc(Reaper(), "crun", tmp_path, no_pivot=False)
+    (tmp_path / "runc-made").mkdir()
+    (tmp_path / "runc-made" / "state.json").write_text("{}")
+    (tmp_path / "crun-made").mkdir()
+    (tmp_path / "crun-made" / "status").write_text("created")
+    assert runtime.exists("runc-made") and runtime.exists("crun-made")
+    assert not runtime.exists("neither")
