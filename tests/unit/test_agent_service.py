@@ -234,13 +234,16 @@ async def test_get_oom_event_waits_for_a_kill_in_a_watched_container(tmp_path: P
 
 
 def reset_service(tmp_path: Path) -> AgentService:
-    """A guest-mode service on temporary paths whose runtime only logs its calls.
+    """A guest-mode service on temporary paths whose runtime logs its calls (and deletes
+    a container's state as crun does, when told to).
 
     The cgroup hierarchy is a temporary v2 stand-in, so the reset's cgroup
     cleanup never touches the host's.
     """
     runtime = tmp_path / "crun"
-    runtime.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nexit 0\n')
+    runtime.write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n[ "$3" = delete ] && rm -rf "$2/$5"\nexit 0\n'
+    )
     runtime.chmod(0o755)
     cgroup_root = tmp_path / "cgroup"
     (cgroup_root / "husk").mkdir(parents=True)  # as the runtime left it: empty
@@ -306,13 +309,19 @@ async def test_reset_sandbox_removes_containers_and_their_runtime_state(tmp_path
         (group / "memory.events").unlink()
         stray = config.bundle_dir("failed")  # a bundle no container owns any more
         stray.mkdir(parents=True)
+        orphan = config.runc_root / "failed"  # runtime state no container owns any more
+        orphan.mkdir(parents=True)
+        (orphan / "status").write_text("created")
         await service.ResetSandbox(agent_pb2.ResetSandboxRequest(), None)
         assert sandbox.containers == {}
         assert list((config.state_dir / "bundles").iterdir()) == []
         assert list(config.runc_root.iterdir()) == []
         assert not (config.cgroup_root / "husk").exists()
         runtime_calls = (tmp_path / "calls").read_text()
-        assert runtime_calls == f"--root {config.runc_root} delete --force c1\n"
+        assert sorted(runtime_calls.splitlines()) == [
+            f"--root {config.runc_root} delete --force c1",
+            f"--root {config.runc_root} delete --force failed",
+        ]
         with trio.move_on_after(0.05) as nothing:
             await sandbox.oom.next_event()
         assert nothing.cancelled_caught  # the next sandbox hears nothing of this one
