@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from common import mounts
+from shim.resources import pss_bytes
 from shim.sandbox import cleanup
 from tests.integration import containerd_versions
 from tests.kubelet.client import CriClient
@@ -37,18 +38,6 @@ from tests.kubelet.pods import Pod, container_config, pod_config, remove_pod, st
 
 HANDLERS = ("runc", "husk", "husk-template")
 MiB = 1024 * 1024
-
-
-def pss_bytes(pid: int, proc: Path = Path("/proc")) -> int:
-    """The process's proportional set size; 0 once it is gone."""
-    try:
-        text = (proc / str(pid) / "smaps_rollup").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _processes(proc: Path) -> Iterable[tuple[int, int, bytes]]:

@@ -29,11 +29,8 @@ prints each burst's slowest pod against the template clone's median.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,12 +39,12 @@ from pathlib import Path
 from common import mounts
 from shim.sandbox import cleanup
 from tests.integration import containerd_versions
+from tests.integration.vm_pool import husk, pool_status, wait_full
 from tests.kubelet.client import CriClient
 from tests.kubelet.cri_containerd import CriContainerd, husk_handler
 from tests.kubelet.pods import Pod, container_config, pod_config, remove_pod, start_container
 
 HANDLERS = ("runc", "husk", "husk-template", "husk-pool")
-HUSK = str(Path(sys.executable).parent / "husk")
 #: how long a pool may take to be full again
 POOL_FILL_TIMEOUT = 600.0
 #: containerd 2.x only: the same configurations with the shim as the pod's sandboxer
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             remove_pod(client, pod)
             print(f"template made (first {templated[0]} pod): {seconds:.2f} s", flush=True)
         if any(h.startswith("husk-pool") for h in handlers) or args.burst:
-            subprocess.run([HUSK, "--config", str(pooled), "factory", "init"], check=True)
+            husk(pooled, "factory", "init")
             print(f"pool full: {pool_full(pooled):.2f} s", flush=True)
         times: dict[str, list[float]] = {h: [] for h in handlers}
         for round_ in range(args.rounds):
@@ -153,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"containerd's log (shims included) kept in {kept}", flush=True)
         raise
     finally:
-        subprocess.run(
-            [HUSK, "--config", str(pooled), "factory", "destroy"], check=False, capture_output=True
-        )
+        husk(pooled, "factory", "destroy", check=False)
         daemon.stop()
         cleanup.kill_and_wait(cleanup.processes_naming(base / "template"))
         for point in mounts.mounts_under(base):
@@ -164,27 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def pool_status(config: Path) -> dict[str, object] | None:
-    """``husk factory status --json``'s pool part (None: no daemon answers)."""
-    found = subprocess.run(
-        [HUSK, "--config", str(config), "factory", "status", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    pool: dict[str, object] | None = json.loads(found.stdout)["pool"]
-    return pool
-
-
 def pool_full(config: Path) -> float:
     """Wait until every VM of the pool is ready; the seconds it took."""
     started = time.monotonic()
-    while time.monotonic() - started < POOL_FILL_TIMEOUT:
-        status = pool_status(config)
-        if status is not None and status["ready"] == status["size"]:
-            return time.monotonic() - started
-        time.sleep(0.2)
-    raise RuntimeError(f"the VM pool is not full after {POOL_FILL_TIMEOUT:g} s: {status}")
+    wait_full(config, POOL_FILL_TIMEOUT)
+    return time.monotonic() - started
 
 
 def _burst(client: CriClient, count: int, pooled: Path, clone_median: float | None) -> None:

@@ -210,6 +210,10 @@ def record_nothing(resource: Resource) -> None:
     """A recorder for VMs that no sandbox owns (tests, benchmarks)."""
 
 
+#: the longest unix socket path a VMM can listen on (``sun_path`` holds 108 bytes, NUL
+#: included)
+UNIX_PATH_MAX = 107
+
 #: the section keys that name the guest's boot files (a plugin has those it uses):
 #: the kernel, the initrd and a root filesystem image
 GUEST_FILE_KEYS = ("kernel", "initrd", "image")

@@ -75,6 +75,18 @@ def process_alive(pid: int, start: int = 0) -> bool:
     return start == 0 or now == start
 
 
+def pss_bytes(pid: int, proc: Path = Path("/proc")) -> int:
+    """The proportional set size of ``pid`` (0 if it is gone)."""
+    try:
+        text = (proc / str(pid) / "smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -68,6 +68,7 @@ from shim.errors import (
 )
 from shim.host import HostFacts
 from shim.hypervisor import (
+    UNIX_PATH_MAX,
     AgentEndpoint,
     BlockDevice,
     Capabilities,
@@ -93,8 +94,6 @@ REMOVE_TIMEOUT = 30.0
 PLUG_TIMEOUT = 30.0
 #: seconds to wait for the guest to give memory back before reporting what it kept
 UNPLUG_WAIT = 10.0
-#: ``sockaddr_un.sun_path`` holds 108 bytes with the terminating NUL
-UNIX_PATH_MAX = 107
 _POLL = 0.05
 
 _STATES = {

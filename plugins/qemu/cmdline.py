@@ -19,6 +19,7 @@ from typing import Any
 from shim.errors import InvalidArgumentError, NotSupportedError
 from shim.hypervisor import (
     TEMPLATE,
+    UNIX_PATH_MAX,
     BlockDevice,
     Device,
     NetDevice,
@@ -57,8 +58,6 @@ DEBUG_CONSOLE_PORT = "console.channel.0"
 SECRET_FW_CFG_NAME = "opt/io.husk/agent-secret"
 #: the memory backend of a template's (or a clone's) RAM
 TEMPLATE_RAM = "ram0"
-#: sun_path is 108 bytes, NUL included
-UNIX_PATH_MAX = 107
 #: the virtio-mem device that carries every hot-plugged MiB, and its memory backend
 VIRTIO_MEM_ID = "vmem0"
 VIRTIO_MEM_BACKEND = "vmem0-ram"

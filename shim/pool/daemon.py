@@ -44,6 +44,7 @@ from shim.errors import HuskError
 from shim.pool.channel import Channel
 from shim.pool.member import PREFIX
 from shim.pool.protocol import PoolProtocolError
+from shim.resources import pss_bytes
 from shim.sandbox import cleanup
 from shim.sandbox.state import SandboxState, make_private_dir, sandboxes
 
@@ -416,18 +417,6 @@ class PoolDaemon:
                 for m in self.members.values()
             ],
         }
-
-
-def pss_bytes(pid: int, proc: Path = Path("/proc")) -> int:
-    """The proportional set size of ``pid`` (0 if it is gone)."""
-    try:
-        text = (proc / str(pid) / "smaps_rollup").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def setup_logging(program: str = "husk-pool") -> None:

@@ -45,7 +45,7 @@ from shim.config import Config, load
 from shim.containerd.launch import ShimArgs
 from shim.errors import HuskError
 from shim.host import HostFacts
-from shim.hypervisor import Hypervisor, VmSpec
+from shim.hypervisor import UNIX_PATH_MAX, Hypervisor, VmSpec
 from shim.pool.channel import Channel
 from shim.resources import SOCKET_FILE, Resource
 from shim.sandbox import cleanup, factory, liveness, rootfs, share
@@ -66,8 +66,6 @@ _PRELOAD = ("shim.network.lifecycle", "shim.network.tcfilter")
 #: to the sandboxes starting on them
 NICE = 10
 _RENAME_NOREPLACE = 1
-#: sun_path's size: a socket path must be shorter
-UNIX_PATH_MAX = 108
 _AT_FDCWD = -100
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -298,7 +296,7 @@ class Member:
         so a refused claim leaves the pool VM where it was, for its teardown.
         """
         directory = self.state.dir.parent / args.id
-        if len(os.fsencode(directory / SOCKET)) >= UNIX_PATH_MAX:
+        if len(os.fsencode(directory / SOCKET)) > UNIX_PATH_MAX:
             raise ValueError(f"the shim socket {directory / SOCKET} would be too long a path")
         spec = relocated_spec(self.spec, args.id, directory)
         self.hypervisor.relocate(spec)

@@ -27,19 +27,18 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from shim.sandbox import cleanup
 from tests.integration.containerd import sandbox_dirs
 from tests.integration.containerd_versions import ContainerdBinaries
+from tests.integration.vm_pool import running_pool, wait_full
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import CriClient, GRPCError
 from tests.kubelet.cri_containerd import CriContainerd, husk_handler
@@ -57,7 +56,6 @@ from tests.kubelet.pods import (
 MiB = 1 << 20
 CLONED = "cloned from the VM template"
 FROM_POOL = "from the VM pool"
-HUSK = str(Path(sys.executable).parent / "husk")
 MEMORY_ANNOTATION = "io.husk.config.hypervisor.default_memory"
 #: the "web" pod's VM memory, set by its annotation (the configured default is 512)
 POD_MEMORY_MIB = 768
@@ -470,41 +468,17 @@ def _running(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-def _pool_status(config: Path) -> dict[str, Any] | None:
-    found = subprocess.run(
-        [HUSK, "--config", str(config), "factory", "status", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    pool: dict[str, Any] | None = json.loads(found.stdout)["pool"]
-    return pool
-
-
-def _pool_full(config: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pool = _pool_status(config)
-        if pool is not None and pool["ready"] == pool["size"]:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"the pool is not full after {timeout:g} s: {_pool_status(config)}")
-
-
 @pytest.fixture(scope="module")
 def pool_toml(cri_ctd: CriContainerd, roots: Roots) -> Iterator[Path]:
     """The ``husk-pool`` handler's config, its daemon running (until the module ends)."""
-    config = roots.pool.parent / "husk-pool.toml"
-    husk = [HUSK, "--config", str(config), "factory"]
-    subprocess.run([*husk, "init"], check=True, capture_output=True, timeout=120)
-    yield config
-    subprocess.run([*husk, "destroy"], check=False, capture_output=True, timeout=120)
+    with running_pool(roots.pool.parent / "husk-pool.toml") as config:
+        yield config
 
 
 def test_the_pool_handler_starts_its_pods_in_pool_vms_and_leaves_nothing(
     cri_ctd: CriContainerd, client: CriClient, roots: Roots, pool_toml: Path
 ) -> None:
-    _pool_full(pool_toml)
+    wait_full(pool_toml)
     pod = _run_pod(cri_ctd, client, "pooled", "husk-pool")
     netns = _netns(client, pod.id)
     try:
@@ -520,7 +494,7 @@ def test_the_pool_handler_starts_its_pods_in_pool_vms_and_leaves_nothing(
         remove_pod(client, pod)
     assert _wait_gone(roots.pool, pod.id, netns) == []
     assert not _running(vmm)
-    _pool_full(pool_toml)  # and the pool has booted the next
+    wait_full(pool_toml)  # and the pool has booted the next
 
 
 def test_two_pool_pods_share_no_randomness_boot_id_hostname_or_mac(
@@ -534,7 +508,7 @@ def test_two_pool_pods_share_no_randomness_boot_id_hostname_or_mac(
     try:
         probes = []
         for name in ("pool-a", "pool-b"):
-            _pool_full(pool_toml)
+            wait_full(pool_toml)
             pod = _run_pod(cri_ctd, client, name, "husk-pool")
             pods.append(pod)
             container = start_container(client, pod, container_config("c", ["sleep", "3600"]))

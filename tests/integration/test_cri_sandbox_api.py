@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ import pytest
 from shim.sandbox import cleanup
 from tests.integration.containerd import sandbox_dirs
 from tests.integration.containerd_versions import ContainerdBinaries
+from tests.integration.vm_pool import running_pool, wait_full
 from tests.kubelet import cri_api_pb2 as cri
 from tests.kubelet.client import CriClient, GRPCError
 from tests.kubelet.cri_containerd import K8S_NAMESPACE, CriContainerd, husk_handler
@@ -44,7 +43,6 @@ from tests.kubelet.pods import (
 
 HANDLER = "husk-vm"
 POOL_HANDLER = "husk-vm-pool"
-HUSK = str(Path(sys.executable).parent / "husk")
 
 
 def _skip_reason() -> str | None:
@@ -328,33 +326,14 @@ def test_a_killed_vmm_makes_the_pod_notready_and_its_containers_exit(
 
 @pytest.fixture(scope="module")
 def pool(cri_ctd: CriContainerd, root: Path) -> Iterator[Path]:
-    config = _pool_config(root)
-    husk = [HUSK, "--config", str(config), "factory"]
-    subprocess.run([*husk, "init"], check=True, capture_output=True, timeout=120)
-    yield config
-    subprocess.run([*husk, "destroy"], check=False, capture_output=True, timeout=120)
-
-
-def _pool_full(config: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = subprocess.run(
-            [HUSK, "--config", str(config), "factory", "status", "--json"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        status = json.loads(found.stdout)["pool"]
-        if status is not None and status["ready"] == status["size"]:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"the pool is not full after {timeout:g} s")
+    with running_pool(_pool_config(root)) as config:
+        yield config
 
 
 def test_a_pool_pods_vm_is_a_pool_vm_its_shim_took_over_with_no_pause_container(
     cri_ctd: CriContainerd, client: CriClient, root: Path, pool: Path
 ) -> None:
-    _pool_full(pool)
+    wait_full(pool)
     before = _netns_files(cri_ctd)
     config = pod_config("pooled", log_directory=cri_ctd.base / "pods" / "pooled")
     pod = Pod(client.run_pod_sandbox(config, POOL_HANDLER), config)

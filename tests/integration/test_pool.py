@@ -9,7 +9,6 @@ VM pool"); the pool's own figures from ``husk factory status --json``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -29,9 +28,9 @@ from shim.pool import protocol
 from shim.pool.member import PREFIX
 from tests.integration.containerd import Containerd, sandbox_dirs
 from tests.integration.test_shim_containerd import RUNTIME, pytestmark  # noqa: F401
+from tests.integration.vm_pool import HUSK, husk, running_pool, wait_full
 
 IMAGE = local_images.BUSYBOX_REFERENCE
-HUSK = str(Path(sys.executable).parent / "husk")
 FROM_POOL = "from the VM pool"
 
 
@@ -53,16 +52,6 @@ def husk_toml(base: Path, shared_template: str) -> Path:
     return path
 
 
-def husk(husk_toml: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [HUSK, "--config", str(husk_toml), *args],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=180,
-    )
-
-
 def stop_pool(husk_toml: Path) -> None:
     """Stop the daemon alone (``husk factory destroy`` would take the session's template too)."""
     endpoint = husk_toml.parent / "pool.sock"
@@ -70,30 +59,12 @@ def stop_pool(husk_toml: Path) -> None:
     wait_until(lambda: not endpoint.exists() and pool_dirs(husk_toml) == [])
 
 
-def pool_status(husk_toml: Path) -> dict[str, Any] | None:
-    found = json.loads(husk(husk_toml, "factory", "status", "--json", check=False).stdout)
-    pool: dict[str, Any] | None = found["pool"]
-    return pool
-
-
-def wait_ready(husk_toml: Path, timeout: float = 120.0) -> dict[str, Any]:
-    """The pool's status once every VM it keeps is ready."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pool = pool_status(husk_toml)
-        if pool is not None and pool["ready"] == pool["size"]:
-            return pool
-        time.sleep(0.5)
-    raise AssertionError(f"the pool is not full after {timeout:g} s: {pool_status(husk_toml)}")
-
-
 @pytest.fixture(scope="module")
 def pool(husk_toml: Path) -> Iterator[Path]:
     """The running daemon (started once; tests that stop it start it again)."""
-    husk(husk_toml, "factory", "init")
-    wait_ready(husk_toml)
-    yield husk_toml
-    husk(husk_toml, "factory", "destroy", check=False)
+    with running_pool(husk_toml):
+        wait_full(husk_toml)
+        yield husk_toml
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +85,19 @@ def boot_line(ctd: Containerd, name: str) -> str:
         if f"sandbox {name}: " in line and ("agent ready" in line or "ready after" in line):
             return line
     raise AssertionError(f"no boot line for sandbox {name}")
+
+
+def sleeper_from_pool(ctd: Containerd, husk_toml: Path) -> str:
+    """A sleeping container started in a VM of the (full) pool; its name."""
+    wait_full(husk_toml)
+    name = cid()
+    ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "600")
+    try:
+        assert FROM_POOL in boot_line(ctd, name)
+    except BaseException:
+        remove(ctd, name)
+        raise
+    return name
 
 
 def remove(ctd: Containerd, *names: str) -> None:
@@ -183,12 +167,12 @@ def wait_until(check: Any, timeout: float = 60.0) -> None:
 def test_a_container_starts_in_a_pool_vm_and_the_pool_boots_the_next(
     pool: Path, ctd: Containerd
 ) -> None:
-    before = wait_ready(pool)
+    before = wait_full(pool)
     name = cid()
     out = ctd.ctr("run", *RUNTIME, "--rm", IMAGE, name, "sh", "-c", "hostname; echo ok")
     assert out.stdout.decode().split() == [name, "ok"]
     assert FROM_POOL in boot_line(ctd, name)
-    after = wait_ready(pool)
+    after = wait_full(pool)
     assert after["hits"] == before["hits"] + 1
     assert after["refill_seconds_last"] > 0
     assert after["idle_memory_bytes"] > 50 << 20
@@ -198,11 +182,8 @@ def test_a_container_starts_in_a_pool_vm_and_the_pool_boots_the_next(
 def test_the_exercise_leaves_nothing_in_the_guest_a_sandbox_gets(
     pool: Path, ctd: Containerd
 ) -> None:
-    wait_ready(pool)
-    name = cid()
-    ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "600")
+    name = sleeper_from_pool(ctd, pool)
     try:
-        assert FROM_POOL in boot_line(ctd, name)
         # what the exercise made: its mounts, its bundle and runc state, its cgroup
         script = (
             "echo H$(hostname)\n"
@@ -218,20 +199,16 @@ def test_the_exercise_leaves_nothing_in_the_guest_a_sandbox_gets(
 
 
 def test_two_pool_vms_differ_in_randomness_boot_id_and_mac(pool: Path, ctd: Containerd) -> None:
-    names = []
+    names: list[str] = []
     probes = []
-    for _ in range(2):
-        wait_ready(pool)
-        name = cid()
-        names.append(name)
-        ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "600")
     try:
+        for _ in range(2):
+            names.append(sleeper_from_pool(ctd, pool))
         script = (
             "cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -An -tx1 "
             "| tr -d ' \\n'; echo; hostname"
         )
         for name in names:
-            assert FROM_POOL in boot_line(ctd, name)
             out = ctd.ctr("task", "exec", "--exec-id", "p", name, "sh", "-c", script)
             probes.append(out.stdout.decode().split())
         (boot_a, rng_a, host_a), (boot_b, rng_b, host_b) = probes
@@ -261,12 +238,9 @@ def test_a_start_that_finds_no_pool_boots_without_it_in_one_line(
 def test_stopping_the_pool_leaves_claimed_sandboxes_and_takes_the_rest_down(
     husk_toml: Path, ctd: Containerd
 ) -> None:
-    wait_ready(husk_toml)
-    name = cid()
-    ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "600")
+    name = sleeper_from_pool(ctd, husk_toml)
     try:
-        assert FROM_POOL in boot_line(ctd, name)
-        wait_ready(husk_toml)
+        wait_full(husk_toml)
         assert len(pool_dirs(husk_toml)) == 1
         husk(husk_toml, "factory", "destroy")
         assert pool_dirs(husk_toml) == []
@@ -285,12 +259,9 @@ def test_stopping_the_pool_leaves_claimed_sandboxes_and_takes_the_rest_down(
 def test_a_killed_daemon_leaves_its_sandboxes_and_its_unclaimed_vms_take_themselves_down(
     husk_toml: Path, ctd: Containerd
 ) -> None:
-    wait_ready(husk_toml)
-    name = cid()
-    ctd.ctr("run", *RUNTIME, "-d", IMAGE, name, "sleep", "600")
+    name = sleeper_from_pool(ctd, husk_toml)
     try:
-        assert FROM_POOL in boot_line(ctd, name)
-        member = wait_ready(husk_toml)["members"][0]
+        member = wait_full(husk_toml)["members"][0]
         daemon = [
             p
             for p in Path("/proc").iterdir()
@@ -310,12 +281,12 @@ def test_a_killed_daemon_leaves_its_sandboxes_and_its_unclaimed_vms_take_themsel
 
 
 def test_husk_cleanup_reclaims_a_pool_vm_whose_member_was_killed(husk_toml: Path) -> None:
-    status = wait_ready(husk_toml)
+    status = wait_full(husk_toml)
     member = status["members"][0]
     os.kill(member["pid"], signal.SIGKILL)
     assert Path(f"/proc/{member['vmm_pid']}").exists()  # orphaned: no one tears it down
     state = husk_toml.parent / "state"
-    wait_until(lambda: wait_ready(husk_toml)["members"][0]["id"] != member["id"], 120)
+    wait_until(lambda: wait_full(husk_toml)["members"][0]["id"] != member["id"], 120)
     husk(husk_toml, "cleanup")
     assert member["id"] not in pool_dirs(husk_toml)
     assert not (state / member["id"]).exists()

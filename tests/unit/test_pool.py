@@ -24,7 +24,7 @@ from shim.hypervisor import SharedFsDevice, VmSpec
 from shim.pool import protocol
 from shim.pool.channel import Channel
 from shim.pool.claim import PoolClaim
-from shim.pool.daemon import PoolDaemon, pss_bytes
+from shim.pool.daemon import PoolDaemon
 from shim.pool.member import relocate_state, relocated_spec
 from shim.pool.protocol import PoolProtocolError
 from shim.resources import DIR, PROCESS, SOCKET_FILE, Resource
@@ -359,10 +359,16 @@ def test_a_start_with_no_pool_running_says_so_once(tmp_path: Path) -> None:
     assert claim.miss == f"no VM pool at {tmp_path}/pool.sock; starting the VM booting cold"
 
 
-def test_start_publishes_the_claimed_shims_socket_without_forking(tmp_path: Path) -> None:
+def owner_bundle(tmp_path: Path) -> Path:
+    """A bundle whose container owns its sandbox (no CRI annotations)."""
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps({}))
+    return bundle
+
+
+def test_start_publishes_the_claimed_shims_socket_without_forking(tmp_path: Path) -> None:
+    bundle = owner_bundle(tmp_path)
     claimed = tmp_path / "state" / "c1" / "shim.sock"
 
     def serve() -> int:
@@ -372,11 +378,6 @@ def test_start_publishes_the_claimed_shims_socket_without_forking(tmp_path: Path
     address = launch.start(args, tmp_path / "state", "pod", serve, lambda: claimed)
     assert address == f"unix://{claimed}"
     assert (bundle / "address").read_text() == address
-
-
-def test_pss_of_this_process_is_some_and_of_a_gone_one_nothing() -> None:
-    assert pss_bytes(os.getpid()) > 1 << 20
-    assert pss_bytes(2**22 + 12345) == 0
 
 
 def test_the_systemd_unit_runs_the_daemon_and_stops_only_it() -> None:
@@ -396,9 +397,7 @@ def test_a_pool_vm_that_died_taking_the_sandbox_over_is_reclaimed_before_start_g
 
     from shim.resources import process_start_time
 
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({}))
+    bundle = owner_bundle(tmp_path)
     state_root = tmp_path / "state"
     vmm = subprocess.Popen(["sleep", "600"])  # the member's VMM, still running after it
 
@@ -450,9 +449,7 @@ def test_a_pool_of_a_plugin_that_cannot_hand_a_vm_over_is_refused_in_one_line(
 def test_a_pool_vm_that_answers_its_claim_late_is_still_the_sandboxs_shim(
     tmp_path: Path,
 ) -> None:
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({}))
+    bundle = owner_bundle(tmp_path)
     state_root = tmp_path / "state"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
@@ -482,9 +479,7 @@ def test_a_pool_vm_that_hangs_in_its_hand_over_is_killed_and_its_place_taken(
     from shim.resources import process_start_time
 
     monkeypatch.setattr(launch, "HANDOVER_SETTLE", 0.5)
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps({}))
+    bundle = owner_bundle(tmp_path)
     state_root = tmp_path / "state"
     member = subprocess.Popen(["sleep", "600"])  # alive, never answers
 
